@@ -1,0 +1,314 @@
+"""``AttentionCapture``: per-head attention statistics of any PyTorch model, without Lightning."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from attnmonitor.capture.discovery import Targets, fast_path_hosts, resolve_targets
+from attnmonitor.capture.interception import AttentionInterceptor
+from attnmonitor.capture.records import AttentionRecord
+from attnmonitor.functional.chunked import chunked_head_sums
+from attnmonitor.functional.statistics import STATISTICS, check_statistics
+
+_MIB = 2**20
+
+
+class AttentionCapture:
+    """Capture per-head attention statistics from every attention module of a model.
+
+    Hooks on the target modules activate an interceptor only while those modules run. Each
+    ``scaled_dot_product_attention`` call, eager softmax or ``nn.MultiheadAttention`` call inside a
+    target becomes per-head sums over its valid query rows, accumulated until :meth:`reset`.
+
+    Args:
+        model: any ``nn.Module``.
+        targets: ``"auto"`` (``nn.MultiheadAttention`` and the innermost modules whose class name
+            contains "attention"/"attn"), a regex or list of regexes fully matching qualified module
+            names, or a predicate ``(name, module) -> bool``.
+        statistics: names from :data:`attnmonitor.functional.STATISTICS`.
+        query_mask: ``[B, L]`` token mask (1/True = real token) whose zero rows never count. When
+            None, the model's ``attention_mask`` forward argument is used if it has one.
+        memory_budget_mb: largest probability chunk materialised per call; larger calls are
+            evaluated in chunks of query rows.
+        sink_tokens: leading keys counted by ``sink_mass``.
+        sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
+
+    Raises:
+        ValueError: on invalid arguments, or when ``targets`` selects no module.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
+        >>> with AttentionCapture(layer) as cap:
+        ...     _ = layer(torch.randn(3, 5, 8))
+        >>> cap.layers
+        ['self_attn']
+        >>> cap.stats()["entropy"].shape  # [num_layers, num_heads]
+        torch.Size([1, 2])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: Targets = "auto",
+        *,
+        statistics: Sequence[str] = STATISTICS,
+        query_mask: Tensor | None = None,
+        memory_budget_mb: float = 256.0,
+        sink_tokens: int = 1,
+        sparsity_eps: float = 0.1,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        self.statistics = check_statistics(statistics)
+        if not memory_budget_mb > 0:
+            raise ValueError(f"`memory_budget_mb` must be > 0, got {memory_budget_mb!r}")
+        if not (isinstance(sink_tokens, int) and sink_tokens >= 1):
+            raise ValueError(f"`sink_tokens` must be an int >= 1, got {sink_tokens!r}")
+        if not 0 < sparsity_eps <= 1:
+            raise ValueError(f"`sparsity_eps` must be in (0, 1], got {sparsity_eps!r}")
+        self.model = model
+        self.targets = resolve_targets(model, targets)
+        self.query_mask = query_mask
+        self.budget_bytes = int(memory_budget_mb * _MIB)
+        self.sink_tokens = sink_tokens
+        self.sparsity_eps = sparsity_eps
+        self.enabled = True
+        self._names = {id(m): (name or type(m).__name__) for name, m in self.targets.items()}
+        self._interceptor = AttentionInterceptor(self._consume, lambda: bool(self._active))
+        self._handles: list[RemovableHandle] = []
+        self._active: list[str] = []  # target modules running now, innermost last
+        self._frames: list[tuple[bool, int]] = []  # per hooked call: (interceptor entered, records before)
+        self._scope_depth = 0
+        self._records = 0
+        self._forward_query_mask: Tensor | None = None
+        self._forward_signature = _signature(model)
+        self._silent: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()
+        self.skipped: dict[str, int] = {}
+        self.reset()
+
+    # lifecycle -----------------------------------------------------------------------------
+    def attach(self) -> AttentionCapture:
+        """Register the hooks (idempotent)."""
+        if self._handles:
+            return self
+        for module in self.targets.values():
+            self._handles.append(module.register_forward_pre_hook(self._enter_target))
+            self._handles.append(module.register_forward_hook(self._exit_target, always_call=True))
+        for host in fast_path_hosts(self.model, self.targets):  # keep the attention submodule on the traced path
+            self._handles.append(host.register_forward_pre_hook(self._enter_host))
+            self._handles.append(host.register_forward_hook(self._exit_host, always_call=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._enter_model, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._exit_model, always_call=True))
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook and leave any active interception (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        while self._scope_depth:
+            self._leave_scope()
+        self._active.clear()
+        self._frames.clear()
+        self._forward_query_mask = None
+
+    def __enter__(self) -> AttentionCapture:
+        return self.attach()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.remove()
+
+    # results -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every accumulated statistic."""
+        self._sums: dict[str, dict[str, Tensor]] = {}
+        self._counts: dict[str, Tensor] = {}
+
+    @property
+    def layers(self) -> list[str]:
+        """Qualified names of the attention modules captured since :meth:`reset`, in forward order."""
+        return list(self._counts)
+
+    def layer_stats(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer: {statistic: [num_heads]}}``: means over every valid query row since :meth:`reset`.
+
+        Raises:
+            RuntimeError: if nothing was captured (the message says which modules ran silently).
+        """
+        if not self._counts:
+            raise RuntimeError(self._nothing_captured_message())
+        return {
+            layer: {name: s / self._counts[layer].clamp_min(1) for name, s in sums.items()}
+            for layer, sums in self._sums.items()
+        }
+
+    def stats(self) -> dict[str, Tensor]:
+        """``{statistic: [num_layers, num_heads]}``, layers in :attr:`layers` order.
+
+        Raises:
+            RuntimeError: if nothing was captured.
+            ValueError: if layers have different head counts (use :meth:`layer_stats`).
+        """
+        per_layer = self.layer_stats()
+        heads = {layer: self._counts[layer].numel() for layer in per_layer}
+        if len(set(heads.values())) > 1:
+            raise ValueError(f"layers have different head counts {heads}; use layer_stats()")
+        return {name: torch.stack([per_layer[layer][name] for layer in per_layer]) for name in self.statistics}
+
+    def valid_rows(self) -> dict[str, Tensor]:
+        """``{layer: [num_heads]}`` number of valid query rows accumulated since :meth:`reset`."""
+        return dict(self._counts)
+
+    # hooks ---------------------------------------------------------------------------------
+    def _enter_scope(self) -> None:
+        if self._scope_depth == 0:
+            self._interceptor.__enter__()
+        self._scope_depth += 1
+
+    def _leave_scope(self) -> None:
+        self._scope_depth -= 1
+        if self._scope_depth == 0:
+            self._interceptor.__exit__(None, None, None)
+
+    def _enter_host(self, module: nn.Module, args: Any) -> None:
+        self._frames.append((self.enabled, self._records))
+        if self.enabled:
+            self._enter_scope()
+
+    def _exit_host(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._frames and self._frames.pop()[0]:
+            self._leave_scope()
+
+    def _enter_target(self, module: nn.Module, args: Any) -> None:
+        self._enter_host(module, args)
+        if self.enabled:
+            self._active.append(self._names[id(module)])
+
+    def _exit_target(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._frames:
+            return
+        entered, records_before = self._frames[-1]
+        if entered:
+            name = self._active.pop()
+            if self._records == records_before and not _raising():
+                self._report_silent(name, module)
+        self._exit_host(module, args, output)
+
+    def _enter_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._forward_query_mask = None
+        if self.enabled and self.query_mask is None and self._forward_signature is not None:
+            try:
+                mask = self._forward_signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:
+                mask = None
+            if isinstance(mask, Tensor) and mask.dim() == 2:
+                self._forward_query_mask = mask
+
+    def _exit_model(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._forward_query_mask = None
+
+    # records -------------------------------------------------------------------------------
+    def _consume(self, record: AttentionRecord) -> None:
+        """Turn one record into per-head sums (called inside the attention call; never raises)."""
+        layer = self._active[-1]
+        self._records += 1
+        try:
+            record = record.with_query_valid(self._query_valid(layer, record))
+            with torch.no_grad():
+                sums, count = chunked_head_sums(
+                    record.chunks(self.budget_bytes),
+                    statistics=self.statistics,
+                    sink_tokens=self.sink_tokens,
+                    sparsity_eps=self.sparsity_eps,
+                )
+            if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
+                self._skip(layer, "its attention contains NaN or inf")
+                return
+            self._accumulate(layer, sums, count)
+        except Exception as err:  # the monitor must never break the user's forward
+            self._skip(layer, f"{type(err).__name__}: {err}")
+
+    def _query_valid(self, layer: str, record: AttentionRecord) -> Tensor | None:
+        mask = self.query_mask if self.query_mask is not None else self._forward_query_mask
+        if mask is None:
+            return None
+        b, _, lq, _ = record.shape
+        if tuple(mask.shape) != (b, lq):
+            self._warn_once(
+                layer,
+                "query-mask",
+                f"attnmonitor: the query mask {tuple(mask.shape)} does not match the queries [B={b}, Lq={lq}] of "
+                f"layer '{layer}'; its padded query rows (if any) are counted.",
+            )
+            return None
+        return mask.to(device=_device(record), dtype=torch.bool).unsqueeze(1)  # [B, 1, Lq]
+
+    def _accumulate(self, layer: str, sums: dict[str, Tensor], count: Tensor) -> None:
+        if layer not in self._counts:
+            self._sums[layer], self._counts[layer] = sums, count
+            return
+        if self._counts[layer].shape != count.shape:
+            self._skip(layer, f"it has {count.numel()} heads, earlier calls had {self._counts[layer].numel()}")
+            return
+        self._counts[layer] = self._counts[layer] + count
+        for name, s in sums.items():
+            self._sums[layer][name] = self._sums[layer][name] + s
+
+    # reporting -----------------------------------------------------------------------------
+    def _skip(self, layer: str, why: str) -> None:
+        self.skipped[layer] = self.skipped.get(layer, 0) + 1
+        self._warn_once(layer, "skip", f"attnmonitor: skipped a capture of layer '{layer}' because {why}.")
+
+    def _report_silent(self, name: str, module: nn.Module) -> None:
+        self._silent.add(name)
+        self._warn_once(
+            name,
+            "silent",
+            f"attnmonitor: attention module '{name}' ({type(module).__name__}) ran but no attention computation "
+            "could be intercepted (no scaled_dot_product_attention, softmax or nn.MultiheadAttention call). It "
+            "probably uses a kernel that cannot be intercepted (flash-attn, flex attention, a compiled region): "
+            'use attn_implementation="sdpa" or "eager", or pass `targets=` naming the modules that do compute it.',
+        )
+
+    def _warn_once(self, layer: str, kind: str, message: str) -> None:
+        if (layer, kind) not in self._warned:
+            self._warned.add((layer, kind))
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _nothing_captured_message(self) -> str:
+        detail = (
+            f"modules that ran without yielding attention: {sorted(self._silent)}"
+            if self._silent
+            else "no target module ran while capture was enabled (is the capture attached and was the model called?)"
+        )
+        return f"attnmonitor: no attention captured since reset() from targets {list(self._names.values())}; {detail}."
+
+
+def _signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _device(record: AttentionRecord) -> torch.device:
+    tensor = record.probs if record.probs is not None else record.q
+    assert tensor is not None
+    return tensor.device
+
+
+def _raising() -> bool:
+    """Whether a forward hook runs because the forward raised (``always_call``)."""
+    return sys.exc_info()[0] is not None

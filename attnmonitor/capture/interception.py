@@ -1,0 +1,128 @@
+"""Interception of attention computations inside target modules.
+
+A :class:`~torch.overrides.TorchFunctionMode` is active only while a target module (or a module
+whose fused fast path would skip it) runs. It sees, whatever name they were imported under:
+
+- ``F.scaled_dot_product_attention``: recorded as ``q``/``k``/mask (the output is SDPA's own);
+- softmax over the last dim of a 3-D/4-D tensor (eager attention): recorded as probabilities;
+- ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): the mode is off inside a handler,
+  so the SDPA/softmax calls nested in it are caught by temporarily wrapping the names that
+  ``torch.nn.functional`` resolves them through.
+
+The model's outputs are computed by the original functions, unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from attnmonitor.capture.records import AttentionRecord, as_heads, padding_to_valid
+from attnmonitor.functional.chunked import key_valid_from_logits
+
+_SDPA = F.scaled_dot_product_attention
+_SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
+_MHA_FORWARD = F.multi_head_attention_forward
+_MHA_SIGNATURE = inspect.signature(_MHA_FORWARD)
+
+
+def _sdpa_arguments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> AttentionRecord:
+    """Bind SDPA's arguments (same signature) into a record; 3-D inputs are one head."""
+    if query.dim() == 3:
+        query, key, attn_mask = as_heads(query), as_heads(key), as_heads(attn_mask)
+    return AttentionRecord(q=query, k=key, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+def _softmax_record(logits: torch.Tensor, dim: int | None, probs: torch.Tensor, heads: int = 0) -> AttentionRecord | None:
+    """A record for a softmax over the last dim of ``[B, H, Lq, Lk]`` or ``[B, Lq, Lk]``, else None.
+
+    ``heads > 0`` splits a ``[B * heads, Lq, Lk]`` input (``nn.MultiheadAttention``) into heads.
+    """
+    if dim is None or probs.dim() not in (3, 4) or dim not in (-1, probs.dim() - 1):
+        return None
+    if heads and probs.dim() == 3:
+        logits = logits.reshape(-1, heads, *logits.shape[1:])
+        probs = probs.reshape(-1, heads, *probs.shape[1:])
+    logits, probs = as_heads(logits), as_heads(probs)
+    return AttentionRecord(probs=probs, key_valid=key_valid_from_logits(logits))
+
+
+def _softmax_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    return args[1] if len(args) > 1 else kwargs.get("dim")
+
+
+class AttentionInterceptor(TorchFunctionMode):
+    """Turns attention calls into :class:`AttentionRecord` s handed to ``emit``.
+
+    Args:
+        emit: called with each record (inside the attention call; must not raise).
+        is_recording: whether a target module is running now (outside one, calls pass through).
+    """
+
+    def __init__(self, emit: Callable[[AttentionRecord], None], is_recording: Callable[[], bool]) -> None:
+        super().__init__()
+        self._emit = emit
+        self._is_recording = is_recording
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if not self._is_recording():
+            return func(*args, **kwargs)
+        if func is _SDPA:
+            self._emit(_sdpa_arguments(*args, **kwargs))
+            return func(*args, **kwargs)
+        if func in _SOFTMAX:
+            probs = func(*args, **kwargs)
+            record = _softmax_record(args[0], _softmax_dim(args, kwargs), probs)
+            if record is not None:
+                self._emit(record)
+            return probs
+        if func is _MHA_FORWARD:
+            bound = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
+            with self._wrap_mha_internals(bound):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @contextmanager
+    def _wrap_mha_internals(self, bound: dict[str, Any]) -> Iterator[None]:
+        """Wrap ``torch.nn.functional``'s SDPA and softmax while ``multi_head_attention_forward`` runs."""
+        heads: int = bound["num_heads"]
+        query_valid = None
+        padding = bound.get("key_padding_mask")
+        if padding is not None and bound["query"] is bound["key"]:  # self-attention: padded keys are padded queries
+            valid = padding_to_valid(padding)
+            query_valid = (valid if valid.dim() == 2 else valid.unsqueeze(0)).unsqueeze(1)  # [B, 1, L]
+
+        original_softmax = F.softmax
+
+        def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+            self._emit(_sdpa_arguments(*args, **kwargs).with_query_valid(query_valid))
+            return _SDPA(*args, **kwargs)
+
+        def softmax(*args: Any, **kwargs: Any) -> torch.Tensor:
+            probs = original_softmax(*args, **kwargs)
+            record = _softmax_record(args[0], _softmax_dim(args, kwargs), probs, heads)
+            if record is not None:
+                self._emit(record.with_query_valid(query_valid))
+            return probs
+
+        F.scaled_dot_product_attention, F.softmax = sdpa, softmax
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention, F.softmax = _SDPA, original_softmax

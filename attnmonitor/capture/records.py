@@ -1,0 +1,78 @@
+"""Attention records: what one intercepted attention computation hands to the statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from attnmonitor.functional.chunked import Chunk, probability_chunks, qk_chunks
+
+
+@dataclass(frozen=True)
+class AttentionRecord:
+    """One attention computation: either the probabilities the module used, or SDPA's inputs.
+
+    Exactly one of ``probs`` (eager softmax) or ``q``/``k`` (``scaled_dot_product_attention``) is set.
+
+    Attributes:
+        probs: ``[B, H, Lq, Lk]`` softmax output, before dropout.
+        key_valid: bool, broadcastable to ``[B, H, Lq, Lk]``, for ``probs``.
+        q: ``[B, H, Lq, D]`` queries of an SDPA call.
+        k: ``[B, Hkv, Lk, D]`` keys of an SDPA call.
+        attn_mask: SDPA's mask (bool: True = attend; float: additive).
+        is_causal: SDPA's ``is_causal``.
+        scale: SDPA's ``scale`` (None: ``1 / sqrt(D)``).
+        query_valid: bool, broadcastable to ``[B, H, Lq]``: False for padded query rows.
+    """
+
+    probs: Tensor | None = None
+    key_valid: Tensor | None = None
+    q: Tensor | None = None
+    k: Tensor | None = None
+    attn_mask: Tensor | None = None
+    is_causal: bool = False
+    scale: float | None = None
+    query_valid: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, Lq, Lk)``."""
+        if self.probs is not None:
+            b, h, lq, lk = self.probs.shape
+            return b, h, lq, lk
+        assert self.q is not None and self.k is not None
+        b, h, lq, _ = self.q.shape
+        return b, h, lq, self.k.shape[-2]
+
+    def with_query_valid(self, query_valid: Tensor | None) -> AttentionRecord:
+        """A copy whose query mask is also restricted by ``query_valid`` (``[B, 1, Lq]``)."""
+        if query_valid is None:
+            return self
+        mask = query_valid if self.query_valid is None else self.query_valid & query_valid
+        return replace(self, query_valid=mask)
+
+    def chunks(self, budget_bytes: int) -> Iterator[Chunk]:
+        """Row chunks of probabilities that fit ``budget_bytes`` (see :mod:`attnmonitor.functional.chunked`)."""
+        if self.probs is not None:
+            return probability_chunks(self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes)
+        assert self.q is not None and self.k is not None
+        return qk_chunks(
+            self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes
+        )
+
+
+def as_heads(t: Tensor | None) -> Tensor | None:
+    """View a 3-D attention tensor ``[B, L, X]`` as ``[B, 1, L, X]``; 4-D tensors are returned as is."""
+    if t is None or t.dim() != 3:
+        return t
+    return t.unsqueeze(1)
+
+
+def padding_to_valid(key_padding_mask: Tensor) -> Tensor:
+    """``nn.MultiheadAttention`` padding mask (bool True = pad, or float ``-inf`` = pad) to bool valid."""
+    if key_padding_mask.dtype == torch.bool:
+        return ~key_padding_mask
+    return ~(key_padding_mask <= torch.finfo(key_padding_mask.dtype).min / 2)

@@ -1,0 +1,31 @@
+"""Pure tensor functions: attention statistics, masks and chunked evaluation. No state, no logging."""
+
+from attnmonitor.functional.chunked import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    chunked_head_sums,
+    key_valid_from_logits,
+    probability_chunks,
+    qk_chunks,
+    sdpa_key_valid,
+)
+from attnmonitor.functional.statistics import (
+    STATISTICS,
+    attention_statistics,
+    check_statistics,
+    head_sums,
+    row_statistics,
+)
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "STATISTICS",
+    "attention_statistics",
+    "check_statistics",
+    "chunked_head_sums",
+    "head_sums",
+    "key_valid_from_logits",
+    "probability_chunks",
+    "qk_chunks",
+    "row_statistics",
+    "sdpa_key_valid",
+]

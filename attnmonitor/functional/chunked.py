@@ -1,0 +1,157 @@
+"""Statistics of one attention call, in chunks of query rows that fit a memory budget.
+
+Two sources: probabilities the model already materialised (eager softmax), or the ``q``/``k`` of a
+``scaled_dot_product_attention`` call, whose probabilities are recomputed chunk by chunk so the full
+``[Lq, Lk]`` matrix never exists when it would exceed the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from attnmonitor.functional.statistics import STATISTICS, head_sums, row_statistics
+
+DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
+_LIVE_COPIES = 4  # float32 tensors of a chunk's size alive at once while its statistics are computed
+
+Chunk = tuple[Tensor, Tensor | None, Tensor | None, Tensor]
+"""``(probs [B, H, r, Lk], key_valid, query_valid, query_positions [r])`` for ``r`` query rows."""
+
+
+def rows_per_chunk(rows: int, row_elements: int, budget_bytes: int) -> int:
+    """Query rows per chunk so that ``_LIVE_COPIES`` float32 copies of a chunk fit ``budget_bytes``."""
+    per_row = max(1, row_elements) * 4 * _LIVE_COPIES
+    return max(1, min(rows, budget_bytes // per_row))
+
+
+def key_valid_from_logits(logits: Tensor) -> Tensor:
+    """Bool mask of keys not masked out of the softmax input (``-inf`` or ``<= finfo.min / 2``).
+
+    NaN logits count as valid so that non-finite attention is detected rather than hidden.
+    """
+    return ~(logits <= torch.finfo(logits.dtype).min / 2)
+
+
+def sdpa_key_valid(attn_mask: Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device) -> Tensor | None:
+    """Bool key mask (True = attend) of an SDPA call, broadcastable to ``[B, H, Lq, Lk]``.
+
+    SDPA's boolean masks mean "attend"; float masks are added to the logits (``-inf`` or the dtype's
+    minimum block a key); ``is_causal`` is top-left aligned, as in PyTorch.
+    """
+    valid = None
+    if attn_mask is not None:
+        valid = attn_mask if attn_mask.dtype == torch.bool else key_valid_from_logits(attn_mask)
+    if is_causal:
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()  # [Lq, Lk]
+        valid = causal if valid is None else valid & causal
+    return valid
+
+
+def _rows(t: Tensor | None, start: int, stop: int, dim: int) -> Tensor | None:
+    """Slice query rows ``start:stop`` of a tensor broadcastable along ``dim`` (size 1 stays)."""
+    if t is None or t.dim() < -dim or t.shape[dim] == 1:
+        return t
+    return t.narrow(t.dim() + dim, start, stop - start)
+
+
+def probability_chunks(
+    probs: Tensor,
+    key_valid: Tensor | None = None,
+    query_valid: Tensor | None = None,
+    *,
+    budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> Iterator[Chunk]:
+    """Split materialised probabilities ``[B, H, Lq, Lk]`` into row chunks."""
+    b, h, lq, lk = probs.shape
+    step = rows_per_chunk(lq, b * h * lk, budget_bytes)
+    for start in range(0, lq, step):
+        stop = min(lq, start + step)
+        positions = torch.arange(start, stop, device=probs.device) + (lk - lq)
+        yield (
+            probs[:, :, start:stop],
+            _rows(key_valid, start, stop, -2),
+            _rows(query_valid, start, stop, -1),
+            positions,
+        )
+
+
+def qk_chunks(
+    q: Tensor,
+    k: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    query_valid: Tensor | None = None,
+    *,
+    budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> Iterator[Chunk]:
+    """Recompute the probabilities of ``scaled_dot_product_attention(q, k, ...)`` by row chunks.
+
+    Args:
+        q: ``[B, H, Lq, D]`` queries.
+        k: ``[B, Hkv, Lk, D]`` keys; ``Hkv`` divides ``H`` (grouped-query attention: query head
+            ``h`` reads key head ``h // (H / Hkv)``).
+        attn_mask: bool (True = attend) or additive float, broadcastable to ``[B, H, Lq, Lk]``.
+        is_causal: top-left causal mask, as SDPA.
+        scale: logit scale, default ``1 / sqrt(D)``.
+        query_valid: bool, broadcastable to ``[B, H, Lq]``.
+        budget_bytes: memory for one chunk's temporaries.
+
+    Raises:
+        ValueError: if the head counts are incompatible.
+    """
+    lq, lk, dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    if q.shape[-3] != k.shape[-3]:
+        if q.shape[-3] % k.shape[-3]:
+            raise ValueError(f"query heads ({q.shape[-3]}) must be a multiple of key heads ({k.shape[-3]})")
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # [B, H, Lk, D]
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    key_valid = sdpa_key_valid(attn_mask, is_causal, lq, lk, q.device)
+    additive = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
+    keys_t = k.float().transpose(-2, -1)  # [B, H, D, Lk]
+    step = rows_per_chunk(lq, q.shape[:-2].numel() * lk, budget_bytes)
+    for start in range(0, lq, step):
+        stop = min(lq, start + step)
+        logits = (q[..., start:stop, :].float() @ keys_t) * scale  # [B, H, r, Lk]
+        mask = _rows(additive, start, stop, -2)
+        if mask is not None:
+            logits = logits + mask.float()
+        valid = _rows(key_valid, start, stop, -2)
+        if valid is not None:
+            valid = valid.expand_as(logits)
+            # fully masked rows get finite logits: no NaN in values or gradients (the row never counts)
+            logits = logits.masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)
+        positions = torch.arange(start, stop, device=q.device) + (lk - lq)
+        yield logits.softmax(-1), valid, _rows(query_valid, start, stop, -1), positions
+
+
+def chunked_head_sums(
+    chunks: Iterator[Chunk],
+    *,
+    statistics: Sequence[str] = STATISTICS,
+    sink_tokens: int = 1,
+    sparsity_eps: float = 0.1,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-head sums ``{name: [H]}`` and valid-row counts ``[H]`` over all chunks."""
+    total: dict[str, Tensor] = {}
+    count: Tensor | None = None
+    for probs, key_valid, query_valid, positions in chunks:
+        values, valid = row_statistics(
+            probs,
+            key_valid,
+            query_valid,
+            statistics=statistics,
+            query_positions=positions,
+            sink_tokens=sink_tokens,
+            sparsity_eps=sparsity_eps,
+        )
+        sums, n = head_sums(values, valid)
+        count = n if count is None else count + n
+        for name, s in sums.items():
+            total[name] = s if name not in total else total[name] + s
+    assert count is not None, "no query rows"
+    return total, count

@@ -1,0 +1,236 @@
+"""Per-row attention statistics from probabilities, and their per-head reduction.
+
+Every statistic is defined per valid query row ``i`` of attention probabilities ``A`` of shape
+``[B, H, Lq, Lk]`` whose row has ``n_i`` valid keys (see DESIGN.md). Rows with no valid key, and rows
+excluded by a query mask, are invalid: their value is 0 and they never enter a reduction.
+
+All arithmetic is done in float32 whatever the input dtype; values and gradients are finite for
+masked, one-hot and fully masked rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+STATISTICS: tuple[str, ...] = (
+    "entropy",
+    "normalized_entropy",
+    "max_weight",
+    "sparsity",
+    "effective_support",
+    "distance",
+    "self_weight",
+    "prev_token_weight",
+    "next_token_weight",
+    "sink_mass",
+)
+"""Names of every statistic, in the order they are reported."""
+
+
+def check_statistics(statistics: Sequence[str], *, option: str = "statistics") -> tuple[str, ...]:
+    """Validate statistic names and return them as a tuple.
+
+    Raises:
+        ValueError: if a name is unknown or the sequence is empty.
+    """
+    if isinstance(statistics, str) or not isinstance(statistics, Sequence):
+        raise ValueError(f"`{option}` must be a sequence of statistic names, got {statistics!r}")
+    unknown = [s for s in statistics if s not in STATISTICS]
+    if unknown or not statistics:
+        raise ValueError(
+            f"`{option}` got {list(statistics)!r}: unknown {unknown!r}; accepted names are {list(STATISTICS)}"
+        )
+    return tuple(statistics)
+
+
+@dataclass
+class RowContext:
+    """Probabilities prepared once for every statistic of a call.
+
+    Args:
+        probs: ``[B, H, Lq, Lk]`` attention probabilities (any float dtype).
+        key_valid: bool, broadcastable to ``[B, H, Lq, Lk]``; True where the key may be attended.
+        query_valid: bool, broadcastable to ``[B, H, Lq]``; False for padded query rows.
+        query_positions: ``[Lq]`` position of each query row among the keys. Default: bottom-right
+            alignment ``i + Lk - Lq`` (self-attention: ``i``; a KV cache: the last ``Lq`` keys).
+        sink_tokens: number of leading keys whose mass is the sink mass.
+        sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
+    """
+
+    probs: Tensor
+    key_valid: Tensor | None = None
+    query_valid: Tensor | None = None
+    query_positions: Tensor | None = None
+    sink_tokens: int = 1
+    sparsity_eps: float = 0.1
+
+    @cached_property
+    def keys(self) -> Tensor:
+        """Bool ``[B, H, Lq, Lk]``: valid keys."""
+        if self.key_valid is None:
+            return torch.ones_like(self.probs, dtype=torch.bool)
+        return self.key_valid.expand_as(self.probs)
+
+    @cached_property
+    def p(self) -> Tensor:
+        """Float32 probabilities, exactly 0 on invalid keys."""  # [B, H, Lq, Lk]
+        return self.probs.float().masked_fill(~self.keys, 0.0)
+
+    @cached_property
+    def n(self) -> Tensor:
+        """Number of valid keys per row, float32."""  # [B, H, Lq]
+        return self.keys.sum(-1, dtype=torch.float32)
+
+    @cached_property
+    def valid(self) -> Tensor:
+        """Bool ``[B, H, Lq]``: rows that count."""
+        valid = self.n > 0
+        if self.query_valid is not None:
+            valid = valid & self.query_valid.to(torch.bool)
+        return valid
+
+    @cached_property
+    def positions(self) -> Tensor:
+        """``[Lq]`` (long) position of each query row in key coordinates."""
+        lq, lk = self.probs.shape[-2:]
+        if self.query_positions is not None:
+            return self.query_positions.to(self.probs.device, torch.long)
+        return torch.arange(lq, device=self.probs.device) + (lk - lq)
+
+    def weight_at_offset(self, offset: int) -> Tensor:
+        """``A[i, pos_i + offset]`` (0 where that key does not exist)."""  # [B, H, Lq]
+        lk = self.probs.shape[-1]
+        index = self.positions + offset  # [Lq]
+        exists = (index >= 0) & (index < lk)
+        index = index.clamp(0, lk - 1).view(1, 1, -1, 1).expand(*self.p.shape[:-1], 1)
+        return self.p.gather(-1, index).squeeze(-1) * exists
+
+    @cached_property
+    def entropy(self) -> Tensor:
+        p = self.p
+        positive = p > 0
+        safe = torch.where(positive, p, torch.ones_like(p))  # log(1) = 0: finite value and gradient
+        return (p * safe.log()).sum(-1).neg() + 0.0  # [B, H, Lq]; + 0.0 turns -0.0 into 0.0
+
+
+def _normalized_entropy(ctx: RowContext) -> Tensor:
+    log_n = ctx.n.clamp_min(2).log()  # n_i = 1 has zero entropy by definition
+    return torch.where(ctx.n > 1, ctx.entropy / log_n, torch.zeros_like(log_n))
+
+
+def _sparsity(ctx: RowContext) -> Tensor:
+    threshold = ctx.sparsity_eps / ctx.n.clamp_min(1)  # [B, H, Lq]
+    sparse = (ctx.p < threshold.unsqueeze(-1)) & ctx.keys
+    return sparse.sum(-1, dtype=torch.float32) / ctx.n.clamp_min(1)
+
+
+def _distance(ctx: RowContext) -> Tensor:
+    lk = ctx.probs.shape[-1]
+    keys = torch.arange(lk, device=ctx.p.device)
+    gap = (ctx.positions.unsqueeze(-1) - keys).abs().float()  # [Lq, Lk]
+    return (ctx.p * gap).sum(-1)
+
+
+_ROW_FUNCTIONS = {
+    "entropy": lambda ctx: ctx.entropy,
+    "normalized_entropy": _normalized_entropy,
+    "max_weight": lambda ctx: ctx.p.amax(-1),
+    "sparsity": _sparsity,
+    "effective_support": lambda ctx: ctx.entropy.exp() * (ctx.n > 0),
+    "distance": _distance,
+    "self_weight": lambda ctx: ctx.weight_at_offset(0),
+    "prev_token_weight": lambda ctx: ctx.weight_at_offset(-1),
+    "next_token_weight": lambda ctx: ctx.weight_at_offset(1),
+    "sink_mass": lambda ctx: ctx.p[..., : ctx.sink_tokens].sum(-1),
+}
+
+
+def row_statistics(
+    probs: Tensor,
+    key_valid: Tensor | None = None,
+    query_valid: Tensor | None = None,
+    *,
+    statistics: Sequence[str] = STATISTICS,
+    query_positions: Tensor | None = None,
+    sink_tokens: int = 1,
+    sparsity_eps: float = 0.1,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Every requested statistic for every query row.
+
+    Args:
+        probs: ``[B, H, Lq, Lk]`` attention probabilities.
+        key_valid: bool, broadcastable to ``[B, H, Lq, Lk]``; True where a key may be attended.
+        query_valid: bool, broadcastable to ``[B, H, Lq]``; False for padded query rows.
+        statistics: names from :data:`STATISTICS`.
+        query_positions: ``[Lq]`` key position of each query row (default ``i + Lk - Lq``).
+        sink_tokens: leading keys counted by ``sink_mass``.
+        sparsity_eps: threshold factor of ``sparsity`` (weight ``< eps / n_i``).
+
+    Returns:
+        ``({name: [B, H, Lq] float32}, valid [B, H, Lq] bool)``; invalid rows hold 0.
+
+    Example:
+        >>> probs = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])  # [1, 1, 2, 2]
+        >>> values, valid = row_statistics(probs, statistics=["entropy", "self_weight"])
+        >>> values["entropy"]
+        tensor([[[0.0000, 0.6931]]])
+        >>> values["self_weight"]
+        tensor([[[1.0000, 0.5000]]])
+    """
+    check_statistics(statistics)
+    if probs.dim() != 4:
+        raise ValueError(f"`probs` must have shape [B, H, Lq, Lk], got {tuple(probs.shape)}")
+    ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps)
+    valid = ctx.valid
+    values = {name: torch.where(valid, _ROW_FUNCTIONS[name](ctx), 0.0) for name in statistics}
+    return values, valid
+
+
+def head_sums(values: dict[str, Tensor], valid: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Sum each statistic over batch and valid rows, per head.
+
+    Args:
+        values: ``{name: [B, H, Lq]}`` as returned by :func:`row_statistics`.
+        valid: bool ``[B, H, Lq]``.
+
+    Returns:
+        ``({name: [H] float32 sum}, [H] float32 count of valid rows)``.
+    """
+    count = valid.sum(dim=(0, 2), dtype=torch.float32)
+    return {name: (v * valid).sum(dim=(0, 2)) for name, v in values.items()}, count
+
+
+def attention_statistics(
+    probs: Tensor,
+    key_valid: Tensor | None = None,
+    query_valid: Tensor | None = None,
+    **kwargs: object,
+) -> dict[str, Tensor]:
+    """Per-head means over valid rows: ``{name: [H]}`` (0 for a head with no valid row).
+
+    Takes the arguments of :func:`row_statistics`.
+
+    Example:
+        >>> probs = torch.full((2, 3, 4, 4), 0.25)  # uniform attention
+        >>> stats = attention_statistics(probs, statistics=["normalized_entropy", "sink_mass"])
+        >>> stats["normalized_entropy"], stats["sink_mass"]
+        (tensor([1., 1., 1.]), tensor([0.2500, 0.2500, 0.2500]))
+    """
+    sums, count = head_sums(*row_statistics(probs, key_valid, query_valid, **kwargs))  # type: ignore[arg-type]
+    return {name: s / count.clamp_min(1) for name, s in sums.items()}
+
+
+
+__all__ = [
+    "STATISTICS",
+    "RowContext",
+    "attention_statistics",
+    "check_statistics",
+    "head_sums",
+    "row_statistics",
+]

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from attnmonitor.functional import (
+    STATISTICS,
+    attention_statistics,
+    check_statistics,
+    chunked_head_sums,
+    probability_chunks,
+    qk_chunks,
+    row_statistics,
+)
+from tests.reference import NAMES, assert_stats_close, attention_probs, head_means
+
+
+def _masked_case(seed: int = 0):
+    """Random probabilities with causal + padding masks, a one-hot row and a fully masked sequence."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, l = 3, 4, 7
+    q, k = torch.randn(b, h, l, 8, generator=g), torch.randn(b, h, l, 8, generator=g)
+    token = torch.ones(b, l, dtype=torch.bool)
+    token[1, 5:] = False  # padding
+    token[2] = False  # an all-padding sequence
+    causal = torch.ones(l, l, dtype=torch.bool).tril()
+    key_valid = causal & token[:, None, None, :]  # [B, 1, L, L]
+    probs = attention_probs(q, k, key_valid).float()
+    probs[0, 0, 3] = 0.0
+    probs[0, 0, 3, 2] = 1.0  # one-hot row
+    return probs, key_valid, token[:, None, :]
+
+
+def test_names_match_reference():
+    assert STATISTICS == NAMES
+
+
+def test_every_statistic_matches_float64_reference_under_masks():
+    probs, key_valid, query_valid = _masked_case()
+    actual = attention_statistics(probs, key_valid, query_valid, sink_tokens=2, sparsity_eps=0.3)
+    assert_stats_close(actual, head_means(probs, key_valid, query_valid, sink=2, eps=0.3))
+
+
+def test_uniform_attention_has_maximal_normalized_entropy_per_row():
+    # causal uniform attention: row i has n_i = i + 1 keys, each row's normalised entropy is 1 (row 0: 0)
+    l = 6
+    valid = torch.ones(l, l, dtype=torch.bool).tril()
+    probs = (valid / valid.sum(-1, keepdim=True)).expand(1, 1, l, l)
+    values, _ = row_statistics(probs, valid, statistics=["normalized_entropy", "effective_support"])
+    torch.testing.assert_close(values["normalized_entropy"][0, 0], torch.tensor([0.0] + [1.0] * (l - 1)))
+    torch.testing.assert_close(values["effective_support"][0, 0], torch.arange(1, l + 1).float())
+
+
+def test_low_precision_inputs_accumulate_in_float32():
+    probs, key_valid, query_valid = _masked_case(1)
+    actual = attention_statistics(probs.bfloat16(), key_valid, query_valid)
+    assert all(v.dtype == torch.float32 for v in actual.values())
+    assert_stats_close(actual, head_means(probs.bfloat16().float(), key_valid, query_valid), rtol=1e-4, atol=1e-5)
+
+
+def test_values_and_gradients_are_finite_for_masked_one_hot_and_empty_rows():
+    probs, key_valid, query_valid = _masked_case(2)
+    probs = probs.clone().requires_grad_(True)
+    values, valid = row_statistics(probs, key_valid, query_valid)
+    assert not valid[2].any(), "the all-padding sequence must not count"
+    total = sum(v.sum() for v in values.values())
+    total.backward()
+    assert torch.isfinite(total)
+    assert torch.isfinite(probs.grad).all()
+
+
+def test_chunked_probabilities_equal_materialised():
+    probs, key_valid, query_valid = _masked_case(3)
+    full = chunked_head_sums(probability_chunks(probs, key_valid, query_valid, budget_bytes=1 << 30))
+    small = chunked_head_sums(probability_chunks(probs, key_valid, query_valid, budget_bytes=1))  # 1 row a chunk
+    for name in STATISTICS:
+        torch.testing.assert_close(small[0][name], full[0][name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(small[1], full[1])
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal"])
+def test_qk_chunks_match_reference(mask_kind):
+    g = torch.Generator().manual_seed(4)
+    b, h, hkv, lq, lk, d = 2, 4, 2, 9, 9, 16
+    q, k = torch.randn(b, h, lq, d, generator=g), torch.randn(b, hkv, lk, d, generator=g)
+    keep = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+    keep[..., 0] = True
+    mask = {"none": None, "bool": keep, "float": torch.zeros(b, 1, lq, lk).masked_fill(~keep, -math.inf), "causal": None}[mask_kind]
+    causal = mask_kind == "causal"
+    key_valid = torch.ones(lq, lk, dtype=torch.bool).tril() if causal else (keep if mask is not None else torch.ones(1, 1, 1, lk, dtype=torch.bool))
+    expected = head_means(attention_probs(q, k, key_valid, scale=0.3), key_valid)
+    for budget in (1 << 30, 1):
+        sums, count = chunked_head_sums(qk_chunks(q, k, mask, causal, 0.3, budget_bytes=budget))
+        assert_stats_close({n: s / count for n, s in sums.items()}, expected)
+
+
+def test_check_statistics_names_the_option_and_accepted_values():
+    with pytest.raises(ValueError, match=r"`statistics`.*'entropyy'.*accepted names"):
+        check_statistics(["entropyy"])
+    with pytest.raises(ValueError, match="sequence of statistic names"):
+        check_statistics("entropy")
+
+
+def test_rejects_wrong_rank():
+    with pytest.raises(ValueError, match=r"\[B, H, Lq, Lk\]"):
+        row_statistics(torch.rand(3, 3))

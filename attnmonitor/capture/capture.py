@@ -17,7 +17,7 @@ from attnmonitor.capture.discovery import Targets, fast_path_hosts, resolve_targ
 from attnmonitor.capture.interception import AttentionInterceptor
 from attnmonitor.capture.records import AttentionRecord
 from attnmonitor.functional.chunked import chunked_head_sums
-from attnmonitor.functional.statistics import STATISTICS, check_statistics
+from attnmonitor.functional.statistics import STATISTICS, check_statistics, mean_from_sums
 
 _MIB = 2**20
 
@@ -41,6 +41,8 @@ class AttentionCapture:
             evaluated in chunks of query rows.
         sink_tokens: leading keys counted by ``sink_mass``.
         sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
+        example_tokens: when > 0, keep the probabilities of batch element 0 among its first
+            ``example_tokens`` tokens for each layer (:attr:`examples`, for heatmaps).
 
     Raises:
         ValueError: on invalid arguments, or when ``targets`` selects no module.
@@ -65,22 +67,21 @@ class AttentionCapture:
         memory_budget_mb: float = 256.0,
         sink_tokens: int = 1,
         sparsity_eps: float = 0.1,
+        example_tokens: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.statistics = check_statistics(statistics)
-        if not memory_budget_mb > 0:
-            raise ValueError(f"`memory_budget_mb` must be > 0, got {memory_budget_mb!r}")
-        if not (isinstance(sink_tokens, int) and sink_tokens >= 1):
-            raise ValueError(f"`sink_tokens` must be an int >= 1, got {sink_tokens!r}")
-        if not 0 < sparsity_eps <= 1:
-            raise ValueError(f"`sparsity_eps` must be in (0, 1], got {sparsity_eps!r}")
+        self._check_options(memory_budget_mb, sink_tokens, sparsity_eps)
+        if not (isinstance(example_tokens, int) and example_tokens >= 0):
+            raise ValueError(f"`example_tokens` must be an int >= 0, got {example_tokens!r}")
         self.model = model
         self.targets = resolve_targets(model, targets)
         self.query_mask = query_mask
         self.budget_bytes = int(memory_budget_mb * _MIB)
         self.sink_tokens = sink_tokens
         self.sparsity_eps = sparsity_eps
+        self.example_tokens = example_tokens
         self.enabled = True
         self._names = {id(m): (name or type(m).__name__) for name, m in self.targets.items()}
         self._interceptor = AttentionInterceptor(self._consume, lambda: bool(self._active))
@@ -95,6 +96,16 @@ class AttentionCapture:
         self._warned: set[tuple[str, str]] = set()
         self.skipped: dict[str, int] = {}
         self.reset()
+
+    @staticmethod
+    def _check_options(memory_budget_mb: float, sink_tokens: int, sparsity_eps: float) -> None:
+        """Raise ``ValueError`` naming the first invalid option."""
+        if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
+            raise ValueError(f"`memory_budget_mb` must be > 0, got {memory_budget_mb!r}")
+        if not (isinstance(sink_tokens, int) and not isinstance(sink_tokens, bool) and sink_tokens >= 1):
+            raise ValueError(f"`sink_tokens` must be an int >= 1, got {sink_tokens!r}")
+        if not (isinstance(sparsity_eps, (int, float)) and 0 < sparsity_eps <= 1):
+            raise ValueError(f"`sparsity_eps` must be in (0, 1], got {sparsity_eps!r}")
 
     # lifecycle -----------------------------------------------------------------------------
     def attach(self) -> AttentionCapture:
@@ -135,6 +146,8 @@ class AttentionCapture:
         """Forget every accumulated statistic."""
         self._sums: dict[str, dict[str, Tensor]] = {}
         self._counts: dict[str, Tensor] = {}
+        self.examples: dict[str, Tensor] = {}
+        """``{layer: [H, T, T]}`` example probabilities (see ``example_tokens``), first call since reset."""
 
     @property
     def layers(self) -> list[str]:
@@ -150,7 +163,7 @@ class AttentionCapture:
         if not self._counts:
             raise RuntimeError(self._nothing_captured_message())
         return {
-            layer: {name: s / self._counts[layer].clamp_min(1) for name, s in sums.items()}
+            layer: {name: mean_from_sums(s, self._counts[layer]) for name, s in sums.items()}
             for layer, sums in self._sums.items()
         }
 
@@ -170,6 +183,34 @@ class AttentionCapture:
     def valid_rows(self) -> dict[str, Tensor]:
         """``{layer: [num_heads]}`` number of valid query rows accumulated since :meth:`reset`."""
         return dict(self._counts)
+
+    def sums_and_counts(self, layers: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+        """Accumulated ``{statistic: [len(layers), H]}`` sums and ``[len(layers), H]`` valid-row counts.
+
+        Rows follow ``layers``; layers not captured (and heads a layer lacks) have count 0.
+        ``H`` is the largest head count captured.
+
+        Raises:
+            RuntimeError: if nothing was captured.
+        """
+        if not self._counts:
+            raise RuntimeError(self._nothing_captured_message())
+        reference = next(iter(self._counts.values()))
+        heads = max(c.numel() for c in self._counts.values())
+        counts = reference.new_zeros(len(layers), heads)
+        sums = {name: reference.new_zeros(len(layers), heads) for name in self.statistics}
+        for row, layer in enumerate(layers):
+            if layer in self._counts:
+                h = self._counts[layer].numel()
+                counts[row, :h] = self._counts[layer]
+                for name in self.statistics:
+                    sums[name][row, :h] = self._sums[layer][name]
+        return sums, counts
+
+    @property
+    def target_names(self) -> list[str]:
+        """Qualified names of every target module, in definition order."""
+        return list(self._names.values())
 
     # hooks ---------------------------------------------------------------------------------
     def _enter_scope(self) -> None:
@@ -237,6 +278,8 @@ class AttentionCapture:
                 self._skip(layer, "its attention contains NaN or inf")
                 return
             self._accumulate(layer, sums, count)
+            if self.example_tokens and layer not in self.examples:
+                self.examples[layer] = record.example(self.example_tokens)
         except Exception as err:  # the monitor must never break the user's forward
             self._skip(layer, f"{type(err).__name__}: {err}")
 
@@ -293,7 +336,7 @@ class AttentionCapture:
             if self._silent
             else "no target module ran while capture was enabled (is the capture attached and was the model called?)"
         )
-        return f"attnmonitor: no attention captured since reset() from targets {list(self._names.values())}; {detail}."
+        return f"attnmonitor: no attention captured since reset() from targets {self.target_names}; {detail}."
 
 
 def _signature(model: nn.Module) -> inspect.Signature | None:

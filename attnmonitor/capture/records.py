@@ -64,6 +64,42 @@ class AttentionRecord:
         )
 
 
+    def example(self, max_tokens: int) -> Tensor:
+        """Probabilities of batch element 0 among its first ``T`` tokens: ``[H, T, T]`` float32.
+
+        ``T`` is ``max_tokens`` capped by the sequence and, with a query mask, by its real tokens.
+        Rows are the full softmax (keys past ``T`` keep their share, so a truncated row may sum to < 1).
+        """
+        b, _, lq, lk = self.shape
+        t = min(max_tokens, lq, lk)
+        if self.query_valid is not None:
+            t = min(t, int(self.query_valid[0].reshape(-1, lq)[0].sum()))
+        if self.probs is not None:
+            probs = self.probs[:1, :, :t].float()
+            if self.key_valid is not None:
+                probs = probs.masked_fill(~_first_rows(self.key_valid, t).expand_as(probs), 0.0)
+        else:
+            assert self.q is not None and self.k is not None
+            (probs, valid, _, _), = qk_chunks(
+                self.q[:1, :, :t], self.k[:1], _first_rows(self.attn_mask, t), self.is_causal, self.scale,
+                budget_bytes=1 << 62,
+            )
+            if valid is not None:
+                probs = probs.masked_fill(~valid, 0.0)
+        return probs[0, :, :, :t].detach().cpu()
+
+
+def _first_rows(t: Tensor | None, rows: int) -> Tensor | None:
+    """Batch element 0 and the first ``rows`` query rows of a mask broadcastable to ``[B, H, Lq, Lk]``."""
+    if t is None:
+        return None
+    if t.dim() == 4 and t.shape[0] > 1:
+        t = t[:1]
+    if t.dim() >= 2 and t.shape[-2] > 1:
+        t = t[..., :rows, :]
+    return t
+
+
 def as_heads(t: Tensor | None) -> Tensor | None:
     """View a 3-D attention tensor ``[B, L, X]`` as ``[B, 1, L, X]``; 4-D tensors are returned as is."""
     if t is None or t.dim() != 3:

@@ -13,6 +13,7 @@ from attnmonitor.functional.statistics import (
     attention_statistics,
     check_statistics,
     head_sums,
+    mean_from_sums,
     row_statistics,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "chunked_head_sums",
     "head_sums",
     "key_valid_from_logits",
+    "mean_from_sums",
     "probability_chunks",
     "qk_chunks",
     "row_statistics",

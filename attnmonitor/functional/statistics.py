@@ -222,7 +222,12 @@ def attention_statistics(
         (tensor([1., 1., 1.]), tensor([0.2500, 0.2500, 0.2500]))
     """
     sums, count = head_sums(*row_statistics(probs, key_valid, query_valid, **kwargs))  # type: ignore[arg-type]
-    return {name: s / count.clamp_min(1) for name, s in sums.items()}
+    return {name: mean_from_sums(s, count) for name, s in sums.items()}
+
+
+def mean_from_sums(sums: Tensor, counts: Tensor) -> Tensor:
+    """``sums / counts`` where ``counts > 0``, else 0 (never NaN)."""
+    return sums / counts.clamp_min(1)
 
 
 
@@ -232,5 +237,6 @@ __all__ = [
     "attention_statistics",
     "check_statistics",
     "head_sums",
+    "mean_from_sums",
     "row_statistics",
 ]

@@ -1,0 +1,315 @@
+"""``AttentionMonitor``: the Lightning callback that logs attention statistics while a model trains."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from attnmonitor.capture import AttentionCapture, Targets
+from attnmonitor.config import HeatmapConfig, as_config
+from attnmonitor.functional.statistics import STATISTICS, check_statistics, mean_from_sums
+from attnmonitor.metrics import AttentionStatistic
+from attnmonitor.tensorboard import attention_heatmaps, head_atlas, statistics_table
+
+Decoder = Callable[[Sequence[int]], Sequence[str]]
+
+
+class AttentionMonitor(Callback):
+    """Log how every attention layer and head distributes its attention, while training.
+
+    Training captures every ``every_n_steps`` optimizer steps (every micro-batch of that step under
+    gradient accumulation); validation captures the first ``val_batches`` batches of each run.
+    Statistics are torchmetrics states (exact under DDP), logged to every logger as
+    ``attn/<train|val>/<statistic>`` (mean over layers and heads) and ``.../<statistic>/<layer>``;
+    with a ``TensorBoardLogger`` also head atlases, histograms, heatmaps and a per-head table.
+
+    Args:
+        targets: attention modules: ``"auto"``, regexes fully matching module names, or a predicate.
+        statistics: names from :data:`attnmonitor.STATISTICS`.
+        every_n_steps: training capture interval in optimizer steps.
+        per_head: also log one scalar per head (``.../<statistic>/<layer>/head_<h>``).
+        heatmaps: :class:`HeatmapConfig` (or a mapping of its fields); None disables heatmaps.
+        decoder: ids -> token strings for heatmap labels (a callable or a tokenizer).
+        val_batches: validation batches captured per validation run (0 disables).
+        atlas_every_n_steps: training interval of head atlases, histograms and the table.
+        input_key: batch key (mapping batches) holding the token ids; tuple batches use item 0.
+        query_mask_key: batch key holding the ``[B, L]`` padding mask (1 = real token).
+        memory_budget_mb: largest probability chunk materialised per attention call.
+        sink_tokens: leading keys counted by ``sink_mass``.
+        sparsity_eps: a key is sparse when its weight is below ``sparsity_eps / n_i``.
+
+    Raises:
+        ValueError: for an invalid option (named in the message); at ``setup`` for targets that
+            select no module of the model.
+
+    Example:
+        >>> from attnmonitor import AttentionMonitor
+        >>> monitor = AttentionMonitor(statistics=["entropy", "sink_mass"], every_n_steps=10)
+        >>> trainer = pl.Trainer(callbacks=[monitor], logger=False, enable_progress_bar=False)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        targets: Targets = "auto",
+        statistics: Sequence[str] = STATISTICS,
+        every_n_steps: int = 50,
+        per_head: bool = False,
+        heatmaps: HeatmapConfig | Mapping[str, Any] | None = None,
+        decoder: Decoder | Any | None = None,
+        val_batches: int = 1,
+        atlas_every_n_steps: int = 250,
+        input_key: str = "input_ids",
+        query_mask_key: str = "attention_mask",
+        memory_budget_mb: float = 256.0,
+        sink_tokens: int = 1,
+        sparsity_eps: float = 0.1,
+    ) -> None:
+        _check_int("every_n_steps", every_n_steps, 1)
+        _check_int("val_batches", val_batches, 0)
+        _check_int("atlas_every_n_steps", atlas_every_n_steps, 1)
+        if decoder is not None and not (callable(decoder) or hasattr(decoder, "convert_ids_to_tokens")):
+            raise ValueError(f"`decoder` must be a callable ids -> strings or a tokenizer, got {type(decoder).__name__}")
+        self.targets = targets
+        self.statistics = check_statistics(list(statistics))
+        self.every_n_steps = every_n_steps
+        self.per_head = bool(per_head)
+        self.heatmaps = as_config(HeatmapConfig() if heatmaps is None else heatmaps, HeatmapConfig, "heatmaps")
+        self.decoder = decoder
+        self.val_batches = val_batches
+        self.atlas_every_n_steps = atlas_every_n_steps
+        self.input_key, self.query_mask_key = input_key, query_mask_key
+        self.capture_options = dict(memory_budget_mb=memory_budget_mb, sink_tokens=sink_tokens, sparsity_eps=sparsity_eps)
+        AttentionCapture._check_options(**self.capture_options)
+        self.last_train_step = -1  # last optimizer step whose training capture was logged
+        self._captures: dict[str, AttentionCapture] = {}
+        self._metrics: dict[str, dict[str, AttentionStatistic]] = {}
+        self._window_step: int | None = None  # optimizer step being captured
+        self._example_ids: dict[str, Tensor | None] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(targets=repr(self.targets), statistics=self.statistics, every_n_steps=self.every_n_steps)
+
+    # lifecycle ----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._captures:
+            return
+        heatmap_tokens = self.heatmaps.max_tokens if self.heatmaps is not None else 0
+        for stage_name in ("train", "val"):
+            capture = AttentionCapture(
+                pl_module, self.targets, statistics=self.statistics, example_tokens=heatmap_tokens, **self.capture_options
+            )
+            capture.enabled = False
+            self._captures[stage_name] = capture.attach()
+        self.layers = self._captures["train"].target_names
+        if self.heatmaps is not None and self.heatmaps.layers is not None and not self._heatmap_layers():
+            self.teardown(trainer, pl_module, stage)
+            raise ValueError(f"`heatmaps.layers`={self.heatmaps.layers} matches none of the attention layers {self.layers}")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for capture in self._captures.values():
+            capture.remove()
+        self._captures.clear()
+        self._window_step = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_train_step": self.last_train_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_train_step = int(state_dict["last_train_step"])
+
+    # training -----------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step <= self.last_train_step:
+            return
+        capture = self._captures["train"]
+        if self._window_step != step:  # first micro-batch of this optimizer step
+            capture.reset()
+            self._window_step = step
+            self._example_ids["train"] = self._input_ids(batch)
+        capture.query_mask = self._query_mask(batch)
+        capture.enabled = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._captures["train"].enabled = False
+        if self._window_step is not None and trainer.global_step != self._window_step:  # the optimizer stepped
+            step, self._window_step = self._window_step, None
+            self.last_train_step = step
+            self._publish(trainer, "train", step, images=step % self.atlas_every_n_steps == 0, heatmaps=self._train_heatmaps(step))
+
+    # validation ---------------------------------------------------------------------------
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.sanity_checking or dataloader_idx != 0 or batch_idx >= self.val_batches:
+            return
+        capture = self._captures["val"]
+        if batch_idx == 0:
+            capture.reset()
+            self._example_ids["val"] = self._input_ids(batch)
+        capture.query_mask = self._query_mask(batch)
+        capture.enabled = True
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._captures["val"].enabled = False
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self.val_batches:
+            self._publish(trainer, "val", trainer.global_step, images=True, heatmaps=self.heatmaps is not None)
+
+    # publishing ---------------------------------------------------------------------------
+    def compute(self, stage: str) -> tuple[dict[str, Tensor], Tensor]:
+        """Synced ``{statistic: [L, H]}`` means and bool ``[L, H]`` observed cells of the last capture.
+
+        Feeds the capture's sums into the stage's torchmetrics (``"sum"``-reduced across processes).
+        """
+        sums, counts = self._captures[stage].sums_and_counts(self.layers)
+        metrics = self._stage_metrics(stage, counts)
+        values: dict[str, Tensor] = {}
+        for name, metric in metrics.items():
+            metric.update(sums=sums[name], counts=counts)
+            with metric.sync_context():
+                total, rows = metric.sums.clone(), metric.counts.clone()
+            metric.reset()
+            values[name] = mean_from_sums(total, rows)
+        return values, rows > 0
+
+    def _publish(self, trainer: pl.Trainer, stage: str, step: int, images: bool, heatmaps: bool) -> None:
+        if not self._captures[stage].layers:
+            self._warn(f"nothing-{stage}", f"attnmonitor: no attention was captured at {stage} step {step}; nothing logged.")
+            return
+        try:
+            values, observed = self.compute(stage)
+            scalars = self._scalars(stage, values, observed)
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
+            if trainer.is_global_zero and (images or heatmaps):
+                writer = self._writer(trainer)
+                if writer is not None:
+                    if images:
+                        self._write_atlases(writer, stage, step, values, observed)
+                    if heatmaps:
+                        self._write_heatmaps(writer, stage, step)
+                    writer.flush()
+            for logger in trainer.loggers:
+                logger.save()
+        except Exception as err:  # the monitor never stops training
+            self._warn(f"publish-{type(err).__name__}", f"attnmonitor: logging {stage} attention failed at step {step}: {err!r}")
+
+    def _scalars(self, stage: str, values: dict[str, Tensor], observed: Tensor) -> dict[str, float]:
+        scalars: dict[str, float] = {}
+        for name, grid in values.items():
+            scalars[f"attn/{stage}/{name}"] = float(grid[observed].mean())
+            for row, layer in enumerate(self.layers):
+                heads = observed[row]
+                if heads.any():
+                    scalars[f"attn/{stage}/{name}/{layer}"] = float(grid[row][heads].mean())
+                    if self.per_head:
+                        for h in heads.nonzero().flatten().tolist():
+                            scalars[f"attn/{stage}/{name}/{layer}/head_{h}"] = float(grid[row, h])
+        return scalars
+
+    def _write_atlases(self, writer: Any, stage: str, step: int, values: dict[str, Tensor], observed: Tensor) -> None:
+        rows = observed.any(1).cpu()
+        layers = [layer for layer, seen in zip(self.layers, rows.tolist()) if seen]
+        for name, grid in values.items():
+            grid, seen = grid.cpu()[rows], observed.cpu()[rows]
+            writer.add_image(f"attn/{stage}/atlas/{name}", head_atlas(grid, seen, layers, f"{stage} {name}"), step, dataformats="HWC")
+            for layer, heads, mask in zip(layers, grid, seen):
+                writer.add_histogram(f"attn/{stage}/hist/{name}/{layer}", heads[mask], step)
+        table = statistics_table({n: v.cpu()[rows] for n, v in values.items()}, observed.cpu()[rows], layers)
+        writer.add_text(f"attn/{stage}/table", table, step)
+
+    def _write_heatmaps(self, writer: Any, stage: str, step: int) -> None:
+        examples = self._captures[stage].examples
+        ids = self._example_ids.get(stage)
+        for layer in self._heatmap_layers():
+            if layer not in examples:
+                continue
+            probs = examples[layer]
+            tokens = self._tokens(ids[: probs.shape[-1]]) if ids is not None else None
+            image = attention_heatmaps(probs, tokens, f"{stage} {layer} (example 0)")
+            writer.add_image(f"attn/{stage}/heatmap/{layer}", image, step, dataformats="HWC")
+
+    # helpers ------------------------------------------------------------------------------
+    def _stage_metrics(self, stage: str, counts: Tensor) -> dict[str, AttentionStatistic]:
+        metrics = self._metrics.get(stage)
+        if metrics is None or next(iter(metrics.values())).counts.shape != counts.shape:
+            metrics = {
+                name: AttentionStatistic(name, *counts.shape, **self._metric_options()).to(counts.device)
+                for name in self.statistics
+            }
+            self._metrics[stage] = metrics
+        return metrics
+
+    def _metric_options(self) -> dict[str, Any]:
+        return {k: self.capture_options[k] for k in ("sink_tokens", "sparsity_eps")}
+
+    def _train_heatmaps(self, step: int) -> bool:
+        every = self.heatmaps.every_n_steps if self.heatmaps is not None else None
+        return every is not None and step % every == 0
+
+    def _heatmap_layers(self) -> list[str]:
+        patterns = self.heatmaps.layers if self.heatmaps is not None else None
+        if patterns is None:
+            return list(self.layers)
+        return [layer for layer in self.layers if any(re.fullmatch(p, layer) for p in patterns)]
+
+    def _writer(self, trainer: pl.Trainer) -> Any | None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        names = [type(lg).__name__ for lg in trainer.loggers]
+        self._warn("no-tensorboard", f"attnmonitor: images skipped: no TensorBoardLogger among the trainer's loggers {names}.")
+        return None
+
+    def _tokens(self, ids: Tensor) -> list[str]:
+        ids_list = ids.tolist()
+        if hasattr(self.decoder, "convert_ids_to_tokens"):
+            return list(self.decoder.convert_ids_to_tokens(ids_list))
+        if self.decoder is not None:
+            return [str(t) for t in self.decoder(ids_list)]
+        return [str(i) for i in ids_list]
+
+    def _input_ids(self, batch: Any) -> Tensor | None:
+        ids = _batch_item(batch, self.input_key)
+        if isinstance(ids, Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+            return ids[0].detach().cpu()
+        return None
+
+    def _query_mask(self, batch: Any) -> Tensor | None:
+        mask = batch.get(self.query_mask_key) if isinstance(batch, Mapping) else None
+        return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
+
+
+def _batch_item(batch: Any, key: str) -> Any:
+    if isinstance(batch, Mapping):
+        return batch.get(key)
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    return batch
+
+
+def _check_int(option: str, value: Any, minimum: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ValueError(f"`{option}` must be an int >= {minimum}, got {value!r}")

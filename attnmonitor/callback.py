@@ -65,7 +65,7 @@ class AttentionMonitor(Callback):
         heatmaps: HeatmapConfig | Mapping[str, Any] | None = None,
         decoder: Decoder | Any | None = None,
         val_batches: int = 1,
-        atlas_every_n_steps: int = 250,
+        atlas_every_n_steps: int = 500,
         input_key: str = "input_ids",
         query_mask_key: str = "attention_mask",
         memory_budget_mb: float = 256.0,

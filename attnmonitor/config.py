@@ -21,7 +21,7 @@ class HeatmapConfig:
         layers: regexes (full match) selecting the layers drawn; None for all.
     """
 
-    every_n_steps: int | None = 250
+    every_n_steps: int | None = 500
     max_tokens: int = 64
     layers: list[str] | None = None
 

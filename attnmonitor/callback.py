@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,9 +14,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from attnmonitor.capture import AttentionCapture, Targets
-from attnmonitor.config import HeatmapConfig, as_config
+from attnmonitor.capture.accumulator import StatisticsAccumulator
+from attnmonitor.config import ClipConfig, HeatmapConfig, RegularizerConfig, as_config
 from attnmonitor.functional.statistics import STATISTICS, check_statistics, mean_from_sums
 from attnmonitor.metrics import AttentionStatistic
+from attnmonitor.regularization import AttentionSteering
 from attnmonitor.tensorboard import attention_heatmaps, head_atlas, statistics_table
 
 Decoder = Callable[[Sequence[int]], Sequence[str]]
@@ -45,6 +47,9 @@ class AttentionMonitor(Callback):
         memory_budget_mb: largest probability chunk materialised per attention call.
         sink_tokens: leading keys counted by ``sink_mass``.
         sparsity_eps: a key is sparse when its weight is below ``sparsity_eps / n_i``.
+        regularizer: :class:`RegularizerConfig` (or mapping): an entropy/sparsity penalty added to the
+            training loss (automatic optimization) or returned by :meth:`penalty` (manual).
+        clip: :class:`ClipConfig` (or mapping): exact clipping of the attention weights the model uses.
 
     Raises:
         ValueError: for an invalid option (named in the message); at ``setup`` for targets that
@@ -71,6 +76,8 @@ class AttentionMonitor(Callback):
         memory_budget_mb: float = 256.0,
         sink_tokens: int = 1,
         sparsity_eps: float = 0.1,
+        regularizer: RegularizerConfig | Mapping[str, Any] | None = None,
+        clip: ClipConfig | Mapping[str, Any] | None = None,
     ) -> None:
         _check_int("every_n_steps", every_n_steps, 1)
         _check_int("val_batches", val_batches, 0)
@@ -88,11 +95,16 @@ class AttentionMonitor(Callback):
         self.input_key, self.query_mask_key = input_key, query_mask_key
         self.capture_options = dict(memory_budget_mb=memory_budget_mb, sink_tokens=sink_tokens, sparsity_eps=sparsity_eps)
         AttentionCapture._check_options(**self.capture_options)
+        self.steering = AttentionSteering(regularizer, clip)
         self.last_train_step = -1  # last optimizer step whose training capture was logged
-        self._captures: dict[str, AttentionCapture] = {}
+        self._capture: AttentionCapture | None = None
+        self._accumulators = {stage: StatisticsAccumulator(self.statistics) for stage in ("train", "val")}
+        self._module: pl.LightningModule | None = None
         self._metrics: dict[str, dict[str, AttentionStatistic]] = {}
         self._window_step: int | None = None  # optimizer step being captured
         self._example_ids: dict[str, Tensor | None] = {}
+        self._terms: dict[str, Tensor | None] | None = None
+        self._last_penalty: Tensor | None = None
         self._warned: set[str] = set()
 
     @property
@@ -101,24 +113,35 @@ class AttentionMonitor(Callback):
 
     # lifecycle ----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._captures:
+        if self._capture is not None:
             return
         heatmap_tokens = self.heatmaps.max_tokens if self.heatmaps is not None else 0
-        for stage_name in ("train", "val"):
-            capture = AttentionCapture(
-                pl_module, self.targets, statistics=self.statistics, example_tokens=heatmap_tokens, **self.capture_options
-            )
-            capture.enabled = False
-            self._captures[stage_name] = capture.attach()
-        self.layers = self._captures["train"].target_names
-        if self.heatmaps is not None and self.heatmaps.layers is not None and not self._heatmap_layers():
-            self.teardown(trainer, pl_module, stage)
-            raise ValueError(f"`heatmaps.layers`={self.heatmaps.layers} matches none of the attention layers {self.layers}")
+        capture = AttentionCapture(
+            pl_module,
+            self.targets,
+            statistics=self.statistics,
+            example_tokens=heatmap_tokens,
+            steering=self.steering if self.steering.active else None,
+            **self.capture_options,
+        )
+        self.layers = capture.target_names
+        for option, config in (("heatmaps", self.heatmaps), ("regularizer", self.steering.regularizer), ("clip", self.steering.clip)):
+            patterns = getattr(config, "layers", None)
+            if patterns is not None and not _matching(self.layers, patterns):
+                raise ValueError(f"`{option}.layers`={patterns} matches none of the attention layers {self.layers}")
+        capture.enabled = False
+        self._capture = capture.attach()
+        self.steering.regularizing = False
+        if self.steering.regularizer is not None and self.steering.regularizer.enabled and pl_module.automatic_optimization:
+            self._inject_penalty(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for capture in self._captures.values():
-            capture.remove()
-        self._captures.clear()
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        if self._module is not None:
+            self._module.__dict__.pop("training_step", None)
+            self._module = None
         self._window_step = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -132,23 +155,76 @@ class AttentionMonitor(Callback):
 
     # training -----------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        capture = self._require_capture()
         step = trainer.global_step
+        reg = self.steering.regularizer
+        if reg is not None and reg.enabled:
+            self.steering.regularizing = True
+            self.steering.scale = min(1.0, step / reg.warmup_steps) if reg.warmup_steps else 1.0
+        capture.query_mask = self._query_mask(batch)
         if step % self.every_n_steps or step <= self.last_train_step:
             return
-        capture = self._captures["train"]
+        capture.accumulator = self._accumulators["train"]
         if self._window_step != step:  # first micro-batch of this optimizer step
             capture.reset()
             self._window_step = step
             self._example_ids["train"] = self._input_ids(batch)
-        capture.query_mask = self._query_mask(batch)
         capture.enabled = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._captures["train"].enabled = False
+        capture = self._require_capture()
+        capture.enabled = False
+        self._log_steering(pl_module)
         if self._window_step is not None and trainer.global_step != self._window_step:  # the optimizer stepped
             step, self._window_step = self._window_step, None
             self.last_train_step = step
             self._publish(trainer, "train", step, images=step % self.atlas_every_n_steps == 0, heatmaps=self._train_heatmaps(step))
+
+    # steering ------------------------------------------------------------------------------
+    def penalty(self) -> Tensor:
+        """The regularizer's penalty for the attention computed since the last call (0-dim tensor).
+
+        Added to the loss automatically under automatic optimization; under manual optimization (or
+        in your own loop) add it yourself: ``self.manual_backward(loss + monitor.penalty())``.
+        """
+        penalty = self.steering.penalty()
+        self._last_penalty = penalty.detach()
+        self._terms = self.steering.terms
+        return penalty
+
+    def _inject_penalty(self, pl_module: pl.LightningModule) -> None:
+        """Wrap this module's ``training_step`` so its loss includes :meth:`penalty` (undone at teardown)."""
+        original = pl_module.training_step
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            penalty = self.penalty()
+            self.steering.regularizing = False  # a checkpointing recompute in backward must not add terms
+            return _add_to_loss(output, penalty)
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+        self._module = pl_module
+
+    def _log_steering(self, pl_module: pl.LightningModule) -> None:
+        regularizing, self.steering.regularizing = self.steering.regularizing, False
+        if regularizing and self.steering.pending:
+            self.steering.discard()
+            raise RuntimeError(
+                "attnmonitor: the attention regularizer's penalty was computed but never added to a loss. With manual "
+                "optimization (or a training_step the monitor cannot wrap) add it yourself: "
+                "`self.manual_backward(loss + monitor.penalty())`."
+            )
+        if self._terms is not None:
+            for name, term in self._terms.items():
+                if term is not None:
+                    pl_module.log(f"attn/reg/{name}", term.detach(), on_step=True, on_epoch=False)
+            pl_module.log("attn/reg/penalty", self._last_penalty, on_step=True, on_epoch=False)
+            self._terms = None
+        if self.steering.clip is not None:
+            fraction = self.steering.clip_fraction()
+            if fraction is not None:
+                pl_module.log("attn/clip/fraction", fraction, on_step=True, on_epoch=False)
 
     # validation ---------------------------------------------------------------------------
     def on_validation_batch_start(
@@ -156,7 +232,8 @@ class AttentionMonitor(Callback):
     ) -> None:
         if trainer.sanity_checking or dataloader_idx != 0 or batch_idx >= self.val_batches:
             return
-        capture = self._captures["val"]
+        capture = self._require_capture()
+        capture.accumulator = self._accumulators["val"]
         if batch_idx == 0:
             capture.reset()
             self._example_ids["val"] = self._input_ids(batch)
@@ -166,7 +243,9 @@ class AttentionMonitor(Callback):
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._captures["val"].enabled = False
+        capture = self._require_capture()
+        capture.enabled = False
+        capture.accumulator = self._accumulators["train"]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and self.val_batches:
@@ -178,7 +257,10 @@ class AttentionMonitor(Callback):
 
         Feeds the capture's sums into the stage's torchmetrics (``"sum"``-reduced across processes).
         """
-        sums, counts = self._captures[stage].sums_and_counts(self.layers)
+        accumulator = self._accumulators[stage]
+        if not accumulator.counts:
+            raise RuntimeError(f"attnmonitor: nothing captured for {stage}")
+        sums, counts = accumulator.grid(self.layers)
         metrics = self._stage_metrics(stage, counts)
         values: dict[str, Tensor] = {}
         for name, metric in metrics.items():
@@ -190,7 +272,7 @@ class AttentionMonitor(Callback):
         return values, rows > 0
 
     def _publish(self, trainer: pl.Trainer, stage: str, step: int, images: bool, heatmaps: bool) -> None:
-        if not self._captures[stage].layers:
+        if not self._accumulators[stage].layers:
             self._warn(f"nothing-{stage}", f"attnmonitor: no attention was captured at {stage} step {step}; nothing logged.")
             return
         try:
@@ -236,7 +318,7 @@ class AttentionMonitor(Callback):
         writer.add_text(f"attn/{stage}/table", table, step)
 
     def _write_heatmaps(self, writer: Any, stage: str, step: int) -> None:
-        examples = self._captures[stage].examples
+        examples = self._accumulators[stage].examples
         ids = self._example_ids.get(stage)
         for layer in self._heatmap_layers():
             if layer not in examples:
@@ -266,9 +348,12 @@ class AttentionMonitor(Callback):
 
     def _heatmap_layers(self) -> list[str]:
         patterns = self.heatmaps.layers if self.heatmaps is not None else None
-        if patterns is None:
-            return list(self.layers)
-        return [layer for layer in self.layers if any(re.fullmatch(p, layer) for p in patterns)]
+        return list(self.layers) if patterns is None else _matching(self.layers, patterns)
+
+    def _require_capture(self) -> AttentionCapture:
+        if self._capture is None:
+            raise RuntimeError("attnmonitor: the monitor was not set up (it runs inside Trainer.fit/validate)")
+        return self._capture
 
     def _writer(self, trainer: pl.Trainer) -> Any | None:
         for logger in trainer.loggers:
@@ -300,6 +385,19 @@ class AttentionMonitor(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=RuntimeWarning)
+
+
+def _matching(layers: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    return [layer for layer in layers if any(re.fullmatch(p, layer) for p in patterns)]
+
+
+def _add_to_loss(output: Any, penalty: Tensor) -> Any:
+    """``training_step`` output with ``penalty`` added to its loss (a tensor or a mapping's ``"loss"``)."""
+    if isinstance(output, Tensor):
+        return output + penalty
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+        return {**output, "loss": output["loss"] + penalty}
+    return output  # None skips the step: nothing to add
 
 
 def _batch_item(batch: Any, key: str) -> Any:

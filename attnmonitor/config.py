@@ -30,13 +30,7 @@ class HeatmapConfig:
             raise ValueError(f"`heatmaps.every_n_steps` must be an int >= 1 or None, got {self.every_n_steps!r}")
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 2):
             raise ValueError(f"`heatmaps.max_tokens` must be an int >= 2, got {self.max_tokens!r}")
-        if self.layers is not None:
-            self.layers = list(self.layers)
-            for pattern in self.layers:
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError) as err:
-                    raise ValueError(f"`heatmaps.layers` holds an invalid regex {pattern!r}: {err}") from err
+        self.layers = _check_layers("heatmaps.layers", self.layers)
 
 
 def as_config(value: T | Mapping[str, Any] | None, cls: type[T], option: str) -> T | None:
@@ -54,3 +48,84 @@ def as_config(value: T | Mapping[str, Any] | None, cls: type[T], option: str) ->
             raise ValueError(f"`{option}` got unknown keys {unknown}; accepted keys are {accepted}")
         return cls(**dict(value))
     raise ValueError(f"`{option}` must be a {cls.__name__}, a mapping or None, got {type(value).__name__}")
+
+
+def _check_layers(option: str, layers: list[str] | None) -> list[str] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        layers = [layers]
+    for pattern in layers:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"`{option}` holds an invalid regex {pattern!r}: {err}") from err
+    return list(layers)
+
+
+@dataclass
+class RegularizerConfig:
+    """Attention penalty added to the training loss: ``λ_H · R_H + λ_S · R_S``.
+
+    ``R_H`` is the mean over valid query rows of ``(H_i − t_i)^2``; ``R_S`` the mean Gini impurity
+    ``1 − Σ_j A_ij^2`` (see :mod:`attnmonitor.functional.steering`).
+
+    Attributes:
+        entropy_weight: ``λ_H >= 0`` (0 disables the entropy term).
+        entropy_target: target entropy, a fraction of ``log n_i`` in [0, 1] (``target_unit="fraction"``)
+            or nats (``"nats"``).
+        target_unit: ``"fraction"`` or ``"nats"``.
+        sparsity_weight: ``λ_S >= 0`` (0 disables the sparsity term).
+        layers: regexes (full match) of the layers regularized; None for all.
+        warmup_steps: the weights ramp linearly from 0 over this many optimizer steps.
+    """
+
+    entropy_weight: float = 0.0
+    entropy_target: float = 0.5
+    target_unit: str = "fraction"
+    sparsity_weight: float = 0.0
+    layers: list[str] | None = None
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("entropy_weight", "sparsity_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"`regularizer.{name}` must be a number >= 0, got {value!r}")
+        if self.target_unit not in ("fraction", "nats"):
+            raise ValueError(f"`regularizer.target_unit` must be 'fraction' or 'nats', got {self.target_unit!r}")
+        upper = 1.0 if self.target_unit == "fraction" else float("inf")
+        if not (isinstance(self.entropy_target, (int, float)) and 0 <= self.entropy_target <= upper):
+            raise ValueError(
+                f"`regularizer.entropy_target` must be in [0, {upper}] for target_unit={self.target_unit!r}, "
+                f"got {self.entropy_target!r}"
+            )
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"`regularizer.warmup_steps` must be an int >= 0, got {self.warmup_steps!r}")
+        self.layers = _check_layers("regularizer.layers", self.layers)
+
+    @property
+    def enabled(self) -> bool:
+        return self.entropy_weight > 0 or self.sparsity_weight > 0
+
+
+@dataclass
+class ClipConfig:
+    """Exact clipping of attention weights to ``[min, max]`` (rows still sum to 1), inside the forward.
+
+    Attributes:
+        min: lower bound, ``0 <= min <= max``.
+        max: upper bound, ``<= 1``.
+        training_only: clip only modules in training mode (False: also in eval/inference).
+        layers: regexes (full match) of the layers clipped; None for all.
+    """
+
+    min: float = 0.0
+    max: float = 1.0
+    training_only: bool = True
+    layers: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min, (int, float)) and isinstance(self.max, (int, float)) and 0 <= self.min <= self.max <= 1):
+            raise ValueError(f"`clip` needs 0 <= min <= max <= 1, got min={self.min!r}, max={self.max!r}")
+        self.layers = _check_layers("clip.layers", self.layers)

@@ -12,7 +12,16 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa  # bound na
 class SdpaAttention(nn.Module):
     """nanoGPT-style attention through ``scaled_dot_product_attention``, optionally grouped-query."""
 
-    def __init__(self, dim: int = 16, heads: int = 4, kv_heads: int | None = None, causal: bool = False, scale: float | None = None, gqa: str = "enable_gqa") -> None:
+    def __init__(
+        self,
+        dim: int = 16,
+        heads: int = 4,
+        kv_heads: int | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+        gqa: str = "enable_gqa",
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads or heads
         self.head_dim = dim // heads
@@ -20,7 +29,7 @@ class SdpaAttention(nn.Module):
         self.k = nn.Linear(dim, self.kv_heads * self.head_dim)
         self.v = nn.Linear(dim, self.kv_heads * self.head_dim)
         self.o = nn.Linear(dim, dim)
-        self.causal, self.scale, self.gqa = causal, scale, gqa
+        self.causal, self.scale, self.gqa, self.dropout = causal, scale, gqa, dropout
 
     def qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, l, _ = x.shape
@@ -38,7 +47,7 @@ class SdpaAttention(nn.Module):
                 extra["enable_gqa"] = True
             else:  # repeat the key/value heads, as many HF models do
                 k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
-        y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=self.causal, scale=self.scale, dropout_p=0.1 if self.training else 0.0, **extra)
+        y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0, **extra)
         return self.o(y.transpose(1, 2).reshape(b, l, c))
 
 
@@ -55,7 +64,7 @@ class EagerAttention(SdpaAttention):
             att = att.masked_fill(~torch.ones(l, l, dtype=torch.bool).tril(), float("-inf"))
         if attn_mask is not None:
             att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
-        att = nn.functional.dropout(att.softmax(dim=-1), 0.1, self.training)
+        att = nn.functional.dropout(att.softmax(dim=-1), self.dropout, self.training)
         return self.o((att @ v).transpose(1, 2).reshape(b, l, c))
 
 

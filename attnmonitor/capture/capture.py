@@ -7,19 +7,35 @@ import sys
 import warnings
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from attnmonitor.capture.accumulator import StatisticsAccumulator
 from attnmonitor.capture.discovery import Targets, fast_path_hosts, resolve_targets
 from attnmonitor.capture.interception import AttentionInterceptor
 from attnmonitor.capture.records import AttentionRecord
 from attnmonitor.functional.chunked import chunked_head_sums
-from attnmonitor.functional.statistics import STATISTICS, check_statistics, mean_from_sums
+from attnmonitor.functional.statistics import STATISTICS, check_statistics
 
 _MIB = 2**20
+
+
+class Steering(Protocol):
+    """What :class:`AttentionCapture` asks of a steering object (clipping, regularization)."""
+
+    active: bool
+    """Whether it applies to the current forward at all."""
+
+    def applies(self, layer: str, training: bool) -> bool:
+        """Whether it steers this layer now (``training``: the module's mode)."""
+
+    def steer(
+        self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, training: bool
+    ) -> Tensor:
+        """Take the layer's differentiable probabilities ``[B, H, Lq, Lk]``; return those to use."""
 
 
 class AttentionCapture:
@@ -43,6 +59,9 @@ class AttentionCapture:
         sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
         example_tokens: when > 0, keep the probabilities of batch element 0 among its first
             ``example_tokens`` tokens for each layer (:attr:`examples`, for heatmaps).
+        steering: clips or regularizes the attention of the layers it applies to (see
+            :class:`attnmonitor.regularization.AttentionSteering`); statistics then describe the
+            probabilities the model used (after clipping).
 
     Raises:
         ValueError: on invalid arguments, or when ``targets`` selects no module.
@@ -68,6 +87,7 @@ class AttentionCapture:
         sink_tokens: int = 1,
         sparsity_eps: float = 0.1,
         example_tokens: int = 0,
+        steering: Steering | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -82,11 +102,16 @@ class AttentionCapture:
         self.sink_tokens = sink_tokens
         self.sparsity_eps = sparsity_eps
         self.example_tokens = example_tokens
+        self.steering = steering
+        self.accumulator = StatisticsAccumulator(self.statistics)
+        """Where statistics go; swap it to keep separate sets (the callback's train and val)."""
         self.enabled = True
+        """Whether statistics are collected now (interception also runs while ``steering`` is active)."""
         self._names = {id(m): (name or type(m).__name__) for name, m in self.targets.items()}
         self._interceptor = AttentionInterceptor(self._consume, lambda: bool(self._active))
+
         self._handles: list[RemovableHandle] = []
-        self._active: list[str] = []  # target modules running now, innermost last
+        self._active: list[tuple[str, bool]] = []  # (name, training) of target modules running now, innermost last
         self._frames: list[tuple[bool, int]] = []  # per hooked call: (interceptor entered, records before)
         self._scope_depth = 0
         self._records = 0
@@ -95,7 +120,6 @@ class AttentionCapture:
         self._silent: set[str] = set()
         self._warned: set[tuple[str, str]] = set()
         self.skipped: dict[str, int] = {}
-        self.reset()
 
     @staticmethod
     def _check_options(memory_budget_mb: float, sink_tokens: int, sparsity_eps: float) -> None:
@@ -143,16 +167,18 @@ class AttentionCapture:
 
     # results -------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every accumulated statistic."""
-        self._sums: dict[str, dict[str, Tensor]] = {}
-        self._counts: dict[str, Tensor] = {}
-        self.examples: dict[str, Tensor] = {}
-        """``{layer: [H, T, T]}`` example probabilities (see ``example_tokens``), first call since reset."""
+        """Forget every accumulated statistic (of the current :attr:`accumulator`)."""
+        self.accumulator.reset()
 
     @property
     def layers(self) -> list[str]:
         """Qualified names of the attention modules captured since :meth:`reset`, in forward order."""
-        return list(self._counts)
+        return self.accumulator.layers
+
+    @property
+    def examples(self) -> dict[str, Tensor]:
+        """``{layer: [H, T, T]}`` probabilities of batch element 0 (see ``example_tokens``)."""
+        return self.accumulator.examples
 
     def layer_stats(self) -> dict[str, dict[str, Tensor]]:
         """``{layer: {statistic: [num_heads]}}``: means over every valid query row since :meth:`reset`.
@@ -160,12 +186,8 @@ class AttentionCapture:
         Raises:
             RuntimeError: if nothing was captured (the message says which modules ran silently).
         """
-        if not self._counts:
-            raise RuntimeError(self._nothing_captured_message())
-        return {
-            layer: {name: mean_from_sums(s, self._counts[layer]) for name, s in sums.items()}
-            for layer, sums in self._sums.items()
-        }
+        self._require_data()
+        return self.accumulator.layer_means()
 
     def stats(self) -> dict[str, Tensor]:
         """``{statistic: [num_layers, num_heads]}``, layers in :attr:`layers` order.
@@ -175,14 +197,14 @@ class AttentionCapture:
             ValueError: if layers have different head counts (use :meth:`layer_stats`).
         """
         per_layer = self.layer_stats()
-        heads = {layer: self._counts[layer].numel() for layer in per_layer}
+        heads = {layer: c.numel() for layer, c in self.accumulator.counts.items()}
         if len(set(heads.values())) > 1:
             raise ValueError(f"layers have different head counts {heads}; use layer_stats()")
         return {name: torch.stack([per_layer[layer][name] for layer in per_layer]) for name in self.statistics}
 
     def valid_rows(self) -> dict[str, Tensor]:
         """``{layer: [num_heads]}`` number of valid query rows accumulated since :meth:`reset`."""
-        return dict(self._counts)
+        return dict(self.accumulator.counts)
 
     def sums_and_counts(self, layers: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
         """Accumulated ``{statistic: [len(layers), H]}`` sums and ``[len(layers), H]`` valid-row counts.
@@ -193,19 +215,12 @@ class AttentionCapture:
         Raises:
             RuntimeError: if nothing was captured.
         """
-        if not self._counts:
+        self._require_data()
+        return self.accumulator.grid(layers)
+
+    def _require_data(self) -> None:
+        if not self.accumulator.counts:
             raise RuntimeError(self._nothing_captured_message())
-        reference = next(iter(self._counts.values()))
-        heads = max(c.numel() for c in self._counts.values())
-        counts = reference.new_zeros(len(layers), heads)
-        sums = {name: reference.new_zeros(len(layers), heads) for name in self.statistics}
-        for row, layer in enumerate(layers):
-            if layer in self._counts:
-                h = self._counts[layer].numel()
-                counts[row, :h] = self._counts[layer]
-                for name in self.statistics:
-                    sums[name][row, :h] = self._sums[layer][name]
-        return sums, counts
 
     @property
     def target_names(self) -> list[str]:
@@ -223,9 +238,13 @@ class AttentionCapture:
         if self._scope_depth == 0:
             self._interceptor.__exit__(None, None, None)
 
+    def _intercepting(self) -> bool:
+        return self.enabled or (self.steering is not None and self.steering.active)
+
     def _enter_host(self, module: nn.Module, args: Any) -> None:
-        self._frames.append((self.enabled, self._records))
-        if self.enabled:
+        intercepting = self._intercepting()
+        self._frames.append((intercepting, self._records))
+        if intercepting:
             self._enter_scope()
 
     def _exit_host(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -234,22 +253,22 @@ class AttentionCapture:
 
     def _enter_target(self, module: nn.Module, args: Any) -> None:
         self._enter_host(module, args)
-        if self.enabled:
-            self._active.append(self._names[id(module)])
+        if self._frames[-1][0]:
+            self._active.append((self._names[id(module)], module.training))
 
     def _exit_target(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._frames:
             return
         entered, records_before = self._frames[-1]
         if entered:
-            name = self._active.pop()
+            name, _ = self._active.pop()
             if self._records == records_before and not _raising():
                 self._report_silent(name, module)
         self._exit_host(module, args, output)
 
     def _enter_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._forward_query_mask = None
-        if self.enabled and self.query_mask is None and self._forward_signature is not None:
+        if self._intercepting() and self.query_mask is None and self._forward_signature is not None:
             try:
                 mask = self._forward_signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
             except TypeError:
@@ -261,27 +280,43 @@ class AttentionCapture:
         self._forward_query_mask = None
 
     # records -------------------------------------------------------------------------------
-    def _consume(self, record: AttentionRecord) -> None:
-        """Turn one record into per-head sums (called inside the attention call; never raises)."""
-        layer = self._active[-1]
+    def _consume(self, record: AttentionRecord) -> Tensor | None:
+        """Handle one record inside the attention call; returns the call's replacement output or None.
+
+        Never raises: a failure is a warning naming the layer, and that call is left as it was.
+        """
+        layer, training = self._active[-1]
         self._records += 1
+        replacement = None
         try:
             record = record.with_query_valid(self._query_valid(layer, record))
-            with torch.no_grad():
-                sums, count = chunked_head_sums(
-                    record.chunks(self.budget_bytes),
-                    statistics=self.statistics,
-                    sink_tokens=self.sink_tokens,
-                    sparsity_eps=self.sparsity_eps,
-                )
+            if self.steering is not None and self.steering.applies(layer, training):
+                probs, key_valid = record.probabilities()
+                used = self.steering.steer(layer, probs, key_valid, record.query_valid, training)
+                replacement = record.output(used)
+                record = AttentionRecord(probs=used.detach(), key_valid=key_valid, query_valid=record.query_valid)
+            if self.enabled:
+                self._collect(layer, record)
+        except Exception as err:  # the monitor must never break the user's forward
+            self._skip(layer, f"{type(err).__name__}: {err}")
+        return replacement
+
+    def _collect(self, layer: str, record: AttentionRecord) -> None:
+        with torch.no_grad():
+            sums, count = chunked_head_sums(
+                record.chunks(self.budget_bytes),
+                statistics=self.statistics,
+                sink_tokens=self.sink_tokens,
+                sparsity_eps=self.sparsity_eps,
+            )
             if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
                 self._skip(layer, "its attention contains NaN or inf")
                 return
-            self._accumulate(layer, sums, count)
-            if self.example_tokens and layer not in self.examples:
-                self.examples[layer] = record.example(self.example_tokens)
-        except Exception as err:  # the monitor must never break the user's forward
-            self._skip(layer, f"{type(err).__name__}: {err}")
+            refused = self.accumulator.add(layer, sums, count)
+            if refused:
+                self._skip(layer, refused)
+            elif self.example_tokens and layer not in self.accumulator.examples:
+                self.accumulator.examples[layer] = record.example(self.example_tokens)
 
     def _query_valid(self, layer: str, record: AttentionRecord) -> Tensor | None:
         mask = self.query_mask if self.query_mask is not None else self._forward_query_mask
@@ -297,17 +332,6 @@ class AttentionCapture:
             )
             return None
         return mask.to(device=_device(record), dtype=torch.bool).unsqueeze(1)  # [B, 1, Lq]
-
-    def _accumulate(self, layer: str, sums: dict[str, Tensor], count: Tensor) -> None:
-        if layer not in self._counts:
-            self._sums[layer], self._counts[layer] = sums, count
-            return
-        if self._counts[layer].shape != count.shape:
-            self._skip(layer, f"it has {count.numel()} heads, earlier calls had {self._counts[layer].numel()}")
-            return
-        self._counts[layer] = self._counts[layer] + count
-        for name, s in sums.items():
-            self._sums[layer][name] = self._sums[layer][name] + s
 
     # reporting -----------------------------------------------------------------------------
     def _skip(self, layer: str, why: str) -> None:

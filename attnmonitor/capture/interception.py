@@ -9,7 +9,8 @@ whose fused fast path would skip it) runs. It sees, whatever name they were impo
   so the SDPA/softmax calls nested in it are caught by temporarily wrapping the names that
   ``torch.nn.functional`` resolves them through.
 
-The model's outputs are computed by the original functions, unchanged.
+The model's outputs are computed by the original functions, unchanged, unless ``emit`` returns a
+replacement (steering: clipped probabilities, or the output of SDPA recomputed from them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from attnmonitor.capture.records import AttentionRecord, as_heads, padding_to_valid
@@ -33,33 +35,45 @@ _MHA_SIGNATURE = inspect.signature(_MHA_FORWARD)
 
 
 def _sdpa_arguments(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> AttentionRecord:
     """Bind SDPA's arguments (same signature) into a record; 3-D inputs are one head."""
+    out_shape = (*query.shape[:-1], value.shape[-1])
     if query.dim() == 3:
-        query, key, attn_mask = as_heads(query), as_heads(key), as_heads(attn_mask)
-    return AttentionRecord(q=query, k=key, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        query, key, value, attn_mask = as_heads(query), as_heads(key), as_heads(value), as_heads(attn_mask)
+    return AttentionRecord(
+        q=query,
+        k=key,
+        v=value,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        scale=scale,
+        dropout_p=dropout_p,
+        out_shape=out_shape,
+        out_dtype=query.dtype,
+    )
 
 
-def _softmax_record(logits: torch.Tensor, dim: int | None, probs: torch.Tensor, heads: int = 0) -> AttentionRecord | None:
+def _softmax_record(logits: Tensor, dim: int | None, probs: Tensor, heads: int = 0) -> AttentionRecord | None:
     """A record for a softmax over the last dim of ``[B, H, Lq, Lk]`` or ``[B, Lq, Lk]``, else None.
 
     ``heads > 0`` splits a ``[B * heads, Lq, Lk]`` input (``nn.MultiheadAttention``) into heads.
     """
     if dim is None or probs.dim() not in (3, 4) or dim not in (-1, probs.dim() - 1):
         return None
+    out_shape, out_dtype = tuple(probs.shape), probs.dtype
     if heads and probs.dim() == 3:
         logits = logits.reshape(-1, heads, *logits.shape[1:])
         probs = probs.reshape(-1, heads, *probs.shape[1:])
     logits, probs = as_heads(logits), as_heads(probs)
-    return AttentionRecord(probs=probs, key_valid=key_valid_from_logits(logits))
+    return AttentionRecord(probs=probs, key_valid=key_valid_from_logits(logits), out_shape=out_shape, out_dtype=out_dtype)
 
 
 def _softmax_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -70,11 +84,12 @@ class AttentionInterceptor(TorchFunctionMode):
     """Turns attention calls into :class:`AttentionRecord` s handed to ``emit``.
 
     Args:
-        emit: called with each record (inside the attention call; must not raise).
+        emit: called with each record (inside the attention call; must not raise); returns None,
+            or the value the intercepted call returns instead of its own.
         is_recording: whether a target module is running now (outside one, calls pass through).
     """
 
-    def __init__(self, emit: Callable[[AttentionRecord], None], is_recording: Callable[[], bool]) -> None:
+    def __init__(self, emit: Callable[[AttentionRecord], Tensor | None], is_recording: Callable[[], bool]) -> None:
         super().__init__()
         self._emit = emit
         self._is_recording = is_recording
@@ -84,19 +99,29 @@ class AttentionInterceptor(TorchFunctionMode):
         if not self._is_recording():
             return func(*args, **kwargs)
         if func is _SDPA:
-            self._emit(_sdpa_arguments(*args, **kwargs))
-            return func(*args, **kwargs)
+            replaced = self._emit(_sdpa_arguments(*args, **kwargs))
+            return func(*args, **kwargs) if replaced is None else replaced
         if func in _SOFTMAX:
-            probs = func(*args, **kwargs)
-            record = _softmax_record(args[0], _softmax_dim(args, kwargs), probs)
-            if record is not None:
-                self._emit(record)
-            return probs
+            return self._softmax(func(*args, **kwargs), args, kwargs)
         if func is _MHA_FORWARD:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
             with self._wrap_mha_internals(bound):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+    def _softmax(
+        self,
+        probs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        heads: int = 0,
+        query_valid: Tensor | None = None,
+    ) -> Tensor:
+        record = _softmax_record(args[0], _softmax_dim(args, kwargs), probs, heads)
+        if record is None:
+            return probs
+        replaced = self._emit(record.with_query_valid(query_valid))
+        return probs if replaced is None else replaced
 
     @contextmanager
     def _wrap_mha_internals(self, bound: dict[str, Any]) -> Iterator[None]:
@@ -110,16 +135,12 @@ class AttentionInterceptor(TorchFunctionMode):
 
         original_softmax = F.softmax
 
-        def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
-            self._emit(_sdpa_arguments(*args, **kwargs).with_query_valid(query_valid))
-            return _SDPA(*args, **kwargs)
+        def sdpa(*args: Any, **kwargs: Any) -> Tensor:
+            replaced = self._emit(_sdpa_arguments(*args, **kwargs).with_query_valid(query_valid))
+            return _SDPA(*args, **kwargs) if replaced is None else replaced
 
-        def softmax(*args: Any, **kwargs: Any) -> torch.Tensor:
-            probs = original_softmax(*args, **kwargs)
-            record = _softmax_record(args[0], _softmax_dim(args, kwargs), probs, heads)
-            if record is not None:
-                self._emit(record.with_query_valid(query_valid))
-            return probs
+        def softmax(*args: Any, **kwargs: Any) -> Tensor:
+            return self._softmax(original_softmax(*args, **kwargs), args, kwargs, heads, query_valid)
 
         F.scaled_dot_product_attention, F.softmax = sdpa, softmax
         try:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnmonitor.functional.chunked import Chunk, probability_chunks, qk_chunks
@@ -22,20 +23,28 @@ class AttentionRecord:
         key_valid: bool, broadcastable to ``[B, H, Lq, Lk]``, for ``probs``.
         q: ``[B, H, Lq, D]`` queries of an SDPA call.
         k: ``[B, Hkv, Lk, D]`` keys of an SDPA call.
+        v: ``[B, Hkv, Lk, Dv]`` values of an SDPA call.
         attn_mask: SDPA's mask (bool: True = attend; float: additive).
         is_causal: SDPA's ``is_causal``.
         scale: SDPA's ``scale`` (None: ``1 / sqrt(D)``).
+        dropout_p: SDPA's dropout probability.
         query_valid: bool, broadcastable to ``[B, H, Lq]``: False for padded query rows.
+        out_shape: shape of the intercepted call's output (SDPA output or softmax result).
+        out_dtype: dtype of that output.
     """
 
     probs: Tensor | None = None
     key_valid: Tensor | None = None
     q: Tensor | None = None
     k: Tensor | None = None
+    v: Tensor | None = None
     attn_mask: Tensor | None = None
     is_causal: bool = False
     scale: float | None = None
+    dropout_p: float = 0.0
     query_valid: Tensor | None = None
+    out_shape: tuple[int, ...] = ()
+    out_dtype: torch.dtype = torch.float32
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -53,6 +62,28 @@ class AttentionRecord:
             return self
         mask = query_valid if self.query_valid is None else self.query_valid & query_valid
         return replace(self, query_valid=mask)
+
+    def probabilities(self) -> tuple[Tensor, Tensor | None]:
+        """All ``[B, H, Lq, Lk]`` probabilities (differentiable) and their key mask."""
+        if self.probs is not None:
+            return self.probs, self.key_valid
+        (probs, key_valid, _, _), = self.chunks(budget_bytes=1 << 62)
+        return probs, key_valid
+
+    def output(self, probs: Tensor) -> Tensor:
+        """What the intercepted call returns when its probabilities are replaced by ``probs``.
+
+        Softmax: ``probs`` in the call's shape and dtype. SDPA: ``dropout(probs) @ v``.
+        """
+        if self.probs is not None:
+            return probs.to(self.out_dtype).reshape(self.out_shape)
+        assert self.v is not None
+        v = self.v
+        if v.shape[-3] != probs.shape[-3]:  # grouped-query attention
+            v = v.repeat_interleave(probs.shape[-3] // v.shape[-3], dim=-3)
+        if self.dropout_p > 0:
+            probs = F.dropout(probs, self.dropout_p)
+        return (probs @ v.to(probs.dtype)).to(self.out_dtype).reshape(self.out_shape)
 
     def chunks(self, budget_bytes: int) -> Iterator[Chunk]:
         """Row chunks of probabilities that fit ``budget_bytes`` (see :mod:`attnmonitor.functional.chunked`)."""

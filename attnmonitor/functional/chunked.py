@@ -112,14 +112,15 @@ def qk_chunks(
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     key_valid = sdpa_key_valid(attn_mask, is_causal, lq, lk, q.device)
     additive = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
-    keys_t = k.float().transpose(-2, -1)  # [B, H, D, Lk]
+    dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays
+    keys_t = k.to(dtype).transpose(-2, -1)  # [B, H, D, Lk]
     step = rows_per_chunk(lq, q.shape[:-2].numel() * lk, budget_bytes)
     for start in range(0, lq, step):
         stop = min(lq, start + step)
-        logits = (q[..., start:stop, :].float() @ keys_t) * scale  # [B, H, r, Lk]
+        logits = (q[..., start:stop, :].to(dtype) @ keys_t) * scale  # [B, H, r, Lk]
         mask = _rows(additive, start, stop, -2)
         if mask is not None:
-            logits = logits + mask.float()
+            logits = logits + mask.to(dtype)
         valid = _rows(key_valid, start, stop, -2)
         if valid is not None:
             valid = valid.expand_as(logits)

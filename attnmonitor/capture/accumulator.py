@@ -1,0 +1,69 @@
+"""Per-layer sums of attention statistics, accumulated over captured calls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from attnmonitor.functional.statistics import mean_from_sums
+
+
+class StatisticsAccumulator:
+    """Per-head sums and valid-row counts by layer, in the order layers were first seen.
+
+    Args:
+        statistics: the statistic names accumulated.
+    """
+
+    def __init__(self, statistics: Sequence[str]) -> None:
+        self.statistics = tuple(statistics)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.sums: dict[str, dict[str, Tensor]] = {}
+        self.counts: dict[str, Tensor] = {}
+        self.examples: dict[str, Tensor] = {}
+        """``{layer: [H, T, T]}`` example probabilities, from the first call of each layer."""
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.counts)
+
+    def add(self, layer: str, sums: dict[str, Tensor], count: Tensor) -> str | None:
+        """Add one call's ``{statistic: [H]}`` sums and ``[H]`` count; returns why not, or None."""
+        if layer not in self.counts:
+            self.sums[layer], self.counts[layer] = sums, count
+            return None
+        if self.counts[layer].shape != count.shape:
+            return f"it has {count.numel()} heads, earlier calls had {self.counts[layer].numel()}"
+        self.counts[layer] = self.counts[layer] + count
+        for name, s in sums.items():
+            self.sums[layer][name] = self.sums[layer][name] + s
+        return None
+
+    def layer_means(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer: {statistic: [H]}}`` means."""
+        return {
+            layer: {name: mean_from_sums(s, self.counts[layer]) for name, s in sums.items()}
+            for layer, sums in self.sums.items()
+        }
+
+    def grid(self, layers: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+        """``{statistic: [len(layers), H]}`` sums and ``[len(layers), H]`` counts, rows in ``layers`` order.
+
+        Layers not seen (and heads a layer lacks) have count 0; ``H`` is the largest head count.
+        """
+        reference = next(iter(self.counts.values()))
+        heads = max(c.numel() for c in self.counts.values())
+        counts = reference.new_zeros(len(layers), heads)
+        sums = {name: reference.new_zeros(len(layers), heads) for name in self.statistics}
+        for row, layer in enumerate(layers):
+            if layer in self.counts:
+                h = self.counts[layer].numel()
+                counts[row, :h] = self.counts[layer]
+                for name in self.statistics:
+                    sums[name][row, :h] = self.sums[layer][name]
+        return sums, counts
+

@@ -1,0 +1,149 @@
+"""``AttentionSteering``: the regularizer and the clipping, applied inside the attention calls."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnmonitor.config import ClipConfig, RegularizerConfig, as_config
+from attnmonitor.functional.steering import clip_attention, entropy_penalty, sparsity_penalty
+
+
+class AttentionSteering:
+    """Adds attention penalties and clips attention weights of the layers it applies to.
+
+    Used through :class:`attnmonitor.AttentionCapture` (``steering=``), which hands it each attention
+    call's differentiable probabilities; the callback :class:`attnmonitor.AttentionMonitor` builds one
+    from its ``regularizer`` and ``clip`` options and adds :meth:`penalty` to the training loss.
+
+    Args:
+        regularizer: :class:`RegularizerConfig` or a mapping of its fields; None for no penalty.
+        clip: :class:`ClipConfig` or a mapping of its fields; None for no clipping.
+
+    Example:
+        >>> from attnmonitor import AttentionCapture
+        >>> layer = torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
+        >>> steering = AttentionSteering(regularizer={"entropy_weight": 0.1, "entropy_target": 0.3})
+        >>> with AttentionCapture(layer, steering=steering) as cap:
+        ...     cap.enabled = False  # steer only, no statistics
+        ...     loss = layer(torch.randn(3, 5, 8)).square().mean() + steering.penalty()
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        regularizer: RegularizerConfig | Mapping[str, Any] | None = None,
+        clip: ClipConfig | Mapping[str, Any] | None = None,
+    ) -> None:
+        self.regularizer = as_config(regularizer, RegularizerConfig, "regularizer")
+        self.clip = as_config(clip, ClipConfig, "clip")
+        self.regularizing = self.regularizer is not None and self.regularizer.enabled
+        """Whether penalties are collected now (the callback turns it on for training batches)."""
+        self.scale = 1.0
+        """Multiplier of the weights (the callback's warm-up)."""
+        self.gradless_layers: set[str] = set()
+        self._reset_terms()
+        self._clipped = torch.zeros(2)  # weights at a bound, valid weights
+
+    @property
+    def active(self) -> bool:
+        return self.regularizing or self.clip is not None
+
+    def applies(self, layer: str, training: bool) -> bool:
+        return self._regularizes(layer, training) or self._clips(layer, training)
+
+    def _regularizes(self, layer: str, training: bool) -> bool:
+        reg = self.regularizer
+        return self.regularizing and reg is not None and training and _selected(layer, reg.layers)
+
+    def _clips(self, layer: str, training: bool) -> bool:
+        clip = self.clip
+        return clip is not None and (training or not clip.training_only) and _selected(layer, clip.layers)
+
+    def steer(
+        self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, training: bool = True
+    ) -> Tensor:
+        """Collect this call's penalty terms (before clipping) and return the clipped probabilities."""
+        if self._regularizes(layer, training):
+            self._add_terms(layer, probs, key_valid, query_valid)
+        if self._clips(layer, training):
+            assert self.clip is not None
+            probs, at_bound = clip_attention(probs, key_valid, min=self.clip.min, max=self.clip.max)
+            valid = torch.ones_like(probs, dtype=torch.bool) if key_valid is None else key_valid.expand_as(probs)
+            self._clipped = self._clipped + torch.stack([at_bound.sum(), valid.sum()]).detach().float().cpu()
+        return probs
+
+    def _add_terms(self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None) -> None:
+        reg = self.regularizer
+        assert reg is not None
+        if not probs.requires_grad:  # reported by penalty(): never a silent zero
+            self.gradless_layers.add(layer)
+            return
+        rows = key_valid.expand_as(probs).any(-1) if key_valid is not None else torch.ones_like(probs[..., 0], dtype=torch.bool)
+        if query_valid is not None:
+            rows = rows & query_valid.to(torch.bool)
+        if reg.entropy_weight > 0:
+            per_row = entropy_penalty(probs, key_valid, target=reg.entropy_target, relative=reg.target_unit == "fraction")
+            self._sums["entropy"] = self._sums["entropy"] + torch.where(rows, per_row, 0.0).sum()
+        if reg.sparsity_weight > 0:
+            per_row = sparsity_penalty(probs, key_valid)
+            self._sums["sparsity"] = self._sums["sparsity"] + torch.where(rows, per_row, 0.0).sum()
+        self._rows = self._rows + rows.sum()
+
+    def _reset_terms(self) -> None:
+        self._sums: dict[str, Tensor | float] = {"entropy": 0.0, "sparsity": 0.0}
+        self._rows: Tensor | int = 0
+
+    def penalty(self) -> Tensor:
+        """``scale · (λ_H · R_H + λ_S · R_S)`` over every row regularized since the last call; resets.
+
+        Each term is a mean over the valid query rows of all regularized layers and heads.
+        :attr:`terms` keeps the unweighted terms for logging.
+
+        Raises:
+            RuntimeError: if the captured probabilities carried no gradient (reentrant activation
+                checkpointing or a ``no_grad`` forward): the penalty could not steer them.
+        """
+        reg = self.regularizer
+        if self.gradless_layers:
+            layers, self.gradless_layers = sorted(self.gradless_layers), set()
+            self._reset_terms()
+            raise RuntimeError(
+                f"attnmonitor: the attention of {layers} carried no gradient when it was captured (reentrant "
+                "activation checkpointing, or a forward under torch.no_grad), so a regularizer cannot steer it. "
+                "Use non-reentrant checkpointing (use_reentrant=False) or disable checkpointing for these layers."
+            )
+        rows = self._rows
+        self.terms = {name: s / rows if isinstance(s, Tensor) else None for name, s in self._sums.items()}
+        total: Tensor | float = 0.0
+        if reg is not None:
+            for name, weight in (("entropy", reg.entropy_weight), ("sparsity", reg.sparsity_weight)):
+                term = self.terms[name]
+                if term is not None:
+                    total = total + self.scale * weight * term
+        self._reset_terms()
+        return total if isinstance(total, Tensor) else torch.zeros(())
+
+    @property
+    def pending(self) -> bool:
+        """Whether penalty terms were collected and :meth:`penalty` has not been called since."""
+        return isinstance(self._rows, Tensor) or self._rows > 0
+
+    def discard(self) -> None:
+        """Drop collected penalty terms."""
+        self._reset_terms()
+        self.gradless_layers.clear()
+
+    def clip_fraction(self) -> float | None:
+        """Fraction of valid weights held at a bound since the last call (None: nothing clipped); resets."""
+        hits, total = self._clipped.tolist()
+        self._clipped = torch.zeros(2)
+        return hits / total if total else None
+
+
+def _selected(layer: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(re.fullmatch(p, layer) for p in patterns)

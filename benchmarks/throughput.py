@@ -10,48 +10,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-import time
 from collections.abc import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from common import seconds_per_step
 
 from attnmonitor import AttentionMonitor
 from attnmonitor.demo import CorpusDataModule, TinyGPT
 
-WARMUP_STEPS = 20
-
-
-class StepTimer(L.Callback):
-    """Wall time from the start of step ``WARMUP_STEPS`` to the end of training."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
-        if trainer.global_step == WARMUP_STEPS and not hasattr(self, "start"):
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
-        self.seconds = time.perf_counter() - self.start
-
-
 def steps_per_second(steps: int, make_monitor: Callable[[], AttentionMonitor | None], data: CorpusDataModule) -> float:
     L.seed_everything(0, verbose=False)
     model = TinyGPT(vocab_size=len(data.vocab), seq_len=data.seq_len)
-    timer = StepTimer()
     monitor = make_monitor()
-    with tempfile.TemporaryDirectory() as logs:
-        trainer = L.Trainer(
-            max_steps=steps,
-            limit_val_batches=0,
-            logger=TensorBoardLogger(logs),
-            callbacks=[timer] + ([monitor] if monitor else []),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(model, datamodule=data)
-    return (steps - WARMUP_STEPS) / timer.seconds
+    return 1.0 / seconds_per_step(model, data, steps, [monitor] if monitor else [])
 
 
 CONFIGS: dict[str, tuple[Callable[[], AttentionMonitor | None], float | None]] = {

@@ -219,6 +219,5 @@ def test_entropy_target_is_reached_only_with_the_regularizer(tmp_path):
         with AttentionCapture(model) as cap, torch.no_grad():
             model(ids[:, :-1])
         results[name] = float(cap.stats()["normalized_entropy"].mean())
-    print(results)
     assert abs(results["regularized"] - 0.9) < 0.1, results
     assert abs(results["plain"] - 0.9) >= 0.1, results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -129,3 +129,46 @@ class ClipConfig:
         if not (isinstance(self.min, (int, float)) and isinstance(self.max, (int, float)) and 0 <= self.min <= self.max <= 1):
             raise ValueError(f"`clip` needs 0 <= min <= max <= 1, got min={self.min!r}, max={self.max!r}")
         self.layers = _check_layers("clip.layers", self.layers)
+
+
+@dataclass
+class AttentionMonitorConfig:
+    """Structured Hydra config of :class:`attnmonitor.AttentionMonitor`: one field per argument.
+
+    Registered in Hydra's ConfigStore as ``attnmonitor/attention_monitor`` (see :func:`register_configs`)
+    so that a misspelt key or a wrong type fails when the configuration is composed.
+    """
+
+    _target_: str = "attnmonitor.AttentionMonitor"
+    targets: Any = "auto"
+    statistics: list[str] = field(default_factory=lambda: list(_statistics()))
+    every_n_steps: int = 50
+    per_head: bool = False
+    heatmaps: HeatmapConfig = field(default_factory=HeatmapConfig)
+    decoder: Any = None
+    val_batches: int = 1
+    atlas_every_n_steps: int = 500
+    input_key: str = "input_ids"
+    query_mask_key: str = "attention_mask"
+    memory_budget_mb: float = 256.0
+    sink_tokens: int = 1
+    sparsity_eps: float = 0.1
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    clip: ClipConfig | None = None
+
+
+def _statistics() -> tuple[str, ...]:
+    from attnmonitor.functional.statistics import STATISTICS
+
+    return STATISTICS
+
+
+def register_configs() -> None:
+    """Register the structured configs in Hydra's ConfigStore (group ``attnmonitor``)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="attnmonitor", name="attention_monitor", node=AttentionMonitorConfig)
+    store.store(group="attnmonitor", name="heatmaps", node=HeatmapConfig)
+    store.store(group="attnmonitor", name="regularizer", node=RegularizerConfig)
+    store.store(group="attnmonitor", name="clip", node=ClipConfig)

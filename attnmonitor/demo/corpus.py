@@ -65,6 +65,14 @@ class CorpusDataModule(L.LightningDataModule):
         self.vocab = WordVocabulary(words, min_count)
         self.ids = self.vocab.encode(words)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """Token strings of ids (the monitor's heatmap labels)."""
+        return self.vocab.decode(ids)
+
     def _windows(self, ids: Tensor) -> TensorDataset:
         n = (len(ids) - 1) // self.seq_len
         x = ids[: n * self.seq_len].view(n, self.seq_len)

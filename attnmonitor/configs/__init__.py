@@ -1,0 +1,1 @@
+"""Hydra configuration of the main job (YAML; this file makes the folder importable for Hydra)."""

@@ -280,16 +280,8 @@ class AttentionMonitor(Callback):
             scalars = self._scalars(stage, values, observed)
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
-            if trainer.is_global_zero and (images or heatmaps):
-                writer = self._writer(trainer)
-                if writer is not None:
-                    if images:
-                        self._write_atlases(writer, stage, step, values, observed)
-                    if heatmaps:
-                        self._write_heatmaps(writer, stage, step)
-                    writer.flush()
-            for logger in trainer.loggers:
-                logger.save()
+            if trainer.is_global_zero:
+                self._write_tensorboard(trainer, stage, step, values, observed, images, heatmaps)
         except Exception as err:  # the monitor never stops training
             self._warn(f"publish-{type(err).__name__}", f"attnmonitor: logging {stage} attention failed at step {step}: {err!r}")
 
@@ -355,13 +347,21 @@ class AttentionMonitor(Callback):
             raise RuntimeError("attnmonitor: the monitor was not set up (it runs inside Trainer.fit/validate)")
         return self._capture
 
-    def _writer(self, trainer: pl.Trainer) -> Any | None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
-        names = [type(lg).__name__ for lg in trainer.loggers]
-        self._warn("no-tensorboard", f"attnmonitor: images skipped: no TensorBoardLogger among the trainer's loggers {names}.")
-        return None
+    def _write_tensorboard(
+        self, trainer: pl.Trainer, stage: str, step: int, values: dict[str, Tensor], observed: Tensor, images: bool, heatmaps: bool
+    ) -> None:
+        """Images, histograms and text (TensorBoardLogger only), then flush so a running TensorBoard sees them."""
+        writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if writer is None:
+            if images or heatmaps:
+                names = [type(lg).__name__ for lg in trainer.loggers]
+                self._warn("no-tensorboard", f"attnmonitor: images skipped: no TensorBoardLogger among the trainer's loggers {names}.")
+            return
+        if images:
+            self._write_atlases(writer, stage, step, values, observed)
+        if heatmaps:
+            self._write_heatmaps(writer, stage, step)
+        writer.flush()
 
     def _tokens(self, ids: Tensor) -> list[str]:
         ids_list = ids.tolist()

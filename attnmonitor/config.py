@@ -113,6 +113,8 @@ class RegularizerConfig:
 class ClipConfig:
     """Exact clipping of attention weights to ``[min, max]`` (rows still sum to 1), inside the forward.
 
+    The default bounds ``[0, 1]`` clip nothing (clipping is off).
+
     Attributes:
         min: lower bound, ``0 <= min <= max``.
         max: upper bound, ``<= 1``.
@@ -129,6 +131,10 @@ class ClipConfig:
         if not (isinstance(self.min, (int, float)) and isinstance(self.max, (int, float)) and 0 <= self.min <= self.max <= 1):
             raise ValueError(f"`clip` needs 0 <= min <= max <= 1, got min={self.min!r}, max={self.max!r}")
         self.layers = _check_layers("clip.layers", self.layers)
+
+    @property
+    def enabled(self) -> bool:
+        return self.min > 0 or self.max < 1
 
 
 @dataclass
@@ -154,7 +160,7 @@ class AttentionMonitorConfig:
     sink_tokens: int = 1
     sparsity_eps: float = 0.1
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
-    clip: ClipConfig | None = None
+    clip: ClipConfig = field(default_factory=ClipConfig)
 
 
 def _statistics() -> tuple[str, ...]:

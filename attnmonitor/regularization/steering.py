@@ -22,7 +22,7 @@ class AttentionSteering:
 
     Args:
         regularizer: :class:`RegularizerConfig` or a mapping of its fields; None for no penalty.
-        clip: :class:`ClipConfig` or a mapping of its fields; None for no clipping.
+        clip: :class:`ClipConfig` or a mapping of its fields; None (or bounds ``[0, 1]``) for no clipping.
 
     Example:
         >>> from attnmonitor import AttentionCapture
@@ -40,7 +40,8 @@ class AttentionSteering:
         clip: ClipConfig | Mapping[str, Any] | None = None,
     ) -> None:
         self.regularizer = as_config(regularizer, RegularizerConfig, "regularizer")
-        self.clip = as_config(clip, ClipConfig, "clip")
+        clip_config = as_config(clip, ClipConfig, "clip")
+        self.clip = clip_config if clip_config is not None and clip_config.enabled else None
         self.regularizing = self.regularizer is not None and self.regularizer.enabled
         """Whether penalties are collected now (the callback turns it on for training batches)."""
         self.scale = 1.0

@@ -1,0 +1,175 @@
+"""Hydra composition of every config and preset, the main job end to end, multirun, live TensorBoard."""
+
+import inspect
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from attnmonitor import AttentionMonitor, HeatmapConfig
+from attnmonitor.config import AttentionMonitorConfig, register_configs
+from attnmonitor.regularization import RegularizerConfig
+
+EXPERIMENTS = [None, "reverse", "minilm", "regularized"]
+FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0"]
+
+
+def _compose(overrides=()):
+    register_configs()
+    with initialize_config_module(config_module="attnmonitor.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def _no_omegaconf(value, path="monitor"):
+    assert not isinstance(value, (DictConfig, ListConfig)), path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _no_omegaconf(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _no_omegaconf(item, f"{path}[{i}]")
+
+
+def test_structured_config_mirrors_every_callback_option():
+    fields = set(OmegaConf.structured(AttentionMonitorConfig)) - {"_target_"}
+    assert fields == set(inspect.signature(AttentionMonitor).parameters)
+    yaml_keys = set(_compose().callbacks.attention_monitor) - {"_target_"}
+    assert yaml_keys == fields  # the YAML lists every option
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_preset_composes_and_instantiates_plain_python(experiment):
+    cfg = _compose([f"experiment={experiment}"] if experiment else [])
+    for group in ("model", "data", "trainer", "logger"):
+        assert "_target_" in cfg[group], group
+    monitor = instantiate(cfg.callbacks.attention_monitor, _convert_="all")
+    assert isinstance(monitor, AttentionMonitor) and isinstance(monitor.heatmaps, HeatmapConfig)
+    _no_omegaconf(vars(monitor))
+    _no_omegaconf(vars(monitor.steering))
+    assert isinstance(monitor.steering.regularizer, RegularizerConfig)
+    restored = pickle.loads(pickle.dumps(monitor))
+    assert restored.statistics == monitor.statistics and restored.every_n_steps == monitor.every_n_steps
+    if experiment == "regularized":
+        assert monitor.steering.regularizing and monitor.steering.clip.max == 0.6
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("callbacks.attention_monitor.every_n_step=3", "every_n_step"),
+        ("callbacks.attention_monitor.every_n_steps=often", "every_n_steps"),
+        ("callbacks.attention_monitor.heatmaps.max_token=3", "max_token"),
+        ("callbacks.attention_monitor.regularizer.entropy_weight=heavy", "entropy_weight"),
+    ],
+)
+def test_misspelt_keys_and_wrong_types_fail_at_composition(override, match):
+    with pytest.raises(ConfigCompositionException, match=match):
+        _compose([override])
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("callbacks.attention_monitor.statistics=[entropy,perplexity]", r"`statistics`.*'perplexity'"),
+        ("callbacks.attention_monitor.regularizer.entropy_weight=-0.5", "`regularizer.entropy_weight` must be a number >= 0"),
+        ("callbacks.attention_monitor.clip.min=0.6 callbacks.attention_monitor.clip.max=0.2", "`clip` needs 0 <= min <= max <= 1"),
+        ("callbacks.attention_monitor.every_n_steps=0", "`every_n_steps` must be an int >= 1"),
+    ],
+)
+def test_semantic_errors_fail_before_training_naming_the_option(override, match):
+    cfg = _compose(override.split())
+    with pytest.raises(Exception, match=match):
+        instantiate(cfg.callbacks.attention_monitor, _convert_="all")
+
+
+def _run(args, cwd, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "attnmonitor.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_experiment_runs_end_to_end(tmp_path, experiment):
+    args = [f"hydra.run.dir={tmp_path}/run", *FAST] + ([f"experiment={experiment}"] if experiment else [])
+    result = _run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"tensorboard --logdir {tmp_path}/run" in result.stdout
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+
+
+@pytest.mark.slow
+def test_multirun_writes_each_job_to_its_own_directory(tmp_path):
+    args = ["-m", "callbacks.attention_monitor.regularizer.entropy_weight=0,0.01,0.1", f"hydra.sweep.dir={tmp_path}/sweep", *FAST]
+    result = _run(args, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent.parent.name for p in (tmp_path / "sweep").glob("*/tensorboard/events.out.tfevents.*"))
+    assert runs == ["0", "1", "2"]
+    weights = [OmegaConf.load(tmp_path / "sweep" / r / ".hydra" / "config.yaml").callbacks.attention_monitor.regularizer.entropy_weight for r in runs]
+    assert weights == [0, 0.01, 0.1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:  # loopback only
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_a_running_tensorboard_shows_attention_scalars_before_the_run_ends(tmp_path):
+    run_dir = tmp_path / "run"
+    training = subprocess.Popen(
+        [sys.executable, "-m", "attnmonitor.train", f"hydra.run.dir={run_dir}", "trainer.max_steps=5000",
+         "callbacks.attention_monitor.every_n_steps=5", "trainer.val_check_interval=1000", "trainer.num_sanity_val_steps=0"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        values = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and values is None:
+            time.sleep(1)
+            try:
+                tags = _get_json(f"{base}/data/plugin/scalars/tags")
+            except OSError:
+                continue
+            for run, run_tags in tags.items():
+                if "attn/train/entropy" in run_tags:
+                    query = urllib.parse.urlencode({"run": run, "tag": "attn/train/entropy"})
+                    values = _get_json(f"{base}/data/plugin/scalars/scalars?{query}")
+        assert values, "TensorBoard never served attn/train/entropy"
+        assert training.poll() is None, "the run ended before TensorBoard showed its attention scalars"
+        steps = [step for _, step, _ in values]
+        assert steps[0] == 0 and all(s % 5 == 0 for s in steps)
+        assert all(value > 0 for _, _, value in values)
+    finally:
+        for process in (training, server):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_configs_folder_at_the_top_level_is_the_packaged_one():
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "configs" / "train.yaml").resolve() == (root / "attnmonitor" / "configs" / "train.yaml").resolve()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -19,7 +20,8 @@ from attnmonitor.config import ClipConfig, HeatmapConfig, RegularizerConfig, as_
 from attnmonitor.functional.statistics import STATISTICS, check_statistics, mean_from_sums
 from attnmonitor.metrics import AttentionStatistic
 from attnmonitor.regularization import AttentionSteering
-from attnmonitor.tensorboard import attention_heatmaps, head_atlas, statistics_table
+from attnmonitor.functional.analyses import ROLES
+from attnmonitor.tensorboard import analyse_probe, attention_heatmaps, head_atlas, role_atlas, role_changes, statistics_table
 
 Decoder = Callable[[Sequence[int]], Sequence[str]]
 
@@ -50,6 +52,13 @@ class AttentionMonitor(Callback):
         regularizer: :class:`RegularizerConfig` (or mapping): an entropy/sparsity penalty added to the
             training loss (automatic optimization) or returned by :meth:`penalty` (manual).
         clip: :class:`ClipConfig` (or mapping): exact clipping of the attention weights the model uses.
+        analyses: run the seed's analyses on the probe example whenever atlases are drawn (roles,
+            similarity, composition, positional profile, token classes, rollout, embeddings).
+        alignment_key: batch key of ``[B, Lq]`` ground-truth key positions (negative: none); when
+            present, ``attn/<stage>/alignment_accuracy/<layer>`` is logged.
+        top_k: keys listed per query in the interpretation table.
+        token_classes: ``{class: [tokens]}`` for the attention-share analysis (default: English
+            function words vs content words).
 
     Raises:
         ValueError: for an invalid option (named in the message); at ``setup`` for targets that
@@ -78,6 +87,10 @@ class AttentionMonitor(Callback):
         sparsity_eps: float = 0.1,
         regularizer: RegularizerConfig | Mapping[str, Any] | None = None,
         clip: ClipConfig | Mapping[str, Any] | None = None,
+        analyses: bool = True,
+        alignment_key: str = "alignments",
+        top_k: int = 5,
+        token_classes: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         _check_int("every_n_steps", every_n_steps, 1)
         _check_int("val_batches", val_batches, 0)
@@ -95,6 +108,12 @@ class AttentionMonitor(Callback):
         self.input_key, self.query_mask_key = input_key, query_mask_key
         self.capture_options = dict(memory_budget_mb=memory_budget_mb, sink_tokens=sink_tokens, sparsity_eps=sparsity_eps)
         AttentionCapture._check_options(**self.capture_options)
+        _check_int("top_k", top_k, 1)
+        if token_classes is not None and not (isinstance(token_classes, Mapping) and token_classes):
+            raise ValueError(f"`token_classes` must be a non-empty mapping class -> tokens, got {token_classes!r}")
+        self.analyses, self.alignment_key, self.top_k = bool(analyses), alignment_key, top_k
+        self.token_classes = None if token_classes is None else {k: list(v) for k, v in token_classes.items()}
+        self._roles: dict[str, Tensor] = {}
         self.steering = AttentionSteering(regularizer, clip)
         self.last_train_step = -1  # last optimizer step whose training capture was logged
         self._capture: AttentionCapture | None = None
@@ -162,6 +181,7 @@ class AttentionMonitor(Callback):
             self.steering.regularizing = True
             self.steering.scale = min(1.0, step / reg.warmup_steps) if reg.warmup_steps else 1.0
         capture.query_mask = self._query_mask(batch)
+        capture.alignments = self._batch_tensor(batch, self.alignment_key)
         if step % self.every_n_steps or step <= self.last_train_step:
             return
         capture.accumulator = self._accumulators["train"]
@@ -238,6 +258,7 @@ class AttentionMonitor(Callback):
             capture.reset()
             self._example_ids["val"] = self._input_ids(batch)
         capture.query_mask = self._query_mask(batch)
+        capture.alignments = self._batch_tensor(batch, self.alignment_key)
         capture.enabled = True
 
     def on_validation_batch_end(
@@ -287,6 +308,10 @@ class AttentionMonitor(Callback):
 
     def _scalars(self, stage: str, values: dict[str, Tensor], observed: Tensor) -> dict[str, float]:
         scalars: dict[str, float] = {}
+        accuracy = {layer: float(c[0] / c[1]) for layer, c in self._accumulators[stage].alignment.items() if c[1] > 0}
+        if accuracy:
+            scalars[f"attn/{stage}/alignment_accuracy"] = max(accuracy.values())  # the best-aligned layer
+            scalars.update({f"attn/{stage}/alignment_accuracy/{layer}": a for layer, a in accuracy.items()})
         for name, grid in values.items():
             scalars[f"attn/{stage}/{name}"] = float(grid[observed].mean())
             for row, layer in enumerate(self.layers):
@@ -359,9 +384,49 @@ class AttentionMonitor(Callback):
             return
         if images:
             self._write_atlases(writer, stage, step, values, observed)
+            if self.analyses:
+                self._write_probe_analyses(trainer, writer, stage, step)
         if heatmaps:
             self._write_heatmaps(writer, stage, step)
         writer.flush()
+
+    def _write_probe_analyses(self, trainer: pl.Trainer, writer: Any, stage: str, step: int) -> None:
+        """The seed's analyses on the probe example: scalars to every logger, figures and text to TensorBoard."""
+        ids = self._example_ids.get(stage)
+        tokens = self._tokens(ids) if ids is not None else None
+        classes = None if self.token_classes is None else {k: frozenset(v) for k, v in self.token_classes.items()}
+        result = analyse_probe(
+            self.layers,
+            self._accumulators[stage],
+            tokens,
+            prefix=f"attn/{stage}/probe",
+            sink_tokens=self.capture_options["sink_tokens"],
+            top_k=self.top_k,
+            classes=classes,
+        )
+        if result.roles is None or result.similarity is None:
+            return
+        changes = role_changes(self._roles.get(stage), result.roles, result.layers)
+        result.scalars[f"attn/{stage}/role_changes"] = float(len(changes)) if stage in self._roles else 0.0
+        self._roles[stage] = result.roles
+        for logger in trainer.loggers:
+            logger.log_metrics(result.scalars, step=step)
+        writer.add_image(f"attn/{stage}/roles", role_atlas(result.roles, ROLES, result.layers, f"{stage} head roles"), step, dataformats="HWC")
+        table = ["| layer | " + " | ".join(f"head {h}" for h in range(result.roles.shape[1])) + " |", "|---|" + "---|" * result.roles.shape[1]]
+        table += [f"| {layer} | " + " | ".join(ROLES[r] for r in row.tolist()) + " |" for layer, row in zip(result.layers, result.roles)]
+        table += ["", "Changes since the last capture: " + ("; ".join(changes) if changes else "none")]
+        writer.add_text(f"attn/{stage}/roles_table", "\n".join(table), step)
+        observed = torch.ones_like(result.similarity, dtype=torch.bool)
+        title = f"{stage} corr(cos similarity, attention)"
+        writer.add_image(f"attn/{stage}/atlas/similarity_correlation", head_atlas(result.similarity, observed, result.layers, title), step, dataformats="HWC")
+        for layer, text in result.interpretation.items():
+            writer.add_text(f"attn/{stage}/interpretation/{layer}", text, step)
+        if result.rollout is not None:
+            image = attention_heatmaps(result.rollout[None], tokens, f"{stage} attention rollout")
+            writer.add_image(f"attn/{stage}/rollout", image, step, dataformats="HWC")
+        if result.embedding is not None:
+            vectors, metadata = result.embedding
+            writer.add_embedding(vectors, metadata=metadata, metadata_header=["token", "layer"], tag=f"attn_{stage}_outputs", global_step=step)
 
     def _tokens(self, ids: Tensor) -> list[str]:
         ids_list = ids.tolist()
@@ -378,8 +443,13 @@ class AttentionMonitor(Callback):
         return None
 
     def _query_mask(self, batch: Any) -> Tensor | None:
-        mask = batch.get(self.query_mask_key) if isinstance(batch, Mapping) else None
-        return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        return self._batch_tensor(batch, self.query_mask_key)
+
+    @staticmethod
+    def _batch_tensor(batch: Any, key: str) -> Tensor | None:
+        """``batch[key]`` when the batch is a mapping holding a ``[B, L]`` tensor there."""
+        value = batch.get(key) if isinstance(batch, Mapping) else None
+        return value if isinstance(value, Tensor) and value.dim() == 2 else None
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -161,6 +161,10 @@ class AttentionMonitorConfig:
     sparsity_eps: float = 0.1
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    analyses: bool = True
+    alignment_key: str = "alignments"
+    top_k: int = 5
+    token_classes: dict[str, list[str]] | None = None
 
 
 def _statistics() -> tuple[str, ...]:

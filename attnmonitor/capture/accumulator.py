@@ -26,6 +26,14 @@ class StatisticsAccumulator:
         self.counts: dict[str, Tensor] = {}
         self.examples: dict[str, Tensor] = {}
         """``{layer: [H, T, T]}`` example probabilities, from the first call of each layer."""
+        self.example_states: dict[str, dict[str, Tensor]] = {}
+        """``{layer: {"inputs": [L, C], "outputs": [L, C], "values": [Hkv, L, Dv]}}`` of batch element 0
+        (what was available: values only from SDPA calls)."""
+        self.alignment: dict[str, Tensor] = {}
+        """``{layer: [correct, total]}``: rows whose head-mean argmax is the ground-truth key."""
+
+    def add_alignment(self, layer: str, correct_total: Tensor) -> None:
+        self.alignment[layer] = correct_total + self.alignment.get(layer, 0)
 
     @property
     def layers(self) -> list[str]:

@@ -105,6 +105,8 @@ class AttentionCapture:
         self.steering = steering
         self.accumulator = StatisticsAccumulator(self.statistics)
         """Where statistics go; swap it to keep separate sets (the callback's train and val)."""
+        self.alignments: Tensor | None = None
+        """``[B, Lq]`` ground-truth key of each query row (negative: none), for alignment accuracy."""
         self.enabled = True
         """Whether statistics are collected now (interception also runs while ``steering`` is active)."""
         self._names = {id(m): (name or type(m).__name__) for name, m in self.targets.items()}
@@ -137,7 +139,7 @@ class AttentionCapture:
         if self._handles:
             return self
         for module in self.targets.values():
-            self._handles.append(module.register_forward_pre_hook(self._enter_target))
+            self._handles.append(module.register_forward_pre_hook(self._enter_target, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._exit_target, always_call=True))
         for host in fast_path_hosts(self.model, self.targets):  # keep the attention submodule on the traced path
             self._handles.append(host.register_forward_pre_hook(self._enter_host))
@@ -251,10 +253,13 @@ class AttentionCapture:
         if self._frames and self._frames.pop()[0]:
             self._leave_scope()
 
-    def _enter_target(self, module: nn.Module, args: Any) -> None:
+    def _enter_target(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._enter_host(module, args)
         if self._frames[-1][0]:
-            self._active.append((self._names[id(module)], module.training))
+            name = self._names[id(module)]
+            self._active.append((name, module.training))
+            if self.enabled and self.example_tokens:
+                self._keep_example_state(name, module, "inputs", (*args, kwargs.get("hidden_states"), kwargs.get("query")))
 
     def _exit_target(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._frames:
@@ -264,7 +269,19 @@ class AttentionCapture:
             name, _ = self._active.pop()
             if self._records == records_before and not _raising():
                 self._report_silent(name, module)
+            elif self.enabled and self.example_tokens:
+                self._keep_example_state(name, module, "outputs", output if isinstance(output, tuple) else (output,))
         self._exit_host(module, args, output)
+
+    def _keep_example_state(self, layer: str, module: nn.Module, kind: str, candidates: tuple[Any, ...]) -> None:
+        """Keep batch element 0 of the first 3-D tensor among ``candidates`` (``[L, C]``), once per reset."""
+        states = self.accumulator.example_states.setdefault(layer, {})
+        if kind in states:
+            return
+        tensor = next((t for t in candidates if isinstance(t, Tensor) and t.dim() == 3), None)
+        if tensor is not None:
+            sequence_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
+            states[kind] = (tensor[:, 0] if sequence_first else tensor[0]).detach().float().cpu()
 
     def _enter_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._forward_query_mask = None
@@ -316,7 +333,30 @@ class AttentionCapture:
             if refused:
                 self._skip(layer, refused)
             elif self.example_tokens and layer not in self.accumulator.examples:
-                self.accumulator.examples[layer] = record.example(self.example_tokens)
+                probs, keys = record.example(self.example_tokens)
+                self.accumulator.examples[layer] = probs
+                self.accumulator.example_states.setdefault(layer, {})["key_valid"] = keys
+                if record.v is not None:
+                    self.accumulator.example_states.setdefault(layer, {})["values"] = record.v[0].detach().float().cpu()
+            if self.alignments is not None:
+                self._collect_alignment(layer, record)
+
+    def _collect_alignment(self, layer: str, record: AttentionRecord) -> None:
+        """Count rows whose head-mean attention argmax is ``alignments[b, i]`` (negative: no truth)."""
+        assert self.alignments is not None
+        b, _, lq, _ = record.shape
+        if tuple(self.alignments.shape) != (b, lq):
+            return
+        correct = torch.zeros(2)
+        for probs, key_valid, query_valid, positions in record.chunks(self.budget_bytes):
+            rows = positions - (record.shape[3] - lq)  # query rows of this chunk
+            truth = self.alignments[:, rows].to(probs.device).long()  # [B, r]
+            mean = probs.float().masked_fill(~key_valid.expand_as(probs), 0).mean(1) if key_valid is not None else probs.float().mean(1)
+            counted = truth >= 0
+            if query_valid is not None:
+                counted = counted & query_valid.expand(b, -1, -1).any(1)
+            correct += torch.stack([((mean.argmax(-1) == truth) & counted).sum(), counted.sum()]).float().cpu()
+        self.accumulator.add_alignment(layer, correct)
 
     def _query_valid(self, layer: str, record: AttentionRecord) -> Tensor | None:
         mask = self.query_mask if self.query_mask is not None else self._forward_query_mask

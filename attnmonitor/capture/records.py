@@ -95,29 +95,28 @@ class AttentionRecord:
         )
 
 
-    def example(self, max_tokens: int) -> Tensor:
-        """Probabilities of batch element 0 among its first ``T`` tokens: ``[H, T, T]`` float32.
+    def example(self, max_tokens: int) -> tuple[Tensor, Tensor]:
+        """Batch element 0 among its first ``T`` tokens: probabilities ``[H, T, T]`` float32 and valid keys.
 
         ``T`` is ``max_tokens`` capped by the sequence and, with a query mask, by its real tokens.
         Rows are the full softmax (keys past ``T`` keep their share, so a truncated row may sum to < 1).
+        The key mask is bool, broadcastable to ``[H, T, T]``.
         """
-        b, _, lq, lk = self.shape
+        b, h, lq, lk = self.shape
         t = min(max_tokens, lq, lk)
         if self.query_valid is not None:
             t = min(t, int(self.query_valid[0].reshape(-1, lq)[0].sum()))
         if self.probs is not None:
-            probs = self.probs[:1, :, :t].float()
-            if self.key_valid is not None:
-                probs = probs.masked_fill(~_first_rows(self.key_valid, t).expand_as(probs), 0.0)
+            probs, valid = self.probs[:1, :, :t].float(), _first_rows(self.key_valid, t)
         else:
             assert self.q is not None and self.k is not None
             (probs, valid, _, _), = qk_chunks(
                 self.q[:1, :, :t], self.k[:1], _first_rows(self.attn_mask, t), self.is_causal, self.scale,
                 budget_bytes=1 << 62,
             )
-            if valid is not None:
-                probs = probs.masked_fill(~valid, 0.0)
-        return probs[0, :, :, :t].detach().cpu()
+        valid = torch.ones(1, 1, t, lk, dtype=torch.bool, device=probs.device) if valid is None else valid.expand_as(probs)
+        probs = probs.masked_fill(~valid, 0.0)
+        return probs[0, :, :, :t].detach().cpu(), valid[0, :, :, :t].cpu()
 
 
 def _first_rows(t: Tensor | None, rows: int) -> Tensor | None:

@@ -69,8 +69,9 @@ def attention_heatmaps(probs: Tensor, tokens: Sequence[str] | None, title: str) 
     for h in range(heads):
         mosaic[:, h * (t + gap) : h * (t + gap) + t] = probs[h].float().cpu().numpy()
     side = max(2.0, 0.11 * t)
-    fig = Figure(figsize=(0.9 + side * heads, side + 0.9), dpi=90)
-    ax = fig.add_axes((0.6 / (0.9 + side * heads), 0.55 / (side + 0.9), side * heads / (0.9 + side * heads), side / (side + 0.9)))
+    width, height = max(0.9 + side * heads, 5.0), side + 0.9  # wide enough for the title
+    fig = Figure(figsize=(width, height), dpi=90)
+    ax = fig.add_axes((0.6 / width, 0.55 / height, side * heads / width, side / height))
     ax.imshow(mosaic, cmap="magma", vmin=0.0, vmax=max(float(probs.max()), 1e-6), interpolation="nearest", aspect="auto")
     fig.suptitle(f"{title}: rows (queries) attend to columns (keys)", fontsize=8)
     labels = list(tokens) if tokens is not None else [str(i) for i in range(t)]
@@ -97,3 +98,32 @@ def statistics_table(values: dict[str, Tensor], observed: Tensor, layers: Sequen
                 cells = " | ".join(f"{float(values[n][row, head]):.4g}" for n in names)
                 lines.append(f"| {layer} | {head} | {cells} |")
     return "\n".join(lines)
+
+
+def role_atlas(roles: Tensor, names: Sequence[str], layers: Sequence[str], title: str) -> np.ndarray:
+    """Layers x heads grid of categorical head roles, each cell labelled with its role.
+
+    Args:
+        roles: ``[L, H]`` indices into ``names``.
+        names: role names.
+        layers: ``L`` row labels.
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib import colormaps
+
+    grid = roles.cpu().numpy()
+    n_layers, n_heads = grid.shape
+    label_width = 0.06 * max(len(name) for name in layers) + 0.2
+    width, height = label_width + 0.3 + 0.75 * n_heads, 0.9 + 0.35 * n_layers
+    fig = Figure(figsize=(width, height), dpi=90)
+    ax = fig.add_axes((label_width / width, 0.45 / height, 0.75 * n_heads / width, 0.35 * n_layers / height))
+    palette = ListedColormap(colormaps["tab10"].colors[: len(names)])
+    ax.imshow(grid, cmap=palette, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto", interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("head", fontsize=8, labelpad=1)
+    ax.set_xticks(range(n_heads))
+    ax.set_yticks(range(n_layers), labels=list(layers))
+    ax.tick_params(labelsize=7)
+    for (row, col), value in np.ndenumerate(grid):
+        ax.text(col, row, names[value].replace("_token", "").replace("previous", "prev"), ha="center", va="center", fontsize=6)
+    return _rgb(fig)

@@ -424,7 +424,7 @@ class AttentionMonitor(Callback):
         if result.rollout is not None:
             image = attention_heatmaps(result.rollout[None], tokens, f"{stage} attention rollout")
             writer.add_image(f"attn/{stage}/rollout", image, step, dataformats="HWC")
-        if result.embedding is not None:
+        if result.embedding is not None and stage == "val":  # the projector only for the fixed probe
             vectors, metadata = result.embedding
             writer.add_embedding(vectors, metadata=metadata, metadata_header=["token", "layer"], tag=f"attn_{stage}_outputs", global_step=step)
 

@@ -78,11 +78,10 @@ def attention_heatmaps(probs: Tensor, tokens: Sequence[str] | None, title: str) 
     step = 1 if t <= 64 else math.ceil(t / 64)
     ax.set_xticks([])
     ax.set_yticks([])
-    # plain text labels: matplotlib tick objects cost ~1 ms each, text ~0.2 ms
+    # plain text labels (a matplotlib tick costs ~1 ms, a text ~0.2 ms); key labels under the first head only
     for i in range(0, t, step):
         ax.text(-1, i, labels[i], ha="right", va="center", fontsize=4.5)
-        for h in range(heads):
-            ax.text(h * (t + gap) + i, t, labels[i], ha="center", va="top", fontsize=4.5, rotation=90)
+        ax.text(i, t, labels[i], ha="center", va="top", fontsize=4.5, rotation=90)
     for h in range(heads):
         ax.text(h * (t + gap) + t / 2, -0.8, f"head {h}", ha="center", va="bottom", fontsize=6)
     return _rgb(fig)

@@ -67,8 +67,8 @@ class AttentionRecord:
         """All ``[B, H, Lq, Lk]`` probabilities (differentiable) and their key mask."""
         if self.probs is not None:
             return self.probs, self.key_valid
-        (probs, key_valid, _, _), = self.chunks(budget_bytes=1 << 62)
-        return probs, key_valid
+        (chunk,) = self.chunks(budget_bytes=1 << 62)
+        return chunk.probs, chunk.key_valid
 
     def output(self, probs: Tensor) -> Tensor:
         """What the intercepted call returns when its probabilities are replaced by ``probs``.
@@ -110,7 +110,7 @@ class AttentionRecord:
             probs, valid = self.probs[:1, :, :t].float(), _first_rows(self.key_valid, t)
         else:
             assert self.q is not None and self.k is not None
-            (probs, valid, _, _), = qk_chunks(
+            ((probs, valid, *_),) = qk_chunks(
                 self.q[:1, :, :t], self.k[:1], _first_rows(self.attn_mask, t), self.is_causal, self.scale,
                 budget_bytes=1 << 62,
             )

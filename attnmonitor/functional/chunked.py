@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,10 +17,16 @@ from torch import Tensor
 from attnmonitor.functional.statistics import STATISTICS, head_sums, row_statistics
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
-_LIVE_COPIES = 4  # float32 tensors of a chunk's size alive at once while its statistics are computed
+_LIVE_COPIES = 8  # float32 tensors of a chunk's size alive at once while its statistics are computed
 
-Chunk = tuple[Tensor, Tensor | None, Tensor | None, Tensor]
-"""``(probs [B, H, r, Lk], key_valid, query_valid, query_positions [r])`` for ``r`` query rows."""
+class Chunk(NamedTuple):
+    """``r`` query rows of one attention call."""
+
+    probs: Tensor  # [B, H, r, Lk]
+    key_valid: Tensor | None  # bool, broadcastable to probs
+    query_valid: Tensor | None  # bool, broadcastable to [B, H, r]
+    positions: Tensor  # [r] key position of each row
+    owned: bool = False  # probs were made here (zero on invalid keys): consumers may overwrite them
 
 
 def rows_per_chunk(rows: int, row_elements: int, budget_bytes: int) -> int:
@@ -36,17 +43,23 @@ def key_valid_from_logits(logits: Tensor) -> Tensor:
     return ~(logits <= torch.finfo(logits.dtype).min / 2)
 
 
-def sdpa_key_valid(attn_mask: Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device) -> Tensor | None:
-    """Bool key mask (True = attend) of an SDPA call, broadcastable to ``[B, H, Lq, Lk]``.
+def sdpa_key_valid(
+    attn_mask: Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device, rows: slice = slice(None)
+) -> Tensor | None:
+    """Bool key mask (True = attend) of query rows ``rows`` of an SDPA call, broadcastable to ``[B, H, r, Lk]``.
 
     SDPA's boolean masks mean "attend"; float masks are added to the logits (``-inf`` or the dtype's
-    minimum block a key); ``is_causal`` is top-left aligned, as in PyTorch.
+    minimum block a key); ``is_causal`` is top-left aligned, as in PyTorch. Only the rows asked for
+    are built (a causal mask of a long sequence is never materialised whole).
     """
+    start, stop, _ = rows.indices(lq)
     valid = None
     if attn_mask is not None:
-        valid = attn_mask if attn_mask.dtype == torch.bool else key_valid_from_logits(attn_mask)
+        mask = _rows(attn_mask, start, stop, -2)
+        assert mask is not None
+        valid = mask if mask.dtype == torch.bool else key_valid_from_logits(mask)
     if is_causal:
-        causal = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()  # [Lq, Lk]
+        causal = torch.arange(lk, device=device) <= torch.arange(start, stop, device=device).unsqueeze(-1)  # [r, Lk]
         valid = causal if valid is None else valid & causal
     return valid
 
@@ -71,12 +84,7 @@ def probability_chunks(
     for start in range(0, lq, step):
         stop = min(lq, start + step)
         positions = torch.arange(start, stop, device=probs.device) + (lk - lq)
-        yield (
-            probs[:, :, start:stop],
-            _rows(key_valid, start, stop, -2),
-            _rows(query_valid, start, stop, -1),
-            positions,
-        )
+        yield Chunk(probs[:, :, start:stop], _rows(key_valid, start, stop, -2), _rows(query_valid, start, stop, -1), positions)
 
 
 def qk_chunks(
@@ -110,24 +118,30 @@ def qk_chunks(
             raise ValueError(f"query heads ({q.shape[-3]}) must be a multiple of key heads ({k.shape[-3]})")
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # [B, H, Lk, D]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    key_valid = sdpa_key_valid(attn_mask, is_causal, lq, lk, q.device)
     additive = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
     dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays
     keys_t = k.to(dtype).transpose(-2, -1)  # [B, H, D, Lk]
     step = rows_per_chunk(lq, q.shape[:-2].numel() * lk, budget_bytes)
     for start in range(0, lq, step):
         stop = min(lq, start + step)
-        logits = (q[..., start:stop, :].to(dtype) @ keys_t) * scale  # [B, H, r, Lk]
+        logits = (q[..., start:stop, :].to(dtype) * scale) @ keys_t  # [B, H, r, Lk]
+        in_place = not logits.requires_grad  # one full-size tensor fewer when no gradient is needed
         mask = _rows(additive, start, stop, -2)
         if mask is not None:
-            logits = logits + mask.to(dtype)
-        valid = _rows(key_valid, start, stop, -2)
+            logits = logits.add_(mask.to(dtype)) if in_place else logits + mask.to(dtype)
+        valid = sdpa_key_valid(attn_mask, is_causal, lq, lk, q.device, slice(start, stop))
         if valid is not None:
             valid = valid.expand_as(logits)
             # fully masked rows get finite logits: no NaN in values or gradients (the row never counts)
-            logits = logits.masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)
+            empty = ~valid.any(-1, keepdim=True)
+            if in_place:
+                logits = logits.masked_fill_(~valid, float("-inf")).masked_fill_(empty, 0.0)
+            else:
+                logits = logits.masked_fill(~valid, float("-inf")).masked_fill(empty, 0.0)
+        probs = logits.softmax(-1)
+        del logits  # not alive while the consumer computes statistics
         positions = torch.arange(start, stop, device=q.device) + (lk - lq)
-        yield logits.softmax(-1), valid, _rows(query_valid, start, stop, -1), positions
+        yield Chunk(probs, valid, _rows(query_valid, start, stop, -1), positions, owned=not probs.requires_grad)
 
 
 def chunked_head_sums(
@@ -140,15 +154,16 @@ def chunked_head_sums(
     """Per-head sums ``{name: [H]}`` and valid-row counts ``[H]`` over all chunks."""
     total: dict[str, Tensor] = {}
     count: Tensor | None = None
-    for probs, key_valid, query_valid, positions in chunks:
+    for chunk in chunks:
         values, valid = row_statistics(
-            probs,
-            key_valid,
-            query_valid,
+            chunk.probs,
+            chunk.key_valid,
+            chunk.query_valid,
             statistics=statistics,
-            query_positions=positions,
+            query_positions=chunk.positions,
             sink_tokens=sink_tokens,
             sparsity_eps=sparsity_eps,
+            overwrite=chunk.owned,
         )
         sums, n = head_sums(values, valid)
         count = n if count is None else count + n

@@ -60,6 +60,7 @@ class RowContext:
             alignment ``i + Lk - Lq`` (self-attention: ``i``; a KV cache: the last ``Lq`` keys).
         sink_tokens: number of leading keys whose mass is the sink mass.
         sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
+        overwrite: ``probs`` may be modified in place (saves a full-size copy).
     """
 
     probs: Tensor
@@ -68,6 +69,7 @@ class RowContext:
     query_positions: Tensor | None = None
     sink_tokens: int = 1
     sparsity_eps: float = 0.1
+    overwrite: bool = False
 
     @cached_property
     def keys(self) -> Tensor:
@@ -79,7 +81,12 @@ class RowContext:
     @cached_property
     def p(self) -> Tensor:
         """Float32 probabilities, exactly 0 on invalid keys."""  # [B, H, Lq, Lk]
-        return self.probs.float().masked_fill(~self.keys, 0.0)
+        p = self.probs.float()
+        if self.key_valid is None:
+            return p
+        if (p is self.probs and not self.overwrite) or p.requires_grad:
+            return p.masked_fill(~self.keys, 0.0)
+        return p.masked_fill_(~self.keys, 0.0)  # a float32 copy of ours, or overwritable: no second copy
 
     @cached_property
     def n(self) -> Tensor:
@@ -113,9 +120,10 @@ class RowContext:
     @cached_property
     def entropy(self) -> Tensor:
         p = self.p
-        positive = p > 0
-        safe = torch.where(positive, p, torch.ones_like(p))  # log(1) = 0: finite value and gradient
-        return (p * safe.log()).sum(-1).neg() + 0.0  # [B, H, Lq]; + 0.0 turns -0.0 into 0.0
+        if not (torch.is_grad_enabled() and p.requires_grad):
+            return torch.special.entr(p).sum(-1) + 0.0  # one temporary; entr(0) = 0; + 0.0 turns -0.0 into 0.0
+        safe = torch.where(p > 0, p, torch.ones_like(p))  # log(1) = 0: finite value and gradient
+        return (p * safe.log()).sum(-1).neg() + 0.0  # [B, H, Lq]
 
 
 def _normalized_entropy(ctx: RowContext) -> Tensor:
@@ -159,6 +167,7 @@ def row_statistics(
     query_positions: Tensor | None = None,
     sink_tokens: int = 1,
     sparsity_eps: float = 0.1,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Every requested statistic for every query row.
 
@@ -170,6 +179,7 @@ def row_statistics(
         query_positions: ``[Lq]`` key position of each query row (default ``i + Lk - Lq``).
         sink_tokens: leading keys counted by ``sink_mass``.
         sparsity_eps: threshold factor of ``sparsity`` (weight ``< eps / n_i``).
+        overwrite: ``probs`` may be modified in place (saves memory on long sequences).
 
     Returns:
         ``({name: [B, H, Lq] float32}, valid [B, H, Lq] bool)``; invalid rows hold 0.
@@ -185,7 +195,7 @@ def row_statistics(
     check_statistics(statistics)
     if probs.dim() != 4:
         raise ValueError(f"`probs` must have shape [B, H, Lq, Lk], got {tuple(probs.shape)}")
-    ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps)
+    ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite)
     valid = ctx.valid
     values = {name: torch.where(valid, _ROW_FUNCTIONS[name](ctx), 0.0) for name in statistics}
     return values, valid

@@ -1,0 +1,127 @@
+"""Monitoring an SDPA model at L = 8192: extra peak memory of the capture, and exactness.
+
+    python benchmarks/long_sequence.py [--length 8192]
+
+A 4-layer model (batch 1, 8 heads, head dim 64) whose attention is ``F.scaled_dot_product_attention``
+runs one forward in a fresh process without and with ``AttentionCapture`` (all statistics, default
+256 MB budget).
+Materialising one layer's probabilities would need ``8 · L² · 4`` bytes (2 GiB at L = 8192). Each
+process reports its peak resident memory; the difference is the capture's extra peak. The captured
+statistics are compared with a float64 reference computed here, chunk by chunk, from the same q/k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+HEADS, HEAD_DIM, LAYERS, CHUNK = 8, 64, 4, 512
+
+
+class AttentionLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(HEADS * HEAD_DIM, 3 * HEADS * HEAD_DIM)
+
+    def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, l, c = x.shape
+        q, k, v = (t.view(b, l, HEADS, HEAD_DIM).transpose(1, 2) for t in self.qkv(x).split(c, dim=2))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qk(x)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + y.transpose(1, 2).reshape(x.shape)
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(AttentionLayer() for _ in range(LAYERS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reference(q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 per-head means of four statistics under a causal mask, chunk by chunk."""
+    l = q.shape[-2]
+    sums = {name: torch.zeros(HEADS, dtype=torch.float64) for name in ("entropy", "max_weight", "sink_mass", "distance")}
+    keys = torch.arange(l, dtype=torch.float64)
+    for start in range(0, l, CHUNK):
+        rows = torch.arange(start, min(l, start + CHUNK))
+        logits = (q[0, :, rows].double() @ k[0].double().transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+        logits = logits.masked_fill(keys > rows.double().unsqueeze(-1), -math.inf)
+        p = logits.softmax(-1)
+        sums["entropy"] += -(p * torch.where(p > 0, p, torch.ones_like(p)).log()).sum(-1).sum(-1)
+        sums["max_weight"] += p.amax(-1).sum(-1)
+        sums["sink_mass"] += p[..., 0].sum(-1)
+        sums["distance"] += (p * (rows.double().unsqueeze(-1) - keys).abs()).sum(-1).sum(-1)
+    return {name: s / l for name, s in sums.items()}
+
+
+def run(mode: str, length: int) -> dict[str, object]:
+    from attnmonitor import AttentionCapture
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(1, length, HEADS * HEAD_DIM)
+    with torch.no_grad():
+        model(x[:, :256])  # warm-up allocations at a small size
+        base = peak_rss_mb()
+        if mode == "plain":
+            model(x)
+            return {"peak_mb": peak_rss_mb() - base}
+        inputs: list[torch.Tensor] = []
+        hooks = [layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for layer in model.layers]
+        with AttentionCapture(model) as cap:  # every statistic, default 256 MB budget
+            model(x)
+        peak = peak_rss_mb() - base
+        for hook in hooks:
+            hook.remove()
+        stats = cap.stats()
+        worst = 0.0
+        for index, (layer, layer_input) in enumerate(zip(model.layers, inputs)):
+            q, k, _ = layer.qk(layer_input)
+            for name, expected in reference(q, k).items():
+                error = ((stats[name][index].double() - expected).abs() / expected.abs().clamp_min(1e-12)).max()
+                worst = max(worst, float(error))
+    return {"peak_mb": peak, "worst_relative_error": worst}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--mode", choices=["plain", "monitored"])
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(run(args.mode, args.length)))
+        return
+    results = {}
+    for mode in ("plain", "monitored"):
+        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--length", str(args.length)], capture_output=True, text=True, check=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    extra = results["monitored"]["peak_mb"] - results["plain"]["peak_mb"]
+    materialised = HEADS * args.length**2 * 4 / 2**20
+    error = results["monitored"]["worst_relative_error"]
+    print(f"\nL={args.length}, batch 1, {HEADS} heads, head dim {HEAD_DIM}, {LAYERS} layers; one layer's probabilities: {materialised:.0f} MB")
+    print(f"peak RSS growth: unmonitored {results['plain']['peak_mb']:.0f} MB, monitored {results['monitored']['peak_mb']:.0f} MB")
+    print(f"extra peak memory {extra:.0f} MB (target <= 256): {'PASS' if extra <= 256 else 'FAIL'}")
+    print(f"worst relative error vs float64 reference {error:.2e} (target <= 1e-4): {'PASS' if error <= 1e-4 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

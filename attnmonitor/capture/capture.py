@@ -348,7 +348,7 @@ class AttentionCapture:
         if tuple(self.alignments.shape) != (b, lq):
             return
         correct = torch.zeros(2)
-        for probs, key_valid, query_valid, positions, _ in record.chunks(self.budget_bytes):
+        for probs, key_valid, query_valid, positions, *_ in record.chunks(self.budget_bytes):
             rows = positions - (record.shape[3] - lq)  # query rows of this chunk
             truth = self.alignments[:, rows].to(probs.device).long()  # [B, r]
             mean = probs.float().masked_fill(~key_valid.expand_as(probs), 0).mean(1) if key_valid is not None else probs.float().mean(1)

@@ -88,7 +88,8 @@ class AttentionRecord:
     def chunks(self, budget_bytes: int) -> Iterator[Chunk]:
         """Row chunks of probabilities that fit ``budget_bytes`` (see :mod:`attnmonitor.functional.chunked`)."""
         if self.probs is not None:
-            return probability_chunks(self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes)
+            # a softmax of logits masked to <= finfo.min / 2: exactly 0 on the keys key_valid excludes
+            return probability_chunks(self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes, masked=True)
         assert self.q is not None and self.k is not None
         return qk_chunks(
             self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes

@@ -26,7 +26,8 @@ class Chunk(NamedTuple):
     key_valid: Tensor | None  # bool, broadcastable to probs
     query_valid: Tensor | None  # bool, broadcastable to [B, H, r]
     positions: Tensor  # [r] key position of each row
-    owned: bool = False  # probs were made here (zero on invalid keys): consumers may overwrite them
+    owned: bool = False  # probs were made here: consumers may overwrite them
+    masked: bool = False  # probs are exactly 0 on invalid keys of rows with a valid key
 
 
 def rows_per_chunk(rows: int, row_elements: int, budget_bytes: int) -> int:
@@ -77,14 +78,19 @@ def probability_chunks(
     query_valid: Tensor | None = None,
     *,
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    masked: bool = False,
 ) -> Iterator[Chunk]:
-    """Split materialised probabilities ``[B, H, Lq, Lk]`` into row chunks."""
+    """Split materialised probabilities ``[B, H, Lq, Lk]`` into row chunks.
+
+    ``masked``: the probabilities are already 0 on invalid keys (a softmax over masked logits).
+    """
     b, h, lq, lk = probs.shape
     step = rows_per_chunk(lq, b * h * lk, budget_bytes)
     for start in range(0, lq, step):
         stop = min(lq, start + step)
         positions = torch.arange(start, stop, device=probs.device) + (lk - lq)
-        yield Chunk(probs[:, :, start:stop], _rows(key_valid, start, stop, -2), _rows(query_valid, start, stop, -1), positions)
+        rows = (_rows(key_valid, start, stop, -2), _rows(query_valid, start, stop, -1))
+        yield Chunk(probs[:, :, start:stop], *rows, positions, masked=masked)
 
 
 def qk_chunks(
@@ -141,7 +147,7 @@ def qk_chunks(
         probs = logits.softmax(-1)
         del logits  # not alive while the consumer computes statistics
         positions = torch.arange(start, stop, device=q.device) + (lk - lq)
-        yield Chunk(probs, valid, _rows(query_valid, start, stop, -1), positions, owned=not probs.requires_grad)
+        yield Chunk(probs, valid, _rows(query_valid, start, stop, -1), positions, owned=not probs.requires_grad, masked=True)
 
 
 def chunked_head_sums(
@@ -164,6 +170,7 @@ def chunked_head_sums(
             sink_tokens=sink_tokens,
             sparsity_eps=sparsity_eps,
             overwrite=chunk.owned,
+            masked=chunk.masked,
         )
         sums, n = head_sums(values, valid)
         count = n if count is None else count + n

@@ -61,6 +61,8 @@ class RowContext:
         sink_tokens: number of leading keys whose mass is the sink mass.
         sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
         overwrite: ``probs`` may be modified in place (saves a full-size copy).
+        masked: ``probs`` are already exactly 0 on invalid keys of rows that have a valid key (true of
+            a softmax over masked logits): the masking pass is skipped.
     """
 
     probs: Tensor
@@ -70,6 +72,7 @@ class RowContext:
     sink_tokens: int = 1
     sparsity_eps: float = 0.1
     overwrite: bool = False
+    masked: bool = False
 
     @cached_property
     def keys(self) -> Tensor:
@@ -82,7 +85,7 @@ class RowContext:
     def p(self) -> Tensor:
         """Float32 probabilities, exactly 0 on invalid keys."""  # [B, H, Lq, Lk]
         p = self.probs.float()
-        if self.key_valid is None:
+        if self.key_valid is None or self.masked:
             return p
         if (p is self.probs and not self.overwrite) or p.requires_grad:
             return p.masked_fill(~self.keys, 0.0)
@@ -91,7 +94,9 @@ class RowContext:
     @cached_property
     def n(self) -> Tensor:
         """Number of valid keys per row, float32."""  # [B, H, Lq]
-        return self.keys.sum(-1, dtype=torch.float32)
+        if self.key_valid is None:
+            return torch.full(self.probs.shape[:-1], float(self.probs.shape[-1]), device=self.probs.device)
+        return self.key_valid.sum(-1, dtype=torch.float32).expand(self.probs.shape[:-1])  # before broadcasting
 
     @cached_property
     def valid(self) -> Tensor:
@@ -121,7 +126,7 @@ class RowContext:
     def entropy(self) -> Tensor:
         p = self.p
         if not (torch.is_grad_enabled() and p.requires_grad):
-            return torch.special.entr(p).sum(-1) + 0.0  # one temporary; entr(0) = 0; + 0.0 turns -0.0 into 0.0
+            return torch.xlogy(p, p).sum(-1).neg_() + 0.0  # xlogy(0, 0) = 0, and faster than log at 0; -0.0 -> 0.0
         safe = torch.where(p > 0, p, torch.ones_like(p))  # log(1) = 0: finite value and gradient
         return (p * safe.log()).sum(-1).neg() + 0.0  # [B, H, Lq]
 
@@ -133,13 +138,17 @@ def _normalized_entropy(ctx: RowContext) -> Tensor:
 
 def _sparsity(ctx: RowContext) -> Tensor:
     threshold = ctx.sparsity_eps / ctx.n.clamp_min(1)  # [B, H, Lq]
-    sparse = (ctx.p < threshold.unsqueeze(-1)) & ctx.keys
-    return sparse.sum(-1, dtype=torch.float32) / ctx.n.clamp_min(1)
+    below = torch.lt(ctx.p, threshold.unsqueeze(-1), out=torch.empty_like(ctx.p)).sum(-1)  # invalid keys (p = 0) too
+    invalid = ctx.probs.shape[-1] - ctx.n
+    return (below - invalid) / ctx.n.clamp_min(1)
 
 
 def _distance(ctx: RowContext) -> Tensor:
     lk = ctx.probs.shape[-1]
     keys = torch.arange(lk, device=ctx.p.device)
+    if ctx.key_valid is not None and ctx.key_valid.dim() <= 2 and not (ctx.key_valid & (keys > ctx.positions.unsqueeze(-1))).any():
+        # every valid key is at or before the query (causal): sum_j A_ij (p_i - j) = p_i - A_i . j, one GEMV
+        return ctx.positions.float() - ctx.p @ keys.float()
     gap = (ctx.positions.unsqueeze(-1) - keys).abs().float()  # [Lq, Lk]
     return (ctx.p * gap).sum(-1)
 
@@ -168,6 +177,7 @@ def row_statistics(
     sink_tokens: int = 1,
     sparsity_eps: float = 0.1,
     overwrite: bool = False,
+    masked: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Every requested statistic for every query row.
 
@@ -180,6 +190,7 @@ def row_statistics(
         sink_tokens: leading keys counted by ``sink_mass``.
         sparsity_eps: threshold factor of ``sparsity`` (weight ``< eps / n_i``).
         overwrite: ``probs`` may be modified in place (saves memory on long sequences).
+        masked: ``probs`` are already 0 on invalid keys of rows with a valid key (skips a pass).
 
     Returns:
         ``({name: [B, H, Lq] float32}, valid [B, H, Lq] bool)``; invalid rows hold 0.
@@ -195,7 +206,7 @@ def row_statistics(
     check_statistics(statistics)
     if probs.dim() != 4:
         raise ValueError(f"`probs` must have shape [B, H, Lq, Lk], got {tuple(probs.shape)}")
-    ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite)
+    ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite, masked)
     valid = ctx.valid
     values = {name: torch.where(valid, _ROW_FUNCTIONS[name](ctx), 0.0) for name in statistics}
     return values, valid

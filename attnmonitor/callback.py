@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.distributed import ReduceOp
 
 from attnmonitor.capture import AttentionCapture, Targets
 from attnmonitor.capture.accumulator import StatisticsAccumulator
@@ -273,15 +274,22 @@ class AttentionMonitor(Callback):
             self._publish(trainer, "val", trainer.global_step, images=True, heatmaps=self.heatmaps is not None)
 
     # publishing ---------------------------------------------------------------------------
-    def compute(self, stage: str) -> tuple[dict[str, Tensor], Tensor]:
+    def compute(self, stage: str, trainer: pl.Trainer | None = None) -> tuple[dict[str, Tensor], Tensor] | None:
         """Synced ``{statistic: [L, H]}`` means and bool ``[L, H]`` observed cells of the last capture.
 
         Feeds the capture's sums into the stage's torchmetrics (``"sum"``-reduced across processes).
+        Every process takes part, also one that captured nothing (its counts are zero), so the
+        collectives always match. Returns None when no process captured anything.
         """
         accumulator = self._accumulators[stage]
-        if not accumulator.counts:
-            raise RuntimeError(f"attnmonitor: nothing captured for {stage}")
-        sums, counts = accumulator.grid(self.layers)
+        local_heads = max((c.numel() for c in accumulator.counts.values()), default=0)
+        heads = local_heads
+        if trainer is not None and trainer.world_size > 1:
+            heads = int(trainer.strategy.reduce(torch.tensor(float(local_heads), device=trainer.strategy.root_device), reduce_op=ReduceOp.MAX))
+        if heads == 0:
+            return None
+        device = trainer.strategy.root_device if trainer is not None else None
+        sums, counts = accumulator.grid(self.layers, heads=heads, device=device)
         metrics = self._stage_metrics(stage, counts)
         values: dict[str, Tensor] = {}
         for name, metric in metrics.items():
@@ -293,11 +301,12 @@ class AttentionMonitor(Callback):
         return values, rows > 0
 
     def _publish(self, trainer: pl.Trainer, stage: str, step: int, images: bool, heatmaps: bool) -> None:
-        if not self._accumulators[stage].layers:
-            self._warn(f"nothing-{stage}", f"attnmonitor: no attention was captured at {stage} step {step}; nothing logged.")
-            return
         try:
-            values, observed = self.compute(stage)
+            computed = self.compute(stage, trainer)
+            if computed is None:
+                self._warn(f"nothing-{stage}", f"attnmonitor: no attention was captured at {stage} step {step}; nothing logged.")
+                return
+            values, observed = computed
             scalars = self._scalars(stage, values, observed)
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)

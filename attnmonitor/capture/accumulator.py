@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from attnmonitor.functional.statistics import mean_from_sums
@@ -58,15 +59,21 @@ class StatisticsAccumulator:
             for layer, sums in self.sums.items()
         }
 
-    def grid(self, layers: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+    def grid(
+        self, layers: Sequence[str], heads: int | None = None, device: torch.device | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """``{statistic: [len(layers), H]}`` sums and ``[len(layers), H]`` counts, rows in ``layers`` order.
 
-        Layers not seen (and heads a layer lacks) have count 0; ``H`` is the largest head count.
+        Layers not seen (and heads a layer lacks) have count 0; ``H`` is ``heads`` or the largest
+        head count seen. Works when nothing was seen if ``heads`` is given (a process that captured
+        nothing still takes part in a distributed reduction).
         """
-        reference = next(iter(self.counts.values()))
-        heads = max(c.numel() for c in self.counts.values())
-        counts = reference.new_zeros(len(layers), heads)
-        sums = {name: reference.new_zeros(len(layers), heads) for name in self.statistics}
+        if heads is None:
+            heads = max(c.numel() for c in self.counts.values())
+        if device is None:
+            device = next(iter(self.counts.values())).device if self.counts else torch.device("cpu")
+        counts = torch.zeros(len(layers), heads, device=device)
+        sums = {name: torch.zeros(len(layers), heads, device=device) for name in self.statistics}
         for row, layer in enumerate(layers):
             if layer in self.counts:
                 h = self.counts[layer].numel()
@@ -74,4 +81,3 @@ class StatisticsAccumulator:
                 for name in self.statistics:
                     sums[name][row, :h] = self.sums[layer][name]
         return sums, counts
-

@@ -285,3 +285,18 @@ def test_disabled_capture_records_nothing_and_attach_is_idempotent():
     cap.remove()
     cap.remove()
     assert _no_hooks(model)
+
+
+def test_fused_path_statistics_of_an_sdpa_model_match_the_reference():
+    from attnmonitor.functional.fused import FUSED_STATISTICS
+
+    torch.manual_seed(8)
+    model = TinyTransformer(SdpaAttention, causal=True, heads=4, kv_heads=2).eval()
+    ids = torch.randint(50, (3, 9))
+    names = sorted(FUSED_STATISTICS)
+    with AttentionCapture(model, statistics=names) as cap, torch.no_grad():
+        model(ids)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    inputs = layer_inputs(model, list(model.layers), ids)
+    expected = [head_means(attention_probs(*qk64(layer, x), causal), causal) for layer, x in zip(model.layers, inputs)]
+    assert_stats_close(cap.stats(), {n: torch.stack([e[n] for e in expected]) for n in names}, rtol=1e-4, atol=1e-5)

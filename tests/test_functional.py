@@ -104,3 +104,48 @@ def test_check_statistics_names_the_option_and_accepted_values():
 def test_rejects_wrong_rank():
     with pytest.raises(ValueError, match=r"\[B, H, Lq, Lk\]"):
         row_statistics(torch.rand(3, 3))
+
+
+# the fused path ---------------------------------------------------------------------------------
+
+from attnmonitor.functional.fused import FUSED_STATISTICS, fused_row_statistics  # noqa: E402
+from attnmonitor.functional.statistics import head_sums  # noqa: E402
+
+FUSED = sorted(FUSED_STATISTICS)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["causal", "causal-gqa", "causal-rectangular", "none", "bool", "float", "padding"],
+)
+def test_fused_path_equals_the_chunked_path(case):
+    g = torch.Generator().manual_seed(7)
+    b, h, lq, lk, d = 2, 4, 9, 9, 16
+    if case == "causal-rectangular":
+        lq = 5
+    hkv = 2 if case == "causal-gqa" else h
+    q, k = torch.randn(b, h, lq, d, generator=g), torch.randn(b, hkv, lk, d, generator=g)
+    causal = case.startswith("causal")
+    keep = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+    keep[..., 0] = True
+    keep[1, 0, 2] = False  # a fully masked row
+    mask = {"bool": keep, "float": torch.zeros(b, 1, lq, lk).masked_fill(~keep, -math.inf)}.get(case)
+    query_valid = torch.tensor([[True] * 6 + [False] * 3, [True] * 9])[:, None, :] if case == "padding" else None
+    names = FUSED if causal else [n for n in FUSED if n != "distance"]
+    fused = fused_row_statistics(q, k, mask, causal, 0.3, query_valid, statistics=names, sink_tokens=2, budget_bytes=1 << 30)
+    assert fused is not None
+    sums, count = head_sums(*fused)
+    reference = chunked_head_sums(qk_chunks(q, k, mask, causal, 0.3, query_valid), statistics=names, sink_tokens=2)
+    torch.testing.assert_close(count, reference[1])
+    for name in names:
+        torch.testing.assert_close(sums[name], reference[0][name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_fused_path_declines_what_it_cannot_compute():
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    bias = torch.randn(1, 1, 4, 4)
+    kwargs = dict(budget_bytes=1 << 30)
+    assert fused_row_statistics(q, k, statistics=["max_weight"], **kwargs) is None
+    assert fused_row_statistics(q, k, statistics=["distance"], **kwargs) is None  # not causal
+    assert fused_row_statistics(q, k, bias, statistics=["entropy"], **kwargs) is None  # a positional bias
+    assert fused_row_statistics(q.requires_grad_(), k, statistics=["entropy"], **kwargs) is None

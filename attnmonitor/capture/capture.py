@@ -18,7 +18,8 @@ from attnmonitor.capture.discovery import Targets, fast_path_hosts, resolve_targ
 from attnmonitor.capture.interception import AttentionInterceptor
 from attnmonitor.capture.records import AttentionRecord
 from attnmonitor.functional.chunked import chunked_head_sums
-from attnmonitor.functional.statistics import STATISTICS, check_statistics
+from attnmonitor.functional.fused import fused_row_statistics
+from attnmonitor.functional.statistics import STATISTICS, check_statistics, head_sums
 
 _MIB = 2**20
 
@@ -43,7 +44,10 @@ class AttentionCapture:
 
     Hooks on the target modules activate an interceptor only while those modules run. Each
     ``scaled_dot_product_attention`` call, eager softmax or ``nn.MultiheadAttention`` call inside a
-    target becomes per-head sums over its valid query rows, accumulated until :meth:`reset`.
+    target becomes per-head sums over its valid query rows, accumulated until :meth:`reset`. SDPA
+    calls whose statistics allow it (no ``max_weight``/``sparsity``) are evaluated by one extra fused
+    attention call without probabilities (:mod:`attnmonitor.functional.fused`); the others from
+    probabilities recomputed in chunks of query rows that fit ``memory_budget_mb``.
 
     Args:
         model: any ``nn.Module``.
@@ -320,12 +324,21 @@ class AttentionCapture:
 
     def _collect(self, layer: str, record: AttentionRecord) -> None:
         with torch.no_grad():
-            sums, count = chunked_head_sums(
-                record.chunks(self.budget_bytes),
-                statistics=self.statistics,
-                sink_tokens=self.sink_tokens,
-                sparsity_eps=self.sparsity_eps,
-            )
+            fused = None
+            if record.q is not None and record.k is not None:  # SDPA: try one extra fused call first
+                fused = fused_row_statistics(
+                    record.q, record.k, record.attn_mask, record.is_causal, record.scale, record.query_valid,
+                    statistics=self.statistics, sink_tokens=self.sink_tokens, budget_bytes=self.budget_bytes,
+                )
+            if fused is not None:
+                sums, count = head_sums(*fused)
+            else:
+                sums, count = chunked_head_sums(
+                    record.chunks(self.budget_bytes),
+                    statistics=self.statistics,
+                    sink_tokens=self.sink_tokens,
+                    sparsity_eps=self.sparsity_eps,
+                )
             if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
                 self._skip(layer, "its attention contains NaN or inf")
                 return

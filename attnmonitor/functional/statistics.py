@@ -131,9 +131,13 @@ class RowContext:
         return (p * safe.log()).sum(-1).neg() + 0.0  # [B, H, Lq]
 
 
+def _normalized_entropy_from(entropy: Tensor, n: Tensor) -> Tensor:
+    """``H_i / log n_i``, 0 where ``n_i <= 1`` (a single key has zero entropy by definition)."""
+    return torch.where(n > 1, entropy / n.clamp_min(2).log(), torch.zeros_like(entropy))
+
+
 def _normalized_entropy(ctx: RowContext) -> Tensor:
-    log_n = ctx.n.clamp_min(2).log()  # n_i = 1 has zero entropy by definition
-    return torch.where(ctx.n > 1, ctx.entropy / log_n, torch.zeros_like(log_n))
+    return _normalized_entropy_from(ctx.entropy, ctx.n)
 
 
 def _sparsity(ctx: RowContext) -> Tensor:

@@ -300,3 +300,17 @@ def test_fused_path_statistics_of_an_sdpa_model_match_the_reference():
     inputs = layer_inputs(model, list(model.layers), ids)
     expected = [head_means(attention_probs(*qk64(layer, x), causal), causal) for layer, x in zip(model.layers, inputs)]
     assert_stats_close(cap.stats(), {n: torch.stack([e[n] for e in expected]) for n in names}, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [SdpaAttention, EagerAttention])
+def test_bf16_autocast_statistics_are_within_1e_2_of_float32(layer):
+    torch.manual_seed(9)
+    model = TinyTransformer(layer, causal=True, dim=32, dropout=0.0).eval()
+    ids = torch.randint(50, (4, 16))
+    with AttentionCapture(model) as full, torch.no_grad():
+        model(ids)
+    with AttentionCapture(model) as half, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids)
+    for name, value in full.stats().items():
+        assert half.stats()[name].dtype == torch.float32
+        torch.testing.assert_close(half.stats()[name], value, rtol=1e-2, atol=1e-2, msg=name)

@@ -221,3 +221,19 @@ def test_entropy_target_is_reached_only_with_the_regularizer(tmp_path):
         results[name] = float(cap.stats()["normalized_entropy"].mean())
     assert abs(results["regularized"] - 0.9) < 0.1, results
     assert abs(results["plain"] - 0.9) >= 0.1, results
+
+
+def test_bf16_mixed_training_adds_a_finite_penalty(tmp_path):
+    class Float32Module(Module):
+        def __init__(self):
+            super().__init__()
+            self.net = self.net.float()
+
+    plain, regularized = Float32Module(), Float32Module()
+    batches = _batches(2)
+    for module, monitor in ((plain, AttentionMonitor(val_batches=0)), (regularized, AttentionMonitor(regularizer=REGULARIZER, val_batches=0))):
+        _trainer(tmp_path / str(id(module)), monitor, max_steps=1, precision="bf16-mixed").fit(module, _loader(batches))
+    grads, reg_grads = plain.grads[0], regularized.grads[0]
+    assert all(torch.isfinite(g).all() for g in reg_grads.values())
+    changed = [n for n in grads if not torch.allclose(grads[n], reg_grads[n])]
+    assert any("q.weight" in n for n in changed)  # the penalty reached the attention parameters

@@ -50,6 +50,8 @@ class AttentionMonitor(Callback):
         memory_budget_mb: largest probability chunk materialised per attention call.
         sink_tokens: leading keys counted by ``sink_mass``.
         sparsity_eps: a key is sparse when its weight is below ``sparsity_eps / n_i``.
+        sample_rows: evaluate at most this many random query rows per attention call on the chunked
+            path (estimates; None: every row).
         regularizer: :class:`RegularizerConfig` (or mapping): an entropy/sparsity penalty added to the
             training loss (automatic optimization) or returned by :meth:`penalty` (manual).
         clip: :class:`ClipConfig` (or mapping): exact clipping of the attention weights the model uses.
@@ -86,6 +88,7 @@ class AttentionMonitor(Callback):
         memory_budget_mb: float = 256.0,
         sink_tokens: int = 1,
         sparsity_eps: float = 0.1,
+        sample_rows: int | None = None,
         regularizer: RegularizerConfig | Mapping[str, Any] | None = None,
         clip: ClipConfig | Mapping[str, Any] | None = None,
         analyses: bool = True,
@@ -107,7 +110,9 @@ class AttentionMonitor(Callback):
         self.val_batches = val_batches
         self.atlas_every_n_steps = atlas_every_n_steps
         self.input_key, self.query_mask_key = input_key, query_mask_key
-        self.capture_options = dict(memory_budget_mb=memory_budget_mb, sink_tokens=sink_tokens, sparsity_eps=sparsity_eps)
+        self.capture_options = dict(
+            memory_budget_mb=memory_budget_mb, sink_tokens=sink_tokens, sparsity_eps=sparsity_eps, sample_rows=sample_rows
+        )
         AttentionCapture._check_options(**self.capture_options)
         _check_int("top_k", top_k, 1)
         if token_classes is not None and not (isinstance(token_classes, Mapping) and token_classes):

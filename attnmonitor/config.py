@@ -159,6 +159,7 @@ class AttentionMonitorConfig:
     memory_budget_mb: float = 256.0
     sink_tokens: int = 1
     sparsity_eps: float = 0.1
+    sample_rows: int | None = None
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     analyses: bool = True

@@ -314,3 +314,12 @@ def test_bf16_autocast_statistics_are_within_1e_2_of_float32(layer):
     for name, value in full.stats().items():
         assert half.stats()[name].dtype == torch.float32
         torch.testing.assert_close(half.stats()[name], value, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def test_sample_rows_bounds_the_rows_evaluated_per_call():
+    model = TinyTransformer(EagerAttention, causal=True).eval()
+    with AttentionCapture(model, sample_rows=5) as cap, torch.no_grad():
+        model(torch.randint(50, (3, 20)))
+    assert cap.valid_rows()["layers.0"].tolist() == [15.0] * 4  # 5 rows x 3 sequences, every head
+    with pytest.raises(ValueError, match="`sample_rows` must be an int >= 1 or None, got 0"):
+        AttentionCapture(model, sample_rows=0)

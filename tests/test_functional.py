@@ -149,3 +149,19 @@ def test_fused_path_declines_what_it_cannot_compute():
     assert fused_row_statistics(q, k, statistics=["distance"], **kwargs) is None  # not causal
     assert fused_row_statistics(q, k, bias, statistics=["entropy"], **kwargs) is None  # a positional bias
     assert fused_row_statistics(q.requires_grad_(), k, statistics=["entropy"], **kwargs) is None
+
+
+def test_sampled_rows_equal_the_full_evaluation_restricted_to_those_rows():
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 3, 12, 8, generator=g), torch.randn(2, 3, 12, 8, generator=g)
+    rows = torch.tensor([1, 4, 5, 11])
+    only = torch.zeros(12, dtype=torch.bool)
+    only[rows] = True
+    sampled = chunked_head_sums(qk_chunks(q, k, None, True, None, budget_bytes=1, rows=rows))
+    restricted = chunked_head_sums(qk_chunks(q, k, None, True, None, only.view(1, 1, 12)))
+    probs = attention_probs(q, k, torch.ones(12, 12, dtype=torch.bool).tril()).float()
+    from_probs = chunked_head_sums(probability_chunks(probs, torch.ones(12, 12, dtype=torch.bool).tril(), rows=rows))
+    for name in STATISTICS:
+        torch.testing.assert_close(sampled[0][name], restricted[0][name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(from_probs[0][name], restricted[0][name], rtol=1e-5, atol=1e-5)
+    assert sampled[1].tolist() == [8.0, 8.0, 8.0]

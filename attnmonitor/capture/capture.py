@@ -66,6 +66,9 @@ class AttentionCapture:
         steering: clips or regularizes the attention of the layers it applies to (see
             :class:`attnmonitor.regularization.AttentionSteering`); statistics then describe the
             probabilities the model used (after clipping).
+        sample_rows: evaluate at most this many query rows (drawn at random, reproducibly) of each
+            call on the chunked path: statistics become unbiased estimates at a fraction of the cost.
+            None evaluates every row. The fused path always evaluates every row.
 
     Raises:
         ValueError: on invalid arguments, or when ``targets`` selects no module.
@@ -92,11 +95,12 @@ class AttentionCapture:
         sparsity_eps: float = 0.1,
         example_tokens: int = 0,
         steering: Steering | None = None,
+        sample_rows: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.statistics = check_statistics(statistics)
-        self._check_options(memory_budget_mb, sink_tokens, sparsity_eps)
+        self._check_options(memory_budget_mb, sink_tokens, sparsity_eps, sample_rows)
         if not (isinstance(example_tokens, int) and example_tokens >= 0):
             raise ValueError(f"`example_tokens` must be an int >= 0, got {example_tokens!r}")
         self.model = model
@@ -106,6 +110,8 @@ class AttentionCapture:
         self.sink_tokens = sink_tokens
         self.sparsity_eps = sparsity_eps
         self.example_tokens = example_tokens
+        self.sample_rows = sample_rows
+        self._row_generator = torch.Generator().manual_seed(0)
         self.steering = steering
         self.accumulator = StatisticsAccumulator(self.statistics)
         """Where statistics go; swap it to keep separate sets (the callback's train and val)."""
@@ -128,8 +134,10 @@ class AttentionCapture:
         self.skipped: dict[str, int] = {}
 
     @staticmethod
-    def _check_options(memory_budget_mb: float, sink_tokens: int, sparsity_eps: float) -> None:
+    def _check_options(memory_budget_mb: float, sink_tokens: int, sparsity_eps: float, sample_rows: int | None = None) -> None:
         """Raise ``ValueError`` naming the first invalid option."""
+        if sample_rows is not None and not (isinstance(sample_rows, int) and not isinstance(sample_rows, bool) and sample_rows >= 1):
+            raise ValueError(f"`sample_rows` must be an int >= 1 or None, got {sample_rows!r}")
         if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
             raise ValueError(f"`memory_budget_mb` must be > 0, got {memory_budget_mb!r}")
         if not (isinstance(sink_tokens, int) and not isinstance(sink_tokens, bool) and sink_tokens >= 1):
@@ -334,7 +342,7 @@ class AttentionCapture:
                 sums, count = head_sums(*fused)
             else:
                 sums, count = chunked_head_sums(
-                    record.chunks(self.budget_bytes),
+                    record.chunks(self.budget_bytes, self._sampled_rows(record.shape[2])),
                     statistics=self.statistics,
                     sink_tokens=self.sink_tokens,
                     sparsity_eps=self.sparsity_eps,
@@ -353,6 +361,11 @@ class AttentionCapture:
                     self.accumulator.example_states.setdefault(layer, {})["values"] = record.v[0].detach().float().cpu()
             if self.alignments is not None:
                 self._collect_alignment(layer, record)
+
+    def _sampled_rows(self, lq: int) -> Tensor | None:
+        if self.sample_rows is None or lq <= self.sample_rows:
+            return None
+        return torch.randperm(lq, generator=self._row_generator)[: self.sample_rows].sort().values
 
     def _collect_alignment(self, layer: str, record: AttentionRecord) -> None:
         """Count rows whose head-mean attention argmax is ``alignments[b, i]`` (negative: no truth)."""

@@ -85,14 +85,16 @@ class AttentionRecord:
             probs = F.dropout(probs, self.dropout_p)
         return (probs @ v.to(probs.dtype)).to(self.out_dtype).reshape(self.out_shape)
 
-    def chunks(self, budget_bytes: int) -> Iterator[Chunk]:
-        """Row chunks of probabilities that fit ``budget_bytes`` (see :mod:`attnmonitor.functional.chunked`)."""
+    def chunks(self, budget_bytes: int, rows: Tensor | None = None) -> Iterator[Chunk]:
+        """Row chunks (of ``rows`` only, if given) that fit ``budget_bytes`` (see :mod:`attnmonitor.functional.chunked`)."""
         if self.probs is not None:
             # a softmax of logits masked to <= finfo.min / 2: exactly 0 on the keys key_valid excludes
-            return probability_chunks(self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes, masked=True)
+            return probability_chunks(
+                self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes, masked=True, rows=rows
+            )
         assert self.q is not None and self.k is not None
         return qk_chunks(
-            self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes
+            self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes, rows=rows
         )
 
 

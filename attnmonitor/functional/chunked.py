@@ -44,25 +44,31 @@ def key_valid_from_logits(logits: Tensor) -> Tensor:
     return ~(logits <= torch.finfo(logits.dtype).min / 2)
 
 
-def sdpa_key_valid(
-    attn_mask: Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device, rows: slice = slice(None)
-) -> Tensor | None:
-    """Bool key mask (True = attend) of query rows ``rows`` of an SDPA call, broadcastable to ``[B, H, r, Lk]``.
+def sdpa_key_valid(attn_mask: Tensor | None, is_causal: bool, lk: int, rows: Tensor) -> Tensor | None:
+    """Bool key mask (True = attend) of some query rows of an SDPA call, broadcastable to ``[B, H, r, Lk]``.
 
-    SDPA's boolean masks mean "attend"; float masks are added to the logits (``-inf`` or the dtype's
-    minimum block a key); ``is_causal`` is top-left aligned, as in PyTorch. Only the rows asked for
-    are built (a causal mask of a long sequence is never materialised whole).
+    Args:
+        attn_mask: SDPA's mask restricted to these rows (bool means "attend"; a float mask is added
+            to the logits, ``-inf`` or the dtype's minimum blocking a key), or None.
+        is_causal: top-left causal mask, as in PyTorch; only these rows are built, so the mask of a
+            long sequence is never materialised whole.
+        lk: number of keys.
+        rows: ``[r]`` indices of the query rows.
     """
-    start, stop, _ = rows.indices(lq)
     valid = None
     if attn_mask is not None:
-        mask = _rows(attn_mask, start, stop, -2)
-        assert mask is not None
-        valid = mask if mask.dtype == torch.bool else key_valid_from_logits(mask)
+        valid = attn_mask if attn_mask.dtype == torch.bool else key_valid_from_logits(attn_mask)
     if is_causal:
-        causal = torch.arange(lk, device=device) <= torch.arange(start, stop, device=device).unsqueeze(-1)  # [r, Lk]
+        causal = torch.arange(lk, device=rows.device) <= rows.unsqueeze(-1)  # [r, Lk]
         valid = causal if valid is None else valid & causal
     return valid
+
+
+def _select(t: Tensor | None, rows: Tensor | None, dim: int) -> Tensor | None:
+    """Query rows ``rows`` of a tensor broadcastable along ``dim`` (size 1 stays)."""
+    if t is None or rows is None or t.dim() < -dim or t.shape[dim] == 1:
+        return t
+    return t.index_select(t.dim() + dim, rows.to(t.device))
 
 
 def _rows(t: Tensor | None, start: int, stop: int, dim: int) -> Tensor | None:
@@ -79,18 +85,22 @@ def probability_chunks(
     *,
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     masked: bool = False,
+    rows: Tensor | None = None,
 ) -> Iterator[Chunk]:
     """Split materialised probabilities ``[B, H, Lq, Lk]`` into row chunks.
 
     ``masked``: the probabilities are already 0 on invalid keys (a softmax over masked logits).
+    ``rows``: only these query rows (``[r]`` indices), e.g. a random sample.
     """
     b, h, lq, lk = probs.shape
-    step = rows_per_chunk(lq, b * h * lk, budget_bytes)
-    for start in range(0, lq, step):
-        stop = min(lq, start + step)
-        positions = torch.arange(start, stop, device=probs.device) + (lk - lq)
-        rows = (_rows(key_valid, start, stop, -2), _rows(query_valid, start, stop, -1))
-        yield Chunk(probs[:, :, start:stop], *rows, positions, masked=masked)
+    index = torch.arange(lq, device=probs.device) if rows is None else rows.to(probs.device)
+    key_valid, query_valid = _select(key_valid, rows, -2), _select(query_valid, rows, -1)
+    step = rows_per_chunk(index.numel(), b * h * lk, budget_bytes)
+    for start in range(0, index.numel(), step):
+        stop = min(index.numel(), start + step)
+        chunk = probs[:, :, start:stop] if rows is None else probs.index_select(-2, index[start:stop])
+        selected = (_rows(key_valid, start, stop, -2), _rows(query_valid, start, stop, -1))
+        yield Chunk(chunk, *selected, index[start:stop] + (lk - lq), owned=rows is not None, masked=masked)
 
 
 def qk_chunks(
@@ -102,6 +112,7 @@ def qk_chunks(
     query_valid: Tensor | None = None,
     *,
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    rows: Tensor | None = None,
 ) -> Iterator[Chunk]:
     """Recompute the probabilities of ``scaled_dot_product_attention(q, k, ...)`` by row chunks.
 
@@ -114,6 +125,7 @@ def qk_chunks(
         scale: logit scale, default ``1 / sqrt(D)``.
         query_valid: bool, broadcastable to ``[B, H, Lq]``.
         budget_bytes: memory for one chunk's temporaries.
+        rows: only these query rows (``[r]`` indices), e.g. a random sample.
 
     Raises:
         ValueError: if the head counts are incompatible.
@@ -124,18 +136,21 @@ def qk_chunks(
             raise ValueError(f"query heads ({q.shape[-3]}) must be a multiple of key heads ({k.shape[-3]})")
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # [B, H, Lk, D]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    index = torch.arange(lq, device=q.device) if rows is None else rows.to(q.device)
+    if rows is not None:
+        q, attn_mask, query_valid = q.index_select(-2, index), _select(attn_mask, index, -2), _select(query_valid, index, -1)
     additive = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
     dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays
     keys_t = k.to(dtype).transpose(-2, -1)  # [B, H, D, Lk]
-    step = rows_per_chunk(lq, q.shape[:-2].numel() * lk, budget_bytes)
-    for start in range(0, lq, step):
-        stop = min(lq, start + step)
+    step = rows_per_chunk(index.numel(), q.shape[:-2].numel() * lk, budget_bytes)
+    for start in range(0, index.numel(), step):
+        stop = min(index.numel(), start + step)
         logits = (q[..., start:stop, :].to(dtype) * scale) @ keys_t  # [B, H, r, Lk]
         in_place = not logits.requires_grad  # one full-size tensor fewer when no gradient is needed
         mask = _rows(additive, start, stop, -2)
         if mask is not None:
             logits = logits.add_(mask.to(dtype)) if in_place else logits + mask.to(dtype)
-        valid = sdpa_key_valid(attn_mask, is_causal, lq, lk, q.device, slice(start, stop))
+        valid = sdpa_key_valid(_rows(attn_mask, start, stop, -2), is_causal, lk, index[start:stop])
         if valid is not None:
             valid = valid.expand_as(logits)
             # fully masked rows get finite logits: no NaN in values or gradients (the row never counts)
@@ -146,7 +161,7 @@ def qk_chunks(
                 logits = logits.masked_fill(~valid, float("-inf")).masked_fill(empty, 0.0)
         probs = logits.softmax(-1)
         del logits  # not alive while the consumer computes statistics
-        positions = torch.arange(start, stop, device=q.device) + (lk - lq)
+        positions = index[start:stop] + (lk - lq)
         yield Chunk(probs, valid, _rows(query_valid, start, stop, -1), positions, owned=not probs.requires_grad, masked=True)
 
 

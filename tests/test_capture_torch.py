@@ -323,3 +323,27 @@ def test_sample_rows_bounds_the_rows_evaluated_per_call():
     assert cap.valid_rows()["layers.0"].tolist() == [15.0] * 4  # 5 rows x 3 sequences, every head
     with pytest.raises(ValueError, match="`sample_rows` must be an int >= 1 or None, got 0"):
         AttentionCapture(model, sample_rows=0)
+
+
+@pytest.mark.parametrize("layer", [SdpaAttention, EagerAttention])
+@pytest.mark.parametrize("how", ["wrapper", "in_place"])
+def test_compiled_models_are_captured_like_eager_ones(layer, how):
+    torch.manual_seed(10)
+    model = TinyTransformer(layer, causal=True, dropout=0.0).eval()
+    ids = torch.randint(50, (2, 8))
+    with AttentionCapture(model) as eager, torch.no_grad():
+        expected_out = model(ids)
+    if how == "wrapper":
+        compiled = torch.compile(model, backend="eager")  # dynamo tracing is what hides hooks
+    else:
+        compiled = model
+        compiled.compile(backend="eager")
+    with torch.no_grad():
+        compiled(ids)  # compiled before the capture is attached
+    with pytest.warns(RuntimeWarning, match="compiled with torch.compile"), AttentionCapture(compiled) as cap, torch.no_grad():
+        out = compiled(ids)
+    torch.testing.assert_close(out, expected_out)
+    for name, value in eager.stats().items():
+        torch.testing.assert_close(cap.stats()[name], value, rtol=1e-5, atol=1e-6)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    torch._dynamo.reset()

@@ -123,6 +123,7 @@ class AttentionCapture:
         self._interceptor = AttentionInterceptor(self._consume, lambda: bool(self._active))
 
         self._handles: list[RemovableHandle] = []
+        self._eager_targets: list[nn.Module] = []
         self._active: list[tuple[str, bool]] = []  # (name, training) of target modules running now, innermost last
         self._frames: list[tuple[bool, int]] = []  # per hooked call: (interceptor entered, records before)
         self._scope_depth = 0
@@ -150,6 +151,8 @@ class AttentionCapture:
         """Register the hooks (idempotent)."""
         if self._handles:
             return self
+        if _is_compiled(self.model):
+            self._run_targets_eagerly()
         for module in self.targets.values():
             self._handles.append(module.register_forward_pre_hook(self._enter_target, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._exit_target, always_call=True))
@@ -165,6 +168,9 @@ class AttentionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in self._eager_targets:
+            del module.forward  # back to the class's forward
+        self._eager_targets.clear()
         while self._scope_depth:
             self._leave_scope()
         self._active.clear()
@@ -178,6 +184,19 @@ class AttentionCapture:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.remove()
+
+    def _run_targets_eagerly(self) -> None:
+        """Hooks do not run inside ``torch.compile``d graphs: run the attention modules outside them."""
+        warnings.warn(
+            "attnmonitor: the model is compiled with torch.compile; while the capture is attached its attention "
+            "modules run eagerly (graph breaks around them) so that their attention can be intercepted.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        for module in self.targets.values():
+            if "forward" not in module.__dict__:
+                module.forward = torch.compiler.disable(module.forward, recursive=False)  # type: ignore[method-assign]
+                self._eager_targets.append(module)
 
     # results -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -427,6 +446,13 @@ class AttentionCapture:
             else "no target module ran while capture was enabled (is the capture attached and was the model called?)"
         )
         return f"attnmonitor: no attention captured since reset() from targets {self.target_names}; {detail}."
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule runs through ``torch.compile`` (wrapper or ``Module.compile()``)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
 def _signature(model: nn.Module) -> inspect.Signature | None:

@@ -252,3 +252,29 @@ def test_reentrant_checkpointing_is_reported_instead_of_a_silent_zero_penalty():
     steering = AttentionSteering(regularizer={"entropy_weight": 1.0})
     with pytest.raises(RuntimeError, match="carried no gradient.*reentrant"):
         _steered_loss(model, steering, torch.randint(50, (2, 5)), None)
+
+
+def test_non_reentrant_checkpointing_counts_once_and_keeps_exact_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(TinyTransformer):
+        def forward(self, input_ids, attention_mask=None):
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                x = x + checkpoint(layer, x, use_reentrant=False)
+            return x
+
+    torch.manual_seed(12)
+    plain = TinyTransformer(dropout=0.0, causal=True).double().train()
+    checkpointed = Checkpointed(dropout=0.0, causal=True).double().train()
+    checkpointed.load_state_dict(plain.state_dict())
+    ids = torch.randint(50, (2, 6))
+    counts = []
+    for model in (plain, checkpointed):
+        steering = AttentionSteering(regularizer={"entropy_weight": LAMBDA_H, "entropy_target": TARGET}, clip={"max": 0.6})
+        with AttentionCapture(model, steering=steering) as cap:
+            (model(ids).square().mean() + steering.penalty()).backward()  # the recompute runs inside backward
+            counts.append(cap.valid_rows()["layers.0"])
+            assert not steering.pending  # the recompute added no penalty terms
+    torch.testing.assert_close(counts[1], counts[0])  # one update per step, not two
+    assert_same_gradients(checkpointed, plain)

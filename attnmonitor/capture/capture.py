@@ -343,7 +343,7 @@ class AttentionCapture:
                 used = self.steering.steer(layer, probs, key_valid, record.query_valid, training)
                 replacement = record.output(used)
                 record = AttentionRecord(probs=used.detach(), key_valid=key_valid, query_valid=record.query_valid)
-            if self.enabled:
+            if self.enabled and not _in_backward():  # a checkpointing recompute is not a new forward
                 self._collect(layer, record)
         except Exception as err:  # the monitor must never break the user's forward
             self._skip(layer, f"{type(err).__name__}: {err}")
@@ -446,6 +446,11 @@ class AttentionCapture:
             else "no target module ran while capture was enabled (is the capture attached and was the model called?)"
         )
         return f"attnmonitor: no attention captured since reset() from targets {self.target_names}; {detail}."
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running (activation checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _is_compiled(model: nn.Module) -> bool:

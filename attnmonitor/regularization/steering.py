@@ -70,7 +70,8 @@ class AttentionSteering:
     ) -> Tensor:
         """Collect this call's penalty terms (before clipping) and return the clipped probabilities."""
         if self._regularizes(layer, training):
-            self._add_terms(layer, probs, key_valid, query_valid)
+            # a checkpointing recompute (inside backward) must repeat the same operations, and add nothing
+            self._add_terms(layer, probs, key_valid, query_valid, keep=torch._C._current_graph_task_id() == -1)
         if self._clips(layer, training):
             assert self.clip is not None
             probs, at_bound = clip_attention(probs, key_valid, min=self.clip.min, max=self.clip.max)
@@ -78,7 +79,9 @@ class AttentionSteering:
             self._clipped = self._clipped + torch.stack([at_bound.sum(), valid.sum()]).detach().float().cpu()
         return probs
 
-    def _add_terms(self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None) -> None:
+    def _add_terms(
+        self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, keep: bool = True
+    ) -> None:
         reg = self.regularizer
         assert reg is not None
         if not probs.requires_grad:  # reported by penalty(): never a silent zero
@@ -87,13 +90,16 @@ class AttentionSteering:
         rows = key_valid.expand_as(probs).any(-1) if key_valid is not None else torch.ones_like(probs[..., 0], dtype=torch.bool)
         if query_valid is not None:
             rows = rows & query_valid.to(torch.bool)
+        sums = dict(self._sums)
         if reg.entropy_weight > 0:
             per_row = entropy_penalty(probs, key_valid, target=reg.entropy_target, relative=reg.target_unit == "fraction")
-            self._sums["entropy"] = self._sums["entropy"] + torch.where(rows, per_row, 0.0).sum()
+            sums["entropy"] = sums["entropy"] + torch.where(rows, per_row, 0.0).sum()
         if reg.sparsity_weight > 0:
             per_row = sparsity_penalty(probs, key_valid)
-            self._sums["sparsity"] = self._sums["sparsity"] + torch.where(rows, per_row, 0.0).sum()
-        self._rows = self._rows + rows.sum()
+            sums["sparsity"] = sums["sparsity"] + torch.where(rows, per_row, 0.0).sum()
+        if keep:
+            self._sums = sums
+            self._rows = self._rows + rows.sum()
 
     def _reset_terms(self) -> None:
         self._sums: dict[str, Tensor | float] = {"entropy": 0.0, "sparsity": 0.0}

@@ -322,6 +322,9 @@ class AttentionMonitor(Callback):
 
     def _scalars(self, stage: str, values: dict[str, Tensor], observed: Tensor) -> dict[str, float]:
         scalars: dict[str, float] = {}
+        skipped = sum(self._require_capture().skipped.values())
+        if skipped:  # captures skipped since fit start (non-finite attention, ...), each warned once per layer
+            scalars["attn/skipped_captures"] = float(skipped)
         accuracy = {layer: float(c[0] / c[1]) for layer, c in self._accumulators[stage].alignment.items() if c[1] > 0}
         if accuracy:
             scalars[f"attn/{stage}/alignment_accuracy"] = max(accuracy.values())  # the best-aligned layer

@@ -196,3 +196,20 @@ def test_two_monitors_coexist(tmp_path):
     assert sorted(_scalar(events, "attn/train/entropy")) == [0, 2]
     assert sorted(_scalar(events, "attn/train/sink_mass/blocks.0.attn")) == [0, 3]
     assert "attn/train/sink_mass/blocks.1.attn" not in events.Tags()["scalars"]
+
+
+def test_non_finite_attention_is_skipped_counted_and_training_goes_on(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight[0, 0] = float("nan")  # layer 1 diverged; layer 0 is fine
+    monitor = AttentionMonitor(statistics=["entropy"], every_n_steps=1, val_batches=0, heatmaps={"every_n_steps": None})
+    trainer = _trainer(tmp_path, monitor, max_steps=3, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match=r"skipped a capture of layer 'blocks.1.attn'.*NaN") as record:
+        trainer.fit(model, train_dataloaders=_loader())
+    assert trainer.global_step == 3  # training went on (the NaN loss soon poisons every layer)
+    assert sum("'blocks.1.attn'" in str(w.message) for w in record) == 1  # warned once per layer
+    events = _events(tmp_path)
+    assert sorted(_scalar(events, "attn/train/entropy/blocks.0.attn")) == [0]  # step 0: layer 0 was still finite
+    assert "attn/train/entropy/blocks.1.attn" not in events.Tags()["scalars"]
+    assert _scalar(events, "attn/skipped_captures") == {0: 1.0}
+    assert sum(1 for w in record if "nothing logged" in str(w.message)) == 1  # later steps: one warning

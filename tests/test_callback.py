@@ -213,3 +213,39 @@ def test_non_finite_attention_is_skipped_counted_and_training_goes_on(tmp_path):
     assert "attn/train/entropy/blocks.1.attn" not in events.Tags()["scalars"]
     assert _scalar(events, "attn/skipped_captures") == {0: 1.0}
     assert sum(1 for w in record if "nothing logged" in str(w.message)) == 1  # later steps: one warning
+
+
+class _ResidentMemory(L.Callback):
+    """Current resident set size (MB) at chosen steps."""
+
+    def __init__(self, steps):
+        self.steps, self.mb = set(steps), {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            import os
+
+            with open(f"/proc/{os.getpid()}/statm") as f:
+                self.mb[trainer.global_step] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+def test_a_1000_step_run_keeps_memory_figures_hooks_and_event_files_bounded(tmp_path):
+    import sys
+
+    model = _model()
+    memory = _ResidentMemory([300, 1000])
+    monitor = AttentionMonitor(every_n_steps=10, atlas_every_n_steps=100, heatmaps={"every_n_steps": 100, "max_tokens": 12})
+    trainer = _trainer(
+        tmp_path, monitor, max_steps=1000, callbacks=[monitor, memory], val_check_interval=250, check_val_every_n_epoch=None
+    )
+    trainer.fit(model, train_dataloaders=_loader(), val_dataloaders=_loader(n=8, seed=3))
+    assert memory.mb[1000] - memory.mb[300] < 30, memory.mb  # no growth after warm-up
+    if "matplotlib.pyplot" in sys.modules:  # attnmonitor never uses pyplot: no figure can be left open
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+    assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+    size_mb = sum(p.stat().st_size for p in (tmp_path / "tb").rglob("*") if p.is_file()) / 2**20
+    image_steps = 10 + 4  # training images every 100 steps, validation every 250
+    assert size_mb < 0.5 * image_steps, size_mb  # documented budget: under 0.5 MB per image step (this model)
+    events = _events(tmp_path)
+    assert len(events.Scalars("attn/train/entropy")) == 100

@@ -21,8 +21,8 @@ from attnmonitor.config import ClipConfig, HeatmapConfig, RegularizerConfig, as_
 from attnmonitor.functional.statistics import STATISTICS, check_statistics, mean_from_sums
 from attnmonitor.metrics import AttentionStatistic
 from attnmonitor.regularization import AttentionSteering
-from attnmonitor.functional.analyses import ROLES
-from attnmonitor.tensorboard import analyse_probe, attention_heatmaps, head_atlas, role_atlas, role_changes, statistics_table
+from attnmonitor.tensorboard import analyse_probe, role_changes
+from attnmonitor.tensorboard.writer import write_atlases, write_heatmap, write_probe
 
 Decoder = Callable[[Sequence[int]], Sequence[str]]
 
@@ -340,28 +340,6 @@ class AttentionMonitor(Callback):
                             scalars[f"attn/{stage}/{name}/{layer}/head_{h}"] = float(grid[row, h])
         return scalars
 
-    def _write_atlases(self, writer: Any, stage: str, step: int, values: dict[str, Tensor], observed: Tensor) -> None:
-        rows = observed.any(1).cpu()
-        layers = [layer for layer, seen in zip(self.layers, rows.tolist()) if seen]
-        for name, grid in values.items():
-            grid, seen = grid.cpu()[rows], observed.cpu()[rows]
-            writer.add_image(f"attn/{stage}/atlas/{name}", head_atlas(grid, seen, layers, f"{stage} {name}"), step, dataformats="HWC")
-            for layer, heads, mask in zip(layers, grid, seen):
-                writer.add_histogram(f"attn/{stage}/hist/{name}/{layer}", heads[mask], step)
-        table = statistics_table({n: v.cpu()[rows] for n, v in values.items()}, observed.cpu()[rows], layers)
-        writer.add_text(f"attn/{stage}/table", table, step)
-
-    def _write_heatmaps(self, writer: Any, stage: str, step: int) -> None:
-        examples = self._accumulators[stage].examples
-        ids = self._example_ids.get(stage)
-        for layer in self._heatmap_layers():
-            if layer not in examples:
-                continue
-            probs = examples[layer]
-            tokens = self._tokens(ids[: probs.shape[-1]]) if ids is not None else None
-            image = attention_heatmaps(probs, tokens, f"{stage} {layer} (example 0)")
-            writer.add_image(f"attn/{stage}/heatmap/{layer}", image, step, dataformats="HWC")
-
     # helpers ------------------------------------------------------------------------------
     def _stage_metrics(self, stage: str, counts: Tensor) -> dict[str, AttentionStatistic]:
         metrics = self._metrics.get(stage)
@@ -400,11 +378,17 @@ class AttentionMonitor(Callback):
                 self._warn("no-tensorboard", f"attnmonitor: images skipped: no TensorBoardLogger among the trainer's loggers {names}.")
             return
         if images:
-            self._write_atlases(writer, stage, step, values, observed)
+            write_atlases(writer, stage, step, self.layers, values, observed)
             if self.analyses:
                 self._write_probe_analyses(trainer, writer, stage, step)
         if heatmaps:
-            self._write_heatmaps(writer, stage, step)
+            examples = self._accumulators[stage].examples
+            ids = self._example_ids.get(stage)
+            for layer in self._heatmap_layers():
+                if layer in examples:
+                    probs = examples[layer]
+                    tokens = self._tokens(ids[: probs.shape[-1]]) if ids is not None else None
+                    write_heatmap(writer, stage, step, layer, probs, tokens)
         writer.flush()
 
     def _write_probe_analyses(self, trainer: pl.Trainer, writer: Any, stage: str, step: int) -> None:
@@ -421,29 +405,14 @@ class AttentionMonitor(Callback):
             top_k=self.top_k,
             classes=classes,
         )
-        if result.roles is None or result.similarity is None:
+        if result.roles is None:
             return
         changes = role_changes(self._roles.get(stage), result.roles, result.layers)
         result.scalars[f"attn/{stage}/role_changes"] = float(len(changes)) if stage in self._roles else 0.0
         self._roles[stage] = result.roles
         for logger in trainer.loggers:
             logger.log_metrics(result.scalars, step=step)
-        writer.add_image(f"attn/{stage}/roles", role_atlas(result.roles, ROLES, result.layers, f"{stage} head roles"), step, dataformats="HWC")
-        table = ["| layer | " + " | ".join(f"head {h}" for h in range(result.roles.shape[1])) + " |", "|---|" + "---|" * result.roles.shape[1]]
-        table += [f"| {layer} | " + " | ".join(ROLES[r] for r in row.tolist()) + " |" for layer, row in zip(result.layers, result.roles)]
-        table += ["", "Changes since the last capture: " + ("; ".join(changes) if changes else "none")]
-        writer.add_text(f"attn/{stage}/roles_table", "\n".join(table), step)
-        observed = torch.ones_like(result.similarity, dtype=torch.bool)
-        title = f"{stage} corr(cos similarity, attention)"
-        writer.add_image(f"attn/{stage}/atlas/similarity_correlation", head_atlas(result.similarity, observed, result.layers, title), step, dataformats="HWC")
-        for layer, text in result.interpretation.items():
-            writer.add_text(f"attn/{stage}/interpretation/{layer}", text, step)
-        if result.rollout is not None:
-            image = attention_heatmaps(result.rollout[None], tokens, f"{stage} attention rollout")
-            writer.add_image(f"attn/{stage}/rollout", image, step, dataformats="HWC")
-        if result.embedding is not None and stage == "val":  # the projector only for the fixed probe
-            vectors, metadata = result.embedding
-            writer.add_embedding(vectors, metadata=metadata, metadata_header=["token", "layer"], tag=f"attn_{stage}_outputs", global_step=step)
+        write_probe(writer, stage, step, result, changes, tokens)
 
     def _tokens(self, ids: Tensor) -> list[str]:
         ids_list = ids.tolist()

@@ -347,3 +347,20 @@ def test_compiled_models_are_captured_like_eager_ones(layer, how):
         torch.testing.assert_close(cap.stats()[name], value, rtol=1e-5, atol=1e-6)
     assert all("forward" not in m.__dict__ for m in model.modules())
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_inductor_compiled_model_statistics_within_1e_5_of_eager():
+    torch.manual_seed(13)
+    model = TinyTransformer(SdpaAttention, causal=True, dropout=0.0).eval()
+    ids = torch.randint(50, (2, 8))
+    with AttentionCapture(model) as eager, torch.no_grad():
+        model(ids)
+    compiled = torch.compile(model)  # the default inductor backend: real compiled kernels
+    with torch.no_grad():
+        compiled(ids)
+    with pytest.warns(RuntimeWarning, match="compiled"), AttentionCapture(compiled) as cap, torch.no_grad():
+        compiled(ids)
+    for name, value in eager.stats().items():
+        torch.testing.assert_close(cap.stats()[name], value, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -238,35 +238,33 @@ def test_clipped_forward_equals_reference_from_clipped_weights(layer):
     assert cap.stats()["max_weight"].max() > 0.4
 
 
+class Checkpointed(TinyTransformer):
+    """TinyTransformer with activation checkpointing around every attention layer."""
+
+    def __init__(self, use_reentrant: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, input_ids, attention_mask=None):
+        from torch.utils.checkpoint import checkpoint
+
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = x + checkpoint(layer, x, use_reentrant=self.use_reentrant)
+        return x
+
+
 def test_reentrant_checkpointing_is_reported_instead_of_a_silent_zero_penalty():
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(TinyTransformer):
-        def forward(self, input_ids, attention_mask=None):
-            x = self.embed(input_ids)
-            for layer in self.layers:
-                x = x + checkpoint(layer, x, use_reentrant=True)
-            return x
-
-    model = Checkpointed(dropout=0.0).train()
+    model = Checkpointed(use_reentrant=True, dropout=0.0).train()
     steering = AttentionSteering(regularizer={"entropy_weight": 1.0})
     with pytest.raises(RuntimeError, match="carried no gradient.*reentrant"):
         _steered_loss(model, steering, torch.randint(50, (2, 5)), None)
 
 
 def test_non_reentrant_checkpointing_counts_once_and_keeps_exact_gradients():
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(TinyTransformer):
-        def forward(self, input_ids, attention_mask=None):
-            x = self.embed(input_ids)
-            for layer in self.layers:
-                x = x + checkpoint(layer, x, use_reentrant=False)
-            return x
-
     torch.manual_seed(12)
     plain = TinyTransformer(dropout=0.0, causal=True).double().train()
-    checkpointed = Checkpointed(dropout=0.0, causal=True).double().train()
+    checkpointed = Checkpointed(use_reentrant=False, dropout=0.0, causal=True).double().train()
     checkpointed.load_state_dict(plain.state_dict())
     ids = torch.randint(50, (2, 6))
     counts = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -17,7 +17,7 @@ from attnmonitor.capture.accumulator import StatisticsAccumulator
 from attnmonitor.capture.discovery import Targets, fast_path_hosts, resolve_targets
 from attnmonitor.capture.interception import AttentionInterceptor
 from attnmonitor.capture.records import AttentionRecord
-from attnmonitor.functional.chunked import chunked_head_sums
+from attnmonitor.functional.chunked import Chunk, chunked_head_sums
 from attnmonitor.functional.fused import fused_row_statistics
 from attnmonitor.functional.statistics import STATISTICS, check_statistics, head_sums
 
@@ -239,18 +239,6 @@ class AttentionCapture:
         """``{layer: [num_heads]}`` number of valid query rows accumulated since :meth:`reset`."""
         return dict(self.accumulator.counts)
 
-    def sums_and_counts(self, layers: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
-        """Accumulated ``{statistic: [len(layers), H]}`` sums and ``[len(layers), H]`` valid-row counts.
-
-        Rows follow ``layers``; layers not captured (and heads a layer lacks) have count 0.
-        ``H`` is the largest head count captured.
-
-        Raises:
-            RuntimeError: if nothing was captured.
-        """
-        self._require_data()
-        return self.accumulator.grid(layers)
-
     def _require_data(self) -> None:
         if not self.accumulator.counts:
             raise RuntimeError(self._nothing_captured_message())
@@ -357,18 +345,24 @@ class AttentionCapture:
                     record.q, record.k, record.attn_mask, record.is_causal, record.scale, record.query_valid,
                     statistics=self.statistics, sink_tokens=self.sink_tokens, budget_bytes=self.budget_bytes,
                 )
+            alignment = torch.zeros(2) if self._has_alignments(record) else None  # [correct, counted]
             if fused is not None:
                 sums, count = head_sums(*fused)
+                if alignment is not None:  # the fused path has no probabilities: one pass for the argmax
+                    for _ in self._count_alignment(alignment, record, record.chunks(self.budget_bytes)):
+                        pass
             else:
+                chunks = record.chunks(self.budget_bytes, self._sampled_rows(record.shape[2]))
+                if alignment is not None:  # counted in the same pass as the statistics
+                    chunks = self._count_alignment(alignment, record, chunks)
                 sums, count = chunked_head_sums(
-                    record.chunks(self.budget_bytes, self._sampled_rows(record.shape[2])),
-                    statistics=self.statistics,
-                    sink_tokens=self.sink_tokens,
-                    sparsity_eps=self.sparsity_eps,
+                    chunks, statistics=self.statistics, sink_tokens=self.sink_tokens, sparsity_eps=self.sparsity_eps
                 )
             if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
                 self._skip(layer, "its attention contains NaN or inf")
                 return
+            if alignment is not None:
+                self.accumulator.add_alignment(layer, alignment)
             refused = self.accumulator.add(layer, sums, count)
             if refused:
                 self._skip(layer, refused)
@@ -378,30 +372,30 @@ class AttentionCapture:
                 self.accumulator.example_states.setdefault(layer, {})["key_valid"] = keys
                 if record.v is not None:
                     self.accumulator.example_states.setdefault(layer, {})["values"] = record.v[0].detach().float().cpu()
-            if self.alignments is not None:
-                self._collect_alignment(layer, record)
 
     def _sampled_rows(self, lq: int) -> Tensor | None:
         if self.sample_rows is None or lq <= self.sample_rows:
             return None
         return torch.randperm(lq, generator=self._row_generator)[: self.sample_rows].sort().values
 
-    def _collect_alignment(self, layer: str, record: AttentionRecord) -> None:
-        """Count rows whose head-mean attention argmax is ``alignments[b, i]`` (negative: no truth)."""
-        assert self.alignments is not None
+    def _has_alignments(self, record: AttentionRecord) -> bool:
         b, _, lq, _ = record.shape
-        if tuple(self.alignments.shape) != (b, lq):
-            return
-        correct = torch.zeros(2)
-        for probs, key_valid, query_valid, positions, *_ in record.chunks(self.budget_bytes):
-            rows = positions - (record.shape[3] - lq)  # query rows of this chunk
-            truth = self.alignments[:, rows].to(probs.device).long()  # [B, r]
-            mean = probs.float().masked_fill(~key_valid.expand_as(probs), 0).mean(1) if key_valid is not None else probs.float().mean(1)
+        return self.alignments is not None and tuple(self.alignments.shape) == (b, lq)
+
+    def _count_alignment(self, correct: Tensor, record: AttentionRecord, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        """Pass ``chunks`` through, adding to ``correct`` the rows whose head-mean argmax is
+        ``alignments[b, i]`` and the rows counted (negative alignments: no ground truth)."""
+        assert self.alignments is not None
+        b, _, lq, lk = record.shape
+        for chunk in chunks:
+            probs, key_valid, query_valid = chunk.probs.float(), chunk.key_valid, chunk.query_valid
+            truth = self.alignments[:, chunk.positions - (lk - lq)].to(probs.device).long()  # [B, r]
+            mean = (probs if key_valid is None else probs.masked_fill(~key_valid.expand_as(probs), 0)).mean(1)
             counted = truth >= 0
             if query_valid is not None:
                 counted = counted & query_valid.expand(b, -1, -1).any(1)
             correct += torch.stack([((mean.argmax(-1) == truth) & counted).sum(), counted.sum()]).float().cpu()
-        self.accumulator.add_alignment(layer, correct)
+            yield chunk
 
     def _query_valid(self, layer: str, record: AttentionRecord) -> Tensor | None:
         mask = self.query_mask if self.query_mask is not None else self._forward_query_mask

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnmonitor import AttentionCapture
+from attnmonitor.functional.statistics import POSITION_STATISTICS
 from tests.models import EagerAttention, SdpaAttention, TinyTransformer, layer_inputs, qk64
 from tests.reference import assert_stats_close, attention_probs, head_means
 
@@ -186,10 +187,16 @@ def test_transformer_decoder_layer_self_and_cross_attention():
     with AttentionCapture(layer) as cap:
         layer(tgt, memory, tgt_mask=causal)
     assert cap.layers == ["self_attn", "multihead_attn"]
+    assert cap.kinds == {"self_attn": "self", "multihead_attn": "cross"}
     tril = torch.ones(5, 5, dtype=torch.bool).tril()
     self_ref = _mha_reference(layer.self_attn, *seen[0], tril, None, True)
     cross_ref = _mha_reference(layer.multihead_attn, *seen[1], torch.ones(1, 1, 1, 7, dtype=torch.bool), None, True)
-    assert_stats_close(cap.stats(), _stacked([self_ref, cross_ref]), rtol=1e-4, atol=1e-5)
+    for name in POSITION_STATISTICS:  # not defined for cross-attention: absent, NaN in the grid
+        del cross_ref[name]
+    per_layer = cap.layer_stats()
+    assert_stats_close(per_layer["self_attn"], self_ref, rtol=1e-4, atol=1e-5)
+    assert_stats_close(per_layer["multihead_attn"], cross_ref, rtol=1e-4, atol=1e-5)
+    assert all(bool(cap.stats()[name][1].isnan().all()) for name in POSITION_STATISTICS)
 
 
 # long sequences ---------------------------------------------------------------------------------

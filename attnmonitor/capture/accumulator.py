@@ -40,6 +40,13 @@ class StatisticsAccumulator:
     def layers(self) -> list[str]:
         return list(self.counts)
 
+    def rename(self, old: str, new: str) -> None:
+        """Rename layer ``old`` to ``new`` everywhere, keeping the order of layers."""
+        for attribute in ("sums", "counts", "examples", "example_states", "alignment"):
+            table = getattr(self, attribute)
+            if old in table:
+                setattr(self, attribute, {new if k == old else k: v for k, v in table.items()})
+
     def add(self, layer: str, sums: dict[str, Tensor], count: Tensor) -> str | None:
         """Add one call's ``{statistic: [H]}`` sums and ``[H]`` count; returns why not, or None."""
         if layer not in self.counts:
@@ -78,6 +85,6 @@ class StatisticsAccumulator:
             if layer in self.counts:
                 h = self.counts[layer].numel()
                 counts[row, :h] = self.counts[layer]
-                for name in self.statistics:
-                    sums[name][row, :h] = self.sums[layer][name]
+                for name, value in self.sums[layer].items():  # a cross-attention layer lacks position statistics
+                    sums[name][row, :h] = value
         return sums, counts

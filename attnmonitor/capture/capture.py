@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from types import TracebackType
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from attnmonitor.capture.accumulator import StatisticsAccumulator
-from attnmonitor.capture.discovery import Targets, fast_path_hosts, resolve_targets
+from attnmonitor.capture.calls import CROSS, SELF, Call, CallTracker, attention_kind
+from attnmonitor.capture.discovery import Targets, fast_path_hosts, innermost, is_attention_like, resolve_targets
 from attnmonitor.capture.interception import AttentionInterceptor
-from attnmonitor.capture.records import AttentionRecord
+from attnmonitor.capture.records import AttentionRecord, unpack_query_heads
 from attnmonitor.functional.chunked import Chunk, chunked_head_sums
 from attnmonitor.functional.fused import fused_row_statistics
-from attnmonitor.functional.statistics import STATISTICS, check_statistics, head_sums
+from attnmonitor.functional.masks import diagonal_valid, sink_keys
+from attnmonitor.functional.statistics import POSITION_STATISTICS, STATISTICS, check_statistics, head_sums
 
 _MIB = 2**20
 
@@ -49,17 +51,26 @@ class AttentionCapture:
     attention call without probabilities (:mod:`attnmonitor.functional.fused`); the others from
     probabilities recomputed in chunks of query rows that fit ``memory_budget_mb``.
 
+    Each call is judged on its own (:mod:`attnmonitor.functional.masks`): its keys and padded query
+    rows come from its own mask, never from a mask given to the model for another sequence; the sink
+    is the first real token of the row's own sequence (or packed document). Each call is self- or
+    cross-attention (:attr:`kinds`); cross-attention rows take the padding of the decoder side (the
+    same block's self-attention) and have no position statistics (``distance``, ``self_weight``,
+    ``prev_token_weight``, ``next_token_weight``).
+
     Args:
         model: any ``nn.Module``.
-        targets: ``"auto"`` (``nn.MultiheadAttention`` and the innermost modules whose class name
-            contains "attention"/"attn"), a regex or list of regexes fully matching qualified module
-            names, or a predicate ``(name, module) -> bool``.
+        targets: ``"auto"``: every module whose own forward computes attention (SDPA,
+            ``nn.MultiheadAttention``, or a softmax over ``q·kᵀ`` scores), whatever its class name,
+            decided while it runs (see :func:`attnmonitor.capture.discovery.auto_targets`); or a regex
+            or list of regexes fully matching qualified module names, or a predicate ``(name, module) -> bool``.
         statistics: names from :data:`attnmonitor.functional.STATISTICS`.
-        query_mask: ``[B, L]`` token mask (1/True = real token) whose zero rows never count. When
-            None, the model's ``attention_mask`` forward argument is used if it has one.
+        query_mask: ``[B, L]`` token mask (1/True = real token) also applied to self-attention calls
+            with ``L`` queries, for models whose attention does not mask padding itself. Only for
+            models with one sequence: it is not applied to cross-attention.
         memory_budget_mb: largest probability chunk materialised per call; larger calls are
             evaluated in chunks of query rows.
-        sink_tokens: leading keys counted by ``sink_mass``.
+        sink_tokens: keys counted by ``sink_mass``, from the first real token of each sequence.
         sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
         example_tokens: when > 0, keep the probabilities of batch element 0 among its first
             ``example_tokens`` tokens for each layer (:attr:`examples`, for heatmaps).
@@ -69,6 +80,9 @@ class AttentionCapture:
         sample_rows: evaluate at most this many query rows (drawn at random, reproducibly) of each
             call on the chunked path: statistics become unbiased estimates at a fraction of the cost.
             None evaluates every row. The fused path always evaluates every row.
+        pool_shared: a module called several times in one forward (a layer shared across depths, as
+            in ALBERT) is reported per call position, ``name#0``, ``name#1``, ...; True pools its calls
+            under ``name``.
 
     Raises:
         ValueError: on invalid arguments, or when ``targets`` selects no module.
@@ -77,8 +91,8 @@ class AttentionCapture:
         >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
         >>> with AttentionCapture(layer) as cap:
         ...     _ = layer(torch.randn(3, 5, 8))
-        >>> cap.layers
-        ['self_attn']
+        >>> cap.layers, cap.kinds
+        (['self_attn'], {'self_attn': 'self'})
         >>> cap.stats()["entropy"].shape  # [num_layers, num_heads]
         torch.Size([1, 2])
     """
@@ -96,6 +110,7 @@ class AttentionCapture:
         example_tokens: int = 0,
         steering: Steering | None = None,
         sample_rows: int | None = None,
+        pool_shared: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -103,8 +118,11 @@ class AttentionCapture:
         self._check_options(memory_budget_mb, sink_tokens, sparsity_eps, sample_rows)
         if not (isinstance(example_tokens, int) and example_tokens >= 0):
             raise ValueError(f"`example_tokens` must be an int >= 0, got {example_tokens!r}")
+        if not isinstance(pool_shared, bool):
+            raise ValueError(f"`pool_shared` must be a bool, got {pool_shared!r}")
         self.model = model
         self.targets = resolve_targets(model, targets)
+        self._auto = isinstance(targets, str) and targets == "auto"
         self.query_mask = query_mask
         self.budget_bytes = int(memory_budget_mb * _MIB)
         self.sink_tokens = sink_tokens
@@ -119,17 +137,20 @@ class AttentionCapture:
         """``[B, Lq]`` ground-truth key of each query row (negative: none), for alignment accuracy."""
         self.enabled = True
         """Whether statistics are collected now (interception also runs while ``steering`` is active)."""
+        self.kinds: dict[str, str] = {}
+        """``{layer: "self" | "cross"}`` of every layer captured since the capture was made."""
         self._names = {id(m): (name or type(m).__name__) for name, m in self.targets.items()}
-        self._interceptor = AttentionInterceptor(self._consume, lambda: bool(self._active))
+        self._declared = {id(m) for m in self.targets.values() if not self._auto or is_attention_like(m)}
+        self._interceptor = AttentionInterceptor(self._consume, lambda: bool(self._active), require_scores=self._auto)
+        self._calls = CallTracker(pool_shared)
 
         self._handles: list[RemovableHandle] = []
         self._eager_targets: list[nn.Module] = []
-        self._active: list[tuple[str, bool]] = []  # (name, training) of target modules running now, innermost last
+        self._active: list[Call] = []  # target calls running now, innermost last
         self._frames: list[tuple[bool, int]] = []  # per hooked call: (interceptor entered, records before)
         self._scope_depth = 0
+        self._forward_depth = 0  # ancestors of targets running now
         self._records = 0
-        self._forward_query_mask: Tensor | None = None
-        self._forward_signature = _signature(model)
         self._silent: set[str] = set()
         self._warned: set[tuple[str, str]] = set()
         self.skipped: dict[str, int] = {}
@@ -159,8 +180,9 @@ class AttentionCapture:
         for host in fast_path_hosts(self.model, self.targets):  # keep the attention submodule on the traced path
             self._handles.append(host.register_forward_pre_hook(self._enter_host))
             self._handles.append(host.register_forward_hook(self._exit_host, always_call=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._enter_model, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._exit_model, always_call=True))
+        for ancestor in _ancestors(self.model, self.targets):  # where a forward of the model begins
+            self._handles.append(ancestor.register_forward_pre_hook(self._enter_ancestor))
+            self._handles.append(ancestor.register_forward_hook(self._exit_ancestor, always_call=True))
         return self
 
     def remove(self) -> None:
@@ -175,7 +197,7 @@ class AttentionCapture:
             self._leave_scope()
         self._active.clear()
         self._frames.clear()
-        self._forward_query_mask = None
+        self._forward_depth = 0
 
     def __enter__(self) -> AttentionCapture:
         return self.attach()
@@ -193,7 +215,7 @@ class AttentionCapture:
             RuntimeWarning,
             stacklevel=3,
         )
-        for module in self.targets.values():
+        for module in innermost(self.targets).values():
             if "forward" not in module.__dict__:
                 module.forward = torch.compiler.disable(module.forward, recursive=False)  # type: ignore[method-assign]
                 self._eager_targets.append(module)
@@ -225,6 +247,8 @@ class AttentionCapture:
     def stats(self) -> dict[str, Tensor]:
         """``{statistic: [num_layers, num_heads]}``, layers in :attr:`layers` order.
 
+        Statistics a layer does not define (position statistics of cross-attention) are NaN there.
+
         Raises:
             RuntimeError: if nothing was captured.
             ValueError: if layers have different head counts (use :meth:`layer_stats`).
@@ -233,7 +257,10 @@ class AttentionCapture:
         heads = {layer: c.numel() for layer, c in self.accumulator.counts.items()}
         if len(set(heads.values())) > 1:
             raise ValueError(f"layers have different head counts {heads}; use layer_stats()")
-        return {name: torch.stack([per_layer[layer][name] for layer in per_layer]) for name in self.statistics}
+        undefined = torch.full_like(next(iter(self.accumulator.counts.values())), float("nan"))
+        return {
+            name: torch.stack([per_layer[layer].get(name, undefined) for layer in per_layer]) for name in self.statistics
+        }
 
     def valid_rows(self) -> dict[str, Tensor]:
         """``{layer: [num_heads]}`` number of valid query rows accumulated since :meth:`reset`."""
@@ -272,25 +299,45 @@ class AttentionCapture:
         if self._frames and self._frames.pop()[0]:
             self._leave_scope()
 
+    def _enter_ancestor(self, module: nn.Module, args: Any) -> None:
+        if self._forward_depth == 0:
+            self._calls.new_forward()
+        self._forward_depth += 1
+
+    def _exit_ancestor(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._forward_depth = max(0, self._forward_depth - 1)
+
     def _enter_target(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        name = self._names[id(module)]
+        if self._forward_depth == 0 and not self._active:  # called on its own, not inside the model's forward
+            self._calls.restart(name)
+        layer, newly_shared = self._calls.layer(name)
+        if newly_shared:
+            self._rename(name, f"{name}#0")
         self._enter_host(module, args)
         if self._frames[-1][0]:
-            name = self._names[id(module)]
-            self._active.append((name, module.training))
+            self._active.append(Call(module, name, layer, attention_kind(module, args, kwargs), module.training))
             if self.enabled and self.example_tokens:
-                self._keep_example_state(name, module, "inputs", (*args, kwargs.get("hidden_states"), kwargs.get("query")))
+                self._keep_example_state(layer, module, "inputs", (*args, kwargs.get("hidden_states"), kwargs.get("query")))
 
     def _exit_target(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._frames:
             return
         entered, records_before = self._frames[-1]
         if entered:
-            name, _ = self._active.pop()
+            call = self._active.pop()
             if self._records == records_before and not _raising():
-                self._report_silent(name, module)
+                if id(module) in self._declared:
+                    self._report_silent(call.name, module)
             elif self.enabled and self.example_tokens:
-                self._keep_example_state(name, module, "outputs", output if isinstance(output, tuple) else (output,))
+                self._keep_example_state(call.layer, module, "outputs", output if isinstance(output, tuple) else (output,))
         self._exit_host(module, args, output)
+
+    def _rename(self, old: str, new: str) -> None:
+        """A module turned out to be shared: what its first call recorded becomes ``name#0``."""
+        self.accumulator.rename(old, new)
+        if old in self.kinds:
+            self.kinds = {new if layer == old else layer: kind for layer, kind in self.kinds.items()}
 
     def _keep_example_state(self, layer: str, module: nn.Module, kind: str, candidates: tuple[Any, ...]) -> None:
         """Keep batch element 0 of the first 3-D tensor among ``candidates`` (``[L, C]``), once per reset."""
@@ -302,48 +349,69 @@ class AttentionCapture:
             sequence_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
             states[kind] = (tensor[:, 0] if sequence_first else tensor[0]).detach().float().cpu()
 
-    def _enter_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._forward_query_mask = None
-        if self._intercepting() and self.query_mask is None and self._forward_signature is not None:
-            try:
-                mask = self._forward_signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
-            except TypeError:
-                mask = None
-            if isinstance(mask, Tensor) and mask.dim() == 2:
-                self._forward_query_mask = mask
-
-    def _exit_model(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._forward_query_mask = None
-
     # records -------------------------------------------------------------------------------
     def _consume(self, record: AttentionRecord) -> Tensor | None:
         """Handle one record inside the attention call; returns the call's replacement output or None.
 
         Never raises: a failure is a warning naming the layer, and that call is left as it was.
         """
-        layer, training = self._active[-1]
+        call = self._active[-1]
         self._records += 1
         replacement = None
         try:
-            record = record.with_query_valid(self._query_valid(layer, record))
-            if self.steering is not None and self.steering.applies(layer, training):
+            record = self._judged(call, record)
+            if self.steering is not None and self.steering.applies(call.name, call.training):
                 probs, key_valid = record.probabilities()
-                used = self.steering.steer(layer, probs, key_valid, record.query_valid, training)
+                used = self.steering.steer(call.name, probs, key_valid, record.query_valid, call.training)
                 replacement = record.output(used)
-                record = AttentionRecord(probs=used.detach(), key_valid=key_valid, query_valid=record.query_valid)
+                record = AttentionRecord(
+                    probs=used.detach(), key_valid=key_valid, query_valid=record.query_valid, sink_keys=record.sink_keys
+                )
             if self.enabled and not _in_backward():  # a checkpointing recompute is not a new forward
-                self._collect(layer, record)
+                self._collect(call, record)
         except Exception as err:  # the monitor must never break the user's forward
-            self._skip(layer, f"{type(err).__name__}: {err}")
+            self._skip(call.layer, f"{type(err).__name__}: {err}")
         return replacement
 
-    def _collect(self, layer: str, record: AttentionRecord) -> None:
+    def _judged(self, call: Call, record: AttentionRecord) -> AttentionRecord:
+        """The record with its valid query rows and sink keys, from its own mask (see the class notes)."""
+        record = unpack_query_heads(record, _num_heads(call.module))
+        b, _, lq, lk = record.shape
+        mask = record.key_mask()
+        if call.kind == SELF:
+            valid = None if mask is None else diagonal_valid(mask, lq, lk)  # [B', Lq]
+            explicit = self._explicit_query_valid(call.layer, b, lq, _device(record))
+            if explicit is not None:
+                valid = explicit if valid is None else valid & explicit
+            self._calls.remember_self(call.name, b, lq, valid)
+        else:
+            found, valid = self._calls.cross_query_validity(call.name, b, lq)
+            if not found:
+                self._warn_once(
+                    call.layer,
+                    "cross-queries",
+                    f"attnmonitor: the padding of the queries of cross-attention layer '{call.layer}' is unknown (no "
+                    "self-attention of the same block with the same queries ran before it); every query row is counted.",
+                )
+        sinks = sink_keys(mask, lq, lk, self.sink_tokens, self_attention=call.kind == SELF, query_valid=valid)
+        record = record.with_query_valid(None if valid is None else valid.unsqueeze(1))
+        return replace(record, sink_keys=sinks)
+
+    def _collect(self, call: Call, record: AttentionRecord) -> None:
+        layer = call.layer
+        statistics = self.statistics
+        if call.kind == CROSS:
+            statistics = tuple(s for s in statistics if s not in POSITION_STATISTICS)
+            if not statistics:
+                return
+        self.kinds.setdefault(layer, call.kind)
         with torch.no_grad():
             fused = None
             if record.q is not None and record.k is not None:  # SDPA: try one extra fused call first
                 fused = fused_row_statistics(
                     record.q, record.k, record.attn_mask, record.is_causal, record.scale, record.query_valid,
-                    statistics=self.statistics, sink_tokens=self.sink_tokens, budget_bytes=self.budget_bytes,
+                    statistics=statistics, sink_tokens=self.sink_tokens, sink_keys=record.sink_keys,
+                    budget_bytes=self.budget_bytes,
                 )
             alignment = torch.zeros(2) if self._has_alignments(record) else None  # [correct, counted]
             if fused is not None:
@@ -356,7 +424,8 @@ class AttentionCapture:
                 if alignment is not None:  # counted in the same pass as the statistics
                     chunks = self._count_alignment(alignment, record, chunks)
                 sums, count = chunked_head_sums(
-                    chunks, statistics=self.statistics, sink_tokens=self.sink_tokens, sparsity_eps=self.sparsity_eps
+                    chunks, statistics=statistics, sink_tokens=self.sink_tokens, sparsity_eps=self.sparsity_eps,
+                    sink_keys=record.sink_keys,
                 )
             if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
                 self._skip(layer, "its attention contains NaN or inf")
@@ -397,20 +466,20 @@ class AttentionCapture:
             correct += torch.stack([((mean.argmax(-1) == truth) & counted).sum(), counted.sum()]).float().cpu()
             yield chunk
 
-    def _query_valid(self, layer: str, record: AttentionRecord) -> Tensor | None:
-        mask = self.query_mask if self.query_mask is not None else self._forward_query_mask
+    def _explicit_query_valid(self, layer: str, batch: int, rows: int, device: torch.device) -> Tensor | None:
+        """The user's ``query_mask`` as bool ``[B, Lq]`` if it fits this self-attention call."""
+        mask = self.query_mask
         if mask is None:
             return None
-        b, _, lq, _ = record.shape
-        if tuple(mask.shape) != (b, lq):
+        if tuple(mask.shape) != (batch, rows):
             self._warn_once(
                 layer,
                 "query-mask",
-                f"attnmonitor: the query mask {tuple(mask.shape)} does not match the queries [B={b}, Lq={lq}] of "
-                f"layer '{layer}'; its padded query rows (if any) are counted.",
+                f"attnmonitor: the query mask {tuple(mask.shape)} does not match the queries [B={batch}, Lq={rows}] of "
+                f"layer '{layer}'; it is not applied there.",
             )
             return None
-        return mask.to(device=_device(record), dtype=torch.bool).unsqueeze(1)  # [B, 1, Lq]
+        return mask.to(device=device, dtype=torch.bool)
 
     # reporting -----------------------------------------------------------------------------
     def _skip(self, layer: str, why: str) -> None:
@@ -454,11 +523,19 @@ def _is_compiled(model: nn.Module) -> bool:
     return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
-def _signature(model: nn.Module) -> inspect.Signature | None:
-    try:
-        return inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return None
+def _ancestors(model: nn.Module, targets: dict[str, nn.Module]) -> list[nn.Module]:
+    """Modules (the model included) that contain a target without being one: their first entry
+    starts a forward of the model."""
+    target_ids = {id(m) for m in targets.values()}
+    return [
+        m for m in model.modules() if id(m) not in target_ids and any(id(c) in target_ids for c in m.modules())
+    ]
+
+
+def _num_heads(module: nn.Module) -> int:
+    """The query heads a module declares (Hugging Face attention modules), or 0 when unknown."""
+    heads = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
+    return heads if isinstance(heads, int) else 0
 
 
 def _device(record: AttentionRecord) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Union
@@ -16,9 +17,41 @@ FAST_PATH_HOSTS: tuple[type[nn.Module], ...] = (nn.TransformerEncoder, nn.Transf
 """Modules whose eval-mode fused fast path would skip their attention submodule's ``forward``."""
 
 
+_ATTENTION_CALL = re.compile(
+    r"scaled_dot_product_attention|flex_attention|multi_head_attention_forward|MultiheadAttention\(|"
+    r"attention_interface|ALL_ATTENTION_FUNCTIONS|eager_attention_forward|flash_attn"
+)
+_SOFTMAX_CALL = re.compile(r"\bsoftmax\b")
+_SOURCE_KINDS: dict[type, tuple[bool, bool]] = {}
+
+
+def _source_kinds(cls: type) -> tuple[bool, bool]:
+    """Whether the source of ``cls`` calls an attention function, and whether it calls a softmax."""
+    if cls not in _SOURCE_KINDS:
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            source = ""
+        _SOURCE_KINDS[cls] = (bool(_ATTENTION_CALL.search(source)), bool(_SOFTMAX_CALL.search(source)))
+    return _SOURCE_KINDS[cls]
+
+
+def _is_builtin(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.")
+
+
 def is_attention_like(module: nn.Module) -> bool:
-    """``nn.MultiheadAttention``, or a class whose name contains "attention" or "attn"."""
-    return isinstance(module, nn.MultiheadAttention) or bool(_ATTENTION_CLASS.search(type(module).__name__))
+    """``nn.MultiheadAttention``, a class named like "*Attention*"/"*Attn*", or one whose code calls an
+    attention function (SDPA, flex, ``nn.MultiheadAttention``, Hugging Face's attention interface)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    if _is_builtin(module):
+        return False
+    return bool(_ATTENTION_CLASS.search(type(module).__name__)) or _source_kinds(type(module))[0]
+
+
+def _calls_softmax(module: nn.Module) -> bool:
+    return not _is_builtin(module) and _source_kinds(type(module))[1]
 
 
 def attention_like_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -27,12 +60,28 @@ def attention_like_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def auto_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """The innermost attention-like modules (``BertSelfAttention``, not the ``BertAttention`` around it)."""
-    found = attention_like_modules(model)
+    """Every module that may compute attention, whatever its class name.
+
+    Which of them do is decided while they run: each attention computation (SDPA, flex attention,
+    ``nn.MultiheadAttention``, or a softmax over ``q·kᵀ`` scores) is attributed to the innermost of
+    these modules running at that moment, so ``BertSelfAttention`` is reported, not the
+    ``BertAttention`` around it, and a softmax over a router's or classifier's logits is not.
+    Candidates are attention-like modules (:func:`is_attention_like`) and modules calling a softmax
+    that contain no attention-like module.
+    """
     return {
         name: m
-        for name, m in found.items()
-        if not any(is_attention_like(child) for child_name, child in m.named_modules() if child_name)
+        for name, m in model.named_modules()
+        if is_attention_like(m)
+        or (_calls_softmax(m) and not any(is_attention_like(c) for n, c in m.named_modules() if n))
+    }
+
+
+def innermost(targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The targets that contain no other target."""
+    ids = {id(m) for m in targets.values()}
+    return {
+        name: m for name, m in targets.items() if not any(id(c) in ids for n, c in m.named_modules() if n)
     }
 
 
@@ -62,8 +111,9 @@ def resolve_targets(model: nn.Module, targets: Targets = "auto") -> dict[str, nn
         existing = sorted(attention_like_modules(model))
         if not existing:
             raise ValueError(
-                f"{type(model).__name__} has no attention module (no nn.MultiheadAttention and no module class "
-                f'named like "*Attention*"/"*Attn*"); pass `targets=` regexes naming the modules that compute attention'
+                f"{type(model).__name__} has no attention module (no nn.MultiheadAttention, no module class named "
+                f'like "*Attention*"/"*Attn*" and none calling SDPA, flex attention or a softmax); pass `targets=` '
+                "regexes naming the modules that compute attention"
             )
         raise ValueError(
             f"`targets`={targets!r} selects no module of {type(model).__name__}; regexes must fully match qualified "

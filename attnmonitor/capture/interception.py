@@ -4,7 +4,10 @@ A :class:`~torch.overrides.TorchFunctionMode` is active only while a target modu
 whose fused fast path would skip it) runs. It sees, whatever name they were imported under:
 
 - ``F.scaled_dot_product_attention``: recorded as ``q``/``k``/mask (the output is SDPA's own);
-- softmax over the last dim of a 3-D/4-D tensor (eager attention): recorded as probabilities;
+- softmax over the last dim of a 3-D/4-D tensor (eager attention): recorded as probabilities. With
+  ``require_scores`` (automatic discovery), only a softmax over scores shaped like the output of a
+  product of two activations (``q @ kᵀ``, ``bmm``, ``baddbmm``, ``einsum``) seen while targets ran:
+  a softmax over a linear layer's logits (router, classifier) is not attention;
 - ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): the mode is off inside a handler,
   so the SDPA/softmax calls nested in it are caught by temporarily wrapping the names that
   ``torch.nn.functional`` resolves them through.
@@ -30,6 +33,11 @@ from attnmonitor.functional.chunked import key_valid_from_logits
 
 _SDPA = F.scaled_dot_product_attention
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
+_PRODUCTS = frozenset(
+    {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
+     torch.Tensor.baddbmm, torch.einsum}
+)
+_MAX_SCORE_SHAPES = 64
 _MHA_FORWARD = F.multi_head_attention_forward
 _MHA_SIGNATURE = inspect.signature(_MHA_FORWARD)
 
@@ -80,6 +88,24 @@ def _softmax_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     return args[1] if len(args) > 1 else kwargs.get("dim")
 
 
+def _score_key(t: Tensor) -> tuple[int, int, int]:
+    """What identifies a score tensor across reshapes, scaling and masking: ``(numel, Lq, Lk)``."""
+    return t.numel(), t.shape[-2], t.shape[-1]
+
+
+def _is_product_of_activations(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> bool:
+    """Whether ``out`` is a ``>= 3``-D product of tensors none of which is a parameter (``q @ kᵀ``)."""
+    if not isinstance(out, Tensor) or out.dim() < 3:
+        return False
+    if func is torch.einsum:
+        operands = [a for a in (args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])]
+    elif func in (torch.baddbmm, torch.Tensor.baddbmm):
+        operands = [kwargs.get("batch1", args[1] if len(args) > 1 else None), kwargs.get("batch2", args[2] if len(args) > 2 else None)]
+    else:
+        operands = [args[0], args[1] if len(args) > 1 else kwargs.get("other")]
+    return all(isinstance(t, Tensor) and not isinstance(t, torch.nn.Parameter) for t in operands)
+
+
 class AttentionInterceptor(TorchFunctionMode):
     """Turns attention calls into :class:`AttentionRecord` s handed to ``emit``.
 
@@ -87,12 +113,20 @@ class AttentionInterceptor(TorchFunctionMode):
         emit: called with each record (inside the attention call; must not raise); returns None,
             or the value the intercepted call returns instead of its own.
         is_recording: whether a target module is running now (outside one, calls pass through).
+        require_scores: intercept only a softmax over ``q·kᵀ``-shaped scores (see the module's notes).
     """
 
-    def __init__(self, emit: Callable[[AttentionRecord], Tensor | None], is_recording: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        emit: Callable[[AttentionRecord], Tensor | None],
+        is_recording: Callable[[], bool],
+        require_scores: bool = False,
+    ) -> None:
         super().__init__()
         self._emit = emit
         self._is_recording = is_recording
+        self._require_scores = require_scores
+        self._score_keys: set[tuple[int, int, int]] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -102,7 +136,16 @@ class AttentionInterceptor(TorchFunctionMode):
             replaced = self._emit(_sdpa_arguments(*args, **kwargs))
             return func(*args, **kwargs) if replaced is None else replaced
         if func in _SOFTMAX:
+            if self._require_scores and (not isinstance(args[0], Tensor) or _score_key(args[0]) not in self._score_keys):
+                return func(*args, **kwargs)
             return self._softmax(func(*args, **kwargs), args, kwargs)
+        if self._require_scores and func in _PRODUCTS:
+            out = func(*args, **kwargs)
+            if _is_product_of_activations(func, args, kwargs, out):
+                if len(self._score_keys) >= _MAX_SCORE_SHAPES:
+                    self._score_keys.clear()
+                self._score_keys.add(_score_key(out))
+            return out
         if func is _MHA_FORWARD:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
             with self._wrap_mha_internals(bound):

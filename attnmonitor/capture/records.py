@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnmonitor.functional.chunked import Chunk, probability_chunks, qk_chunks
+from attnmonitor.functional.chunked import Chunk, key_valid_from_logits, probability_chunks, qk_chunks
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class AttentionRecord:
         scale: SDPA's ``scale`` (None: ``1 / sqrt(D)``).
         dropout_p: SDPA's dropout probability.
         query_valid: bool, broadcastable to ``[B, H, Lq]``: False for padded query rows.
+        sink_keys: bool ``[B or 1, Lk]``: the keys counted by ``sink_mass`` (None: the first ones).
         out_shape: shape of the intercepted call's output (SDPA output or softmax result).
         out_dtype: dtype of that output.
     """
@@ -43,6 +44,7 @@ class AttentionRecord:
     scale: float | None = None
     dropout_p: float = 0.0
     query_valid: Tensor | None = None
+    sink_keys: Tensor | None = None
     out_shape: tuple[int, ...] = ()
     out_dtype: torch.dtype = torch.float32
 
@@ -62,6 +64,18 @@ class AttentionRecord:
             return self
         mask = query_valid if self.query_valid is None else self.query_valid & query_valid
         return replace(self, query_valid=mask)
+
+    def key_mask(self) -> Tensor | None:
+        """The call's own key mask as bool, 4-D, broadcastable to ``[B, H, Lq, Lk]`` (SDPA's ``is_causal``
+        excluded), or None when it has none."""
+        mask = self.key_valid if self.probs is not None else self.attn_mask
+        if mask is None:
+            return None
+        if mask.dtype != torch.bool:
+            mask = key_valid_from_logits(mask)
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        return mask
 
     def probabilities(self) -> tuple[Tensor, Tensor | None]:
         """All ``[B, H, Lq, Lk]`` probabilities (differentiable) and their key mask."""
@@ -120,6 +134,23 @@ class AttentionRecord:
         valid = torch.ones(1, 1, t, lk, dtype=torch.bool, device=probs.device) if valid is None else valid.expand_as(probs)
         probs = probs.masked_fill(~valid, 0.0)
         return probs[0, :, :, :t].detach().cpu(), valid[0, :, :, :t].cpu()
+
+
+def unpack_query_heads(record: AttentionRecord, num_heads: int) -> AttentionRecord:
+    """Undo Hugging Face's decode-time grouped-query packing of an SDPA record.
+
+    For one query token, ``sdpa_attention_forward`` reshapes ``[B, H, 1, D]`` queries to
+    ``[B, Hkv, H / Hkv, D]`` (query heads folded into the length) to avoid repeating keys. Given the
+    module's ``num_heads``, such a record is returned with ``[B, H, 1, D]`` queries; others as they are.
+    """
+    q, k = record.q, record.k
+    if q is None or k is None or q.dim() != 4:
+        return record
+    b, hkv, rows, d = q.shape
+    mask = record.attn_mask
+    if hkv == num_heads or hkv * rows != num_heads or k.shape[1] != hkv or (mask is not None and mask.shape[-2] != 1):
+        return record
+    return replace(record, q=q.reshape(b, num_heads, 1, d))
 
 
 def _first_rows(t: Tensor | None, rows: int) -> Tensor | None:

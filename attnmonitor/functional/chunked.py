@@ -171,8 +171,10 @@ def chunked_head_sums(
     statistics: Sequence[str] = STATISTICS,
     sink_tokens: int = 1,
     sparsity_eps: float = 0.1,
+    sink_keys: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-head sums ``{name: [H]}`` and valid-row counts ``[H]`` over all chunks."""
+    """Per-head sums ``{name: [H]}`` and valid-row counts ``[H]`` over all chunks (``sink_keys``: see
+    :func:`attnmonitor.functional.row_statistics`)."""
     total: dict[str, Tensor] = {}
     count: Tensor | None = None
     for chunk in chunks:
@@ -186,6 +188,7 @@ def chunked_head_sums(
             sparsity_eps=sparsity_eps,
             overwrite=chunk.owned,
             masked=chunk.masked,
+            sink_keys=sink_keys,
         )
         sums, n = head_sums(values, valid)
         count = n if count is None else count + n

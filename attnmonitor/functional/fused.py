@@ -39,6 +39,7 @@ def fused_row_statistics(
     *,
     statistics: Sequence[str],
     sink_tokens: int = 1,
+    sink_keys: Tensor | None = None,
     budget_bytes: int,
 ) -> tuple[dict[str, Tensor], Tensor] | None:
     """Per-row statistics of ``scaled_dot_product_attention(q, k, ...)`` without its probabilities.
@@ -47,6 +48,7 @@ def fused_row_statistics(
         q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``; the rest as SDPA, plus ``query_valid``
             (bool, broadcastable to ``[B, H, Lq]``).
         statistics: names, a subset of :data:`FUSED_STATISTICS`.
+        sink_keys: bool ``[B or 1, Lk]`` sink keys of each sequence (default: the first ``sink_tokens``).
         budget_bytes: a boolean mask is turned into an additive float mask only if it fits.
 
     Returns:
@@ -75,7 +77,8 @@ def fused_row_statistics(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     keys = torch.arange(lk, device=q.device, dtype=torch.float32)
     qf, kf = q.float(), k.float()
-    extra = torch.stack([(keys < sink_tokens).float(), keys], -1).expand(*kf.shape[:-1], 2)  # [B, H, Lk, 2]
+    sinks = (keys < sink_tokens).float().expand(b, lk) if sink_keys is None else sink_keys.to(q.device, torch.float32).expand(b, lk)
+    extra = torch.stack([sinks, keys.expand(b, lk)], -1).unsqueeze(1).expand(*kf.shape[:-1], 2)  # [B, H, Lk, 2]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         F.pad(qf, (0, 2)), F.pad(kf, (0, 2)), torch.cat([kf, extra], -1), 0.0, is_causal, attn_mask=additive, scale=scale
     )  # out: [B, H, Lq, D + 2] = [A K | sink mass | mean key position]; lse: [B, H, Lq]

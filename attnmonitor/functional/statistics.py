@@ -17,6 +17,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+POSITION_STATISTICS: frozenset[str] = frozenset({"distance", "self_weight", "prev_token_weight", "next_token_weight"})
+"""Statistics that compare a query's position with its keys': defined for self-attention only."""
+
 STATISTICS: tuple[str, ...] = (
     "entropy",
     "normalized_entropy",
@@ -59,6 +62,8 @@ class RowContext:
         query_positions: ``[Lq]`` position of each query row among the keys. Default: bottom-right
             alignment ``i + Lk - Lq`` (self-attention: ``i``; a KV cache: the last ``Lq`` keys).
         sink_tokens: number of leading keys whose mass is the sink mass.
+        sink_keys: bool ``[B or 1, Lk]``: the sink keys of each sequence (overrides ``sink_tokens``;
+            see :func:`attnmonitor.functional.masks.sink_keys`).
         sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
         overwrite: ``probs`` may be modified in place (saves a full-size copy).
         masked: ``probs`` are already exactly 0 on invalid keys of rows that have a valid key (true of
@@ -73,6 +78,7 @@ class RowContext:
     sparsity_eps: float = 0.1
     overwrite: bool = False
     masked: bool = False
+    sink_keys: Tensor | None = None
 
     @cached_property
     def keys(self) -> Tensor:
@@ -167,8 +173,16 @@ _ROW_FUNCTIONS = {
     "self_weight": lambda ctx: ctx.weight_at_offset(0),
     "prev_token_weight": lambda ctx: ctx.weight_at_offset(-1),
     "next_token_weight": lambda ctx: ctx.weight_at_offset(1),
-    "sink_mass": lambda ctx: ctx.p[..., : ctx.sink_tokens].sum(-1),
+    "sink_mass": lambda ctx: _sink_mass(ctx),
 }
+
+
+def _sink_mass(ctx: RowContext) -> Tensor:
+    if ctx.sink_keys is None:
+        return ctx.p[..., : ctx.sink_tokens].sum(-1)
+    b, lk = ctx.sink_keys.shape
+    sinks = ctx.sink_keys.to(ctx.p.device, ctx.p.dtype).view(b, 1, lk, 1)
+    return (ctx.p @ sinks).squeeze(-1)  # [B, H, Lq]
 
 
 def row_statistics(
@@ -182,6 +196,7 @@ def row_statistics(
     sparsity_eps: float = 0.1,
     overwrite: bool = False,
     masked: bool = False,
+    sink_keys: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Every requested statistic for every query row.
 
@@ -195,6 +210,7 @@ def row_statistics(
         sparsity_eps: threshold factor of ``sparsity`` (weight ``< eps / n_i``).
         overwrite: ``probs`` may be modified in place (saves memory on long sequences).
         masked: ``probs`` are already 0 on invalid keys of rows with a valid key (skips a pass).
+        sink_keys: bool ``[B or 1, Lk]`` sink keys of each sequence (default: the first ``sink_tokens``).
 
     Returns:
         ``({name: [B, H, Lq] float32}, valid [B, H, Lq] bool)``; invalid rows hold 0.
@@ -210,7 +226,7 @@ def row_statistics(
     check_statistics(statistics)
     if probs.dim() != 4:
         raise ValueError(f"`probs` must have shape [B, H, Lq, Lk], got {tuple(probs.shape)}")
-    ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite, masked)
+    ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite, masked, sink_keys)
     valid = ctx.valid
     values = {name: torch.where(valid, _ROW_FUNCTIONS[name](ctx), 0.0) for name in statistics}
     return values, valid
@@ -257,6 +273,7 @@ def mean_from_sums(sums: Tensor, counts: Tensor) -> Tensor:
 
 
 __all__ = [
+    "POSITION_STATISTICS",
     "STATISTICS",
     "RowContext",
     "attention_statistics",

@@ -17,8 +17,9 @@ from torch.distributed import ReduceOp
 
 from attnmonitor.capture import AttentionCapture, Targets
 from attnmonitor.capture.accumulator import StatisticsAccumulator
+from attnmonitor.capture.calls import CROSS
 from attnmonitor.config import ClipConfig, HeatmapConfig, RegularizerConfig, as_config
-from attnmonitor.functional.statistics import STATISTICS, check_statistics, mean_from_sums
+from attnmonitor.functional.statistics import POSITION_STATISTICS, STATISTICS, check_statistics, mean_from_sums
 from attnmonitor.metrics import AttentionStatistic
 from attnmonitor.regularization import AttentionSteering
 from attnmonitor.tensorboard import analyse_probe, role_changes
@@ -46,7 +47,10 @@ class AttentionMonitor(Callback):
         val_batches: validation batches captured per validation run (0 disables).
         atlas_every_n_steps: training interval of head atlases, histograms and the table.
         input_key: batch key (mapping batches) holding the token ids; tuple batches use item 0.
-        query_mask_key: batch key holding the ``[B, L]`` padding mask (1 = real token).
+        query_mask_key: None (default): padding is read from each attention call's own mask. A batch
+            key holding a ``[B, L]`` mask (1 = real token) additionally applied to every
+            self-attention call with ``L`` queries, for single-sequence models whose attention does
+            not mask padding itself (never use it for encoder-decoders).
         memory_budget_mb: largest probability chunk materialised per attention call.
         sink_tokens: leading keys counted by ``sink_mass``.
         sparsity_eps: a key is sparse when its weight is below ``sparsity_eps / n_i``.
@@ -84,7 +88,7 @@ class AttentionMonitor(Callback):
         val_batches: int = 1,
         atlas_every_n_steps: int = 500,
         input_key: str = "input_ids",
-        query_mask_key: str = "attention_mask",
+        query_mask_key: str | None = None,
         memory_budget_mb: float = 256.0,
         sink_tokens: int = 1,
         sparsity_eps: float = 0.1,
@@ -149,11 +153,14 @@ class AttentionMonitor(Callback):
             steering=self.steering if self.steering.active else None,
             **self.capture_options,
         )
-        self.layers = capture.target_names
+        self.layers: list[str] = []
+        """Layers captured so far (on any process), in forward order."""
         for option, config in (("heatmaps", self.heatmaps), ("regularizer", self.steering.regularizer), ("clip", self.steering.clip)):
             patterns = getattr(config, "layers", None)
-            if patterns is not None and not _matching(self.layers, patterns):
-                raise ValueError(f"`{option}.layers`={patterns} matches none of the attention layers {self.layers}")
+            if patterns is not None and not _matching(capture.target_names, patterns):
+                raise ValueError(
+                    f"`{option}.layers`={patterns} matches none of the attention layers (modules) {capture.target_names}"
+                )
         capture.enabled = False
         self._capture = capture.attach()
         self.steering.regularizing = False
@@ -294,6 +301,7 @@ class AttentionMonitor(Callback):
         if heads == 0:
             return None
         device = trainer.strategy.root_device if trainer is not None else None
+        self.layers = self._known_layers(accumulator.layers, trainer)
         sums, counts = accumulator.grid(self.layers, heads=heads, device=device)
         metrics = self._stage_metrics(stage, counts)
         values: dict[str, Tensor] = {}
@@ -303,7 +311,21 @@ class AttentionMonitor(Callback):
                 total, rows = metric.sums.clone(), metric.counts.clone()
             metric.reset()
             values[name] = mean_from_sums(total, rows)
+        kinds = self._require_capture().kinds
+        cross = torch.tensor([kinds.get(layer) == CROSS for layer in self.layers], device=rows.device)
+        for name in POSITION_STATISTICS & set(values):  # not defined for cross-attention
+            values[name] = values[name].masked_fill(cross.unsqueeze(1), float("nan"))
         return values, rows > 0
+
+    def _known_layers(self, local: Sequence[str], trainer: pl.Trainer | None) -> list[str]:
+        """Layers seen so far here and (distributed) on every process, in first-seen order."""
+        seen = list(self.layers) + [layer for layer in local if layer not in self.layers]
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[list[str] | None] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, seen)
+            for other in gathered:
+                seen += [layer for layer in other or [] if layer not in seen]
+        return seen
 
     def _publish(self, trainer: pl.Trainer, stage: str, step: int, images: bool, heatmaps: bool) -> None:
         try:
@@ -330,9 +352,12 @@ class AttentionMonitor(Callback):
             scalars[f"attn/{stage}/alignment_accuracy"] = max(accuracy.values())  # the best-aligned layer
             scalars.update({f"attn/{stage}/alignment_accuracy/{layer}": a for layer, a in accuracy.items()})
         for name, grid in values.items():
-            scalars[f"attn/{stage}/{name}"] = float(grid[observed].mean())
+            defined = observed & ~grid.isnan()
+            if not defined.any():
+                continue
+            scalars[f"attn/{stage}/{name}"] = float(grid[defined].mean())
             for row, layer in enumerate(self.layers):
-                heads = observed[row]
+                heads = defined[row]
                 if heads.any():
                     scalars[f"attn/{stage}/{name}/{layer}"] = float(grid[row][heads].mean())
                     if self.per_head:
@@ -429,7 +454,7 @@ class AttentionMonitor(Callback):
         return None
 
     def _query_mask(self, batch: Any) -> Tensor | None:
-        return self._batch_tensor(batch, self.query_mask_key)
+        return None if self.query_mask_key is None else self._batch_tensor(batch, self.query_mask_key)
 
     @staticmethod
     def _batch_tensor(batch: Any, key: str) -> Tensor | None:
@@ -444,7 +469,8 @@ class AttentionMonitor(Callback):
 
 
 def _matching(layers: Sequence[str], patterns: Sequence[str]) -> list[str]:
-    return [layer for layer in layers if any(re.fullmatch(p, layer) for p in patterns)]
+    """Layers (``name`` or a shared module's ``name#i``) whose module name fully matches a pattern."""
+    return [layer for layer in layers if any(re.fullmatch(p, layer.split("#")[0]) for p in patterns)]
 
 
 def _add_to_loss(output: Any, penalty: Tensor) -> Any:

@@ -155,7 +155,7 @@ class AttentionMonitorConfig:
     val_batches: int = 1
     atlas_every_n_steps: int = 500
     input_key: str = "input_ids"
-    query_mask_key: str = "attention_mask"
+    query_mask_key: str | None = None
     memory_budget_mb: float = 256.0
     sink_tokens: int = 1
     sparsity_eps: float = 0.1

@@ -15,7 +15,14 @@ from torch.utils.hooks import RemovableHandle
 
 from attnmonitor.capture.accumulator import StatisticsAccumulator
 from attnmonitor.capture.calls import CROSS, SELF, Call, CallTracker, attention_kind
-from attnmonitor.capture.discovery import Targets, fast_path_hosts, innermost, is_attention_like, resolve_targets
+from attnmonitor.capture.discovery import (
+    Targets,
+    fast_path_hosts,
+    innermost,
+    is_attention_like,
+    is_named_attention,
+    resolve_targets,
+)
 from attnmonitor.capture.interception import AttentionInterceptor
 from attnmonitor.capture.records import AttentionRecord, unpack_query_heads
 from attnmonitor.functional.chunked import Chunk, chunked_head_sums
@@ -141,7 +148,10 @@ class AttentionCapture:
         """``{layer: "self" | "cross"}`` of every layer captured since the capture was made."""
         self._names = {id(m): (name or type(m).__name__) for name, m in self.targets.items()}
         self._declared = {id(m) for m in self.targets.values() if not self._auto or is_attention_like(m)}
-        self._interceptor = AttentionInterceptor(self._consume, lambda: bool(self._active), require_scores=self._auto)
+        self._named = {id(m) for m in self.targets.values() if not self._auto or is_named_attention(m)}
+        self._interceptor = AttentionInterceptor(
+            self._consume, lambda: bool(self._active), require_scores=lambda: id(self._active[-1].module) not in self._named
+        )
         self._calls = CallTracker(pool_shared)
 
         self._handles: list[RemovableHandle] = []

@@ -26,18 +26,28 @@ _SOURCE_KINDS: dict[type, tuple[bool, bool]] = {}
 
 
 def _source_kinds(cls: type) -> tuple[bool, bool]:
-    """Whether the source of ``cls`` calls an attention function, and whether it calls a softmax."""
+    """Whether the code of ``cls`` (and of its base classes) calls an attention function, and a softmax."""
     if cls not in _SOURCE_KINDS:
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            source = ""
+        sources = []
+        for base in cls.__mro__:
+            if base.__module__.startswith("torch.") or base is object:
+                continue
+            try:
+                sources.append(inspect.getsource(base))
+            except (OSError, TypeError):
+                pass
+        source = "\n".join(sources)
         _SOURCE_KINDS[cls] = (bool(_ATTENTION_CALL.search(source)), bool(_SOFTMAX_CALL.search(source)))
     return _SOURCE_KINDS[cls]
 
 
 def _is_builtin(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.")
+
+
+def is_named_attention(module: nn.Module) -> bool:
+    """``nn.MultiheadAttention`` or a class named like "*Attention*"/"*Attn*" (any softmax in it is attention)."""
+    return isinstance(module, nn.MultiheadAttention) or bool(_ATTENTION_CLASS.search(type(module).__name__))
 
 
 def is_attention_like(module: nn.Module) -> bool:

@@ -4,8 +4,9 @@ A :class:`~torch.overrides.TorchFunctionMode` is active only while a target modu
 whose fused fast path would skip it) runs. It sees, whatever name they were imported under:
 
 - ``F.scaled_dot_product_attention``: recorded as ``q``/``k``/mask (the output is SDPA's own);
-- softmax over the last dim of a 3-D/4-D tensor (eager attention): recorded as probabilities. With
-  ``require_scores`` (automatic discovery), only a softmax over scores shaped like the output of a
+- softmax over the last dim of a 3-D/4-D tensor (eager attention): recorded as probabilities. Where
+  ``require_scores`` says so (modules found automatically but not named as attention), only a
+  softmax over scores shaped like the output of a
   product of two activations (``q @ kᵀ``, ``bmm``, ``baddbmm``, ``einsum``) seen while targets ran:
   a softmax over a linear layer's logits (router, classifier) is not attention;
 - ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): the mode is off inside a handler,
@@ -113,14 +114,15 @@ class AttentionInterceptor(TorchFunctionMode):
         emit: called with each record (inside the attention call; must not raise); returns None,
             or the value the intercepted call returns instead of its own.
         is_recording: whether a target module is running now (outside one, calls pass through).
-        require_scores: intercept only a softmax over ``q·kᵀ``-shaped scores (see the module's notes).
+        require_scores: whether, in the module running now, only a softmax over ``q·kᵀ``-shaped
+            scores is attention (see the module's notes).
     """
 
     def __init__(
         self,
         emit: Callable[[AttentionRecord], Tensor | None],
         is_recording: Callable[[], bool],
-        require_scores: bool = False,
+        require_scores: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__()
         self._emit = emit
@@ -136,10 +138,10 @@ class AttentionInterceptor(TorchFunctionMode):
             replaced = self._emit(_sdpa_arguments(*args, **kwargs))
             return func(*args, **kwargs) if replaced is None else replaced
         if func in _SOFTMAX:
-            if self._require_scores and (not isinstance(args[0], Tensor) or _score_key(args[0]) not in self._score_keys):
+            if self._require_scores() and (not isinstance(args[0], Tensor) or _score_key(args[0]) not in self._score_keys):
                 return func(*args, **kwargs)
             return self._softmax(func(*args, **kwargs), args, kwargs)
-        if self._require_scores and func in _PRODUCTS:
+        if func in _PRODUCTS:
             out = func(*args, **kwargs)
             if _is_product_of_activations(func, args, kwargs, out):
                 if len(self._score_keys) >= _MAX_SCORE_SHAPES:

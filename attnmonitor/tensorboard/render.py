@@ -88,15 +88,20 @@ def attention_heatmaps(probs: Tensor, tokens: Sequence[str] | None, title: str) 
 
 
 def statistics_table(values: dict[str, Tensor], observed: Tensor, layers: Sequence[str]) -> str:
-    """Markdown table, one row per (layer, head) with data, one column per statistic."""
+    """Markdown table, one row per (layer, head) with data, one column per statistic (NaN, a statistic
+    the layer does not define, is shown as "–")."""
     names = list(values)
     lines = ["| layer | head | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for row, layer in enumerate(layers):
         for head in range(observed.shape[1]):
             if observed[row, head]:
-                cells = " | ".join(f"{float(values[n][row, head]):.4g}" for n in names)
+                cells = " | ".join(_cell(float(values[n][row, head])) for n in names)
                 lines.append(f"| {layer} | {head} | {cells} |")
     return "\n".join(lines)
+
+
+def _cell(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.4g}"
 
 
 def role_atlas(roles: Tensor, names: Sequence[str], layers: Sequence[str], title: str) -> np.ndarray:

@@ -20,15 +20,20 @@ def write_atlases(writer: Any, stage: str, step: int, layers: Sequence[str], val
     """One layers x heads atlas image per statistic, a histogram per layer, and the per-head table.
 
     Args:
-        values: ``{statistic: [L, H]}`` means; observed: bool ``[L, H]`` cells with data.
+        values: ``{statistic: [L, H]}`` means, NaN where a layer does not define the statistic
+            (drawn blank); observed: bool ``[L, H]`` cells with data.
     """
     rows = observed.any(1).cpu()
     seen_layers = [layer for layer, seen in zip(layers, rows.tolist()) if seen]
     for name, grid in values.items():
-        grid, seen = grid.cpu()[rows], observed.cpu()[rows]
+        grid = grid.cpu()[rows]
+        seen = observed.cpu()[rows] & ~grid.isnan()
+        if not seen.any():
+            continue
         writer.add_image(f"attn/{stage}/atlas/{name}", head_atlas(grid, seen, seen_layers, f"{stage} {name}"), step, dataformats="HWC")
         for layer, heads, mask in zip(seen_layers, grid, seen):
-            writer.add_histogram(f"attn/{stage}/hist/{name}/{layer}", heads[mask], step)
+            if mask.any():
+                writer.add_histogram(f"attn/{stage}/hist/{name}/{layer}", heads[mask], step)
     table = statistics_table({n: v.cpu()[rows] for n, v in values.items()}, observed.cpu()[rows], seen_layers)
     writer.add_text(f"attn/{stage}/table", table, step)
 

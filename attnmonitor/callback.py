@@ -51,11 +51,15 @@ class AttentionMonitor(Callback):
             key holding a ``[B, L]`` mask (1 = real token) additionally applied to every
             self-attention call with ``L`` queries, for single-sequence models whose attention does
             not mask padding itself (never use it for encoder-decoders).
+        decoder_input_key: batch key (mapping batches) of the decoder's token ids, labelling the
+            queries of cross-attention heatmaps and tables (positions when absent).
         memory_budget_mb: largest probability chunk materialised per attention call.
         sink_tokens: leading keys counted by ``sink_mass``.
         sparsity_eps: a key is sparse when its weight is below ``sparsity_eps / n_i``.
         sample_rows: evaluate at most this many random query rows per attention call on the chunked
             path (estimates; None: every row).
+        pool_shared: report a module called several times per forward (shared across depths) under
+            one name instead of ``name#0``, ``name#1``, ...
         regularizer: :class:`RegularizerConfig` (or mapping): an entropy/sparsity penalty added to the
             training loss (automatic optimization) or returned by :meth:`penalty` (manual).
         clip: :class:`ClipConfig` (or mapping): exact clipping of the attention weights the model uses.
@@ -89,10 +93,12 @@ class AttentionMonitor(Callback):
         atlas_every_n_steps: int = 500,
         input_key: str = "input_ids",
         query_mask_key: str | None = None,
+        decoder_input_key: str = "decoder_input_ids",
         memory_budget_mb: float = 256.0,
         sink_tokens: int = 1,
         sparsity_eps: float = 0.1,
         sample_rows: int | None = None,
+        pool_shared: bool = False,
         regularizer: RegularizerConfig | Mapping[str, Any] | None = None,
         clip: ClipConfig | Mapping[str, Any] | None = None,
         analyses: bool = True,
@@ -113,10 +119,13 @@ class AttentionMonitor(Callback):
         self.decoder = decoder
         self.val_batches = val_batches
         self.atlas_every_n_steps = atlas_every_n_steps
-        self.input_key, self.query_mask_key = input_key, query_mask_key
+        self.input_key, self.query_mask_key, self.decoder_input_key = input_key, query_mask_key, decoder_input_key
         self.capture_options = dict(
             memory_budget_mb=memory_budget_mb, sink_tokens=sink_tokens, sparsity_eps=sparsity_eps, sample_rows=sample_rows
         )
+        if not isinstance(pool_shared, bool):
+            raise ValueError(f"`pool_shared` must be a bool, got {pool_shared!r}")
+        self.pool_shared = pool_shared
         AttentionCapture._check_options(**self.capture_options)
         _check_int("top_k", top_k, 1)
         if token_classes is not None and not (isinstance(token_classes, Mapping) and token_classes):
@@ -151,6 +160,7 @@ class AttentionMonitor(Callback):
             statistics=self.statistics,
             example_tokens=heatmap_tokens,
             steering=self.steering if self.steering.active else None,
+            pool_shared=self.pool_shared,
             **self.capture_options,
         )
         self.layers: list[str] = []
@@ -202,6 +212,7 @@ class AttentionMonitor(Callback):
             capture.reset()
             self._window_step = step
             self._example_ids["train"] = self._input_ids(batch)
+            self._example_ids["train-queries"] = self._input_ids(batch, self.decoder_input_key)
         capture.enabled = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -270,6 +281,7 @@ class AttentionMonitor(Callback):
         if batch_idx == 0:
             capture.reset()
             self._example_ids["val"] = self._input_ids(batch)
+            self._example_ids["val-queries"] = self._input_ids(batch, self.decoder_input_key)
         capture.query_mask = self._query_mask(batch)
         capture.alignments = self._batch_tensor(batch, self.alignment_key)
         capture.enabled = True
@@ -409,16 +421,21 @@ class AttentionMonitor(Callback):
         if heatmaps:
             examples = self._accumulators[stage].examples
             ids = self._example_ids.get(stage)
+            states = self._accumulators[stage].example_states
+            kinds = self._require_capture().kinds
             for layer in self._heatmap_layers():
                 if layer in examples:
-                    probs = examples[layer]
-                    tokens = self._tokens(ids[: probs.shape[-1]]) if ids is not None else None
-                    write_heatmap(writer, stage, step, layer, probs, tokens)
+                    probs, layer_states = examples[layer], states.get(layer, {})
+                    start, key_start = int(layer_states.get("start", 0)), int(layer_states.get("key_start", 0))
+                    query_ids = self._example_ids.get(f"{stage}-queries") if kinds.get(layer) == CROSS else ids
+                    keys = self._tokens(ids[key_start : key_start + probs.shape[-1]]) if ids is not None else None
+                    queries = self._tokens(query_ids[start : start + probs.shape[-2]]) if query_ids is not None else None
+                    write_heatmap(writer, stage, step, layer, probs, keys, queries, cross=kinds.get(layer) == CROSS)
         writer.flush()
 
     def _write_probe_analyses(self, trainer: pl.Trainer, writer: Any, stage: str, step: int) -> None:
         """The seed's analyses on the probe example: scalars to every logger, figures and text to TensorBoard."""
-        ids = self._example_ids.get(stage)
+        ids, query_ids = self._example_ids.get(stage), self._example_ids.get(f"{stage}-queries")
         tokens = self._tokens(ids) if ids is not None else None
         classes = None if self.token_classes is None else {k: frozenset(v) for k, v in self.token_classes.items()}
         result = analyse_probe(
@@ -429,6 +446,8 @@ class AttentionMonitor(Callback):
             sink_tokens=self.capture_options["sink_tokens"],
             top_k=self.top_k,
             classes=classes,
+            kinds=self._require_capture().kinds,
+            query_tokens=self._tokens(query_ids) if query_ids is not None else None,
         )
         if result.roles is None:
             return
@@ -447,8 +466,8 @@ class AttentionMonitor(Callback):
             return [str(t) for t in self.decoder(ids_list)]
         return [str(i) for i in ids_list]
 
-    def _input_ids(self, batch: Any) -> Tensor | None:
-        ids = _batch_item(batch, self.input_key)
+    def _input_ids(self, batch: Any, key: str | None = None) -> Tensor | None:
+        ids = _batch_item(batch, key or self.input_key) if key is None or isinstance(batch, Mapping) else None
         if isinstance(ids, Tensor) and ids.dim() == 2 and not ids.is_floating_point():
             return ids[0].detach().cpu()
         return None

@@ -156,10 +156,12 @@ class AttentionMonitorConfig:
     atlas_every_n_steps: int = 500
     input_key: str = "input_ids"
     query_mask_key: str | None = None
+    decoder_input_key: str = "decoder_input_ids"
     memory_budget_mb: float = 256.0
     sink_tokens: int = 1
     sparsity_eps: float = 0.1
     sample_rows: int | None = None
+    pool_shared: bool = False
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     analyses: bool = True

@@ -165,3 +165,33 @@ def test_sampled_rows_equal_the_full_evaluation_restricted_to_those_rows():
         torch.testing.assert_close(sampled[0][name], restricted[0][name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(from_probs[0][name], restricted[0][name], rtol=1e-5, atol=1e-5)
     assert sampled[1].tolist() == [8.0, 8.0, 8.0]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 2, 3])
+def test_sink_keys_are_the_first_tokens_of_each_document_under_padding_windows_and_packing(causal, window):
+    from attnmonitor.functional.masks import diagonal_valid, sink_keys
+
+    # per batch row: (left pads, document lengths) -> a block-diagonal mask, causal or not, windowed or not
+    layouts = [(0, [5, 3, 4]), (3, [9]), (2, [1, 6, 3])]
+    length = 12
+    masks, expected_sinks, expected_valid = [], [], []
+    for pads, docs in layouts:
+        doc_of = [-1] * pads + [d for d, n in enumerate(docs) for _ in range(n)]
+        doc_of += [-1] * (length - len(doc_of))  # right padding
+        starts = {d: doc_of.index(d) for d in range(len(docs))}
+        mask = torch.zeros(length, length, dtype=torch.bool)
+        for i in range(length):
+            for j in range(length):
+                same = doc_of[i] >= 0 and doc_of[i] == doc_of[j]
+                visible = (j <= i or not causal) and (window is None or abs(i - j) < window)
+                mask[i, j] = same and visible
+        masks.append(mask)
+        expected_sinks.append(torch.tensor([doc_of[j] >= 0 and starts[doc_of[j]] == j for j in range(length)]))
+        expected_valid.append(torch.tensor([d >= 0 for d in doc_of]))
+    mask = torch.stack(masks)[:, None]  # [B, 1, L, L]
+    torch.testing.assert_close(diagonal_valid(mask, length, length), torch.stack(expected_valid))
+    sinks = sink_keys(mask, length, length, 1, self_attention=True)
+    # pads are never attended by a real row, so only the sinks of real tokens matter
+    real = torch.stack(expected_valid)
+    torch.testing.assert_close(sinks & real, torch.stack(expected_sinks))

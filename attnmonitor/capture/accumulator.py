@@ -28,8 +28,9 @@ class StatisticsAccumulator:
         self.examples: dict[str, Tensor] = {}
         """``{layer: [H, T, T]}`` example probabilities, from the first call of each layer."""
         self.example_states: dict[str, dict[str, Tensor]] = {}
-        """``{layer: {"inputs": [L, C], "outputs": [L, C], "values": [Hkv, L, Dv]}}`` of batch element 0
-        (what was available: values only from SDPA calls)."""
+        """``{layer: {"inputs": [L, C], "outputs": [L, C], "values": [Hkv, L, Dv], "key_valid": [H, T, T],
+        "start": [], "key_start": []}}`` of batch element 0 (what was available: values only from SDPA
+        calls); the example's rows start at position ``start``, its keys at ``key_start``."""
         self.alignment: dict[str, Tensor] = {}
         """``{layer: [correct, total]}``: rows whose head-mean argmax is the ground-truth key."""
 

@@ -118,13 +118,14 @@ class CallTracker:
         top_level = len(parts) == 1  # a block attached on its own: its modules share the root
         best: tuple[int, Tensor | None] | None = None
         for other, (shape, validity) in self._self_validity.items():  # oldest first: ties go to the latest
-            shared = _common_prefix(parts, other.split("."))
+            shared = common_prefix(parts, other.split("."))
             if shape == (batch, rows) and (shared or top_level) and (best is None or shared >= best[0]):
                 best = (shared, validity)
         return (False, None) if best is None else (True, best[1])
 
 
-def _common_prefix(a: list[str], b: list[str]) -> int:
+def common_prefix(a: list[str], b: list[str]) -> int:
+    """How many leading components two split module names share."""
     count = 0
     for x, y in zip(a, b):
         if x != y:

@@ -446,9 +446,10 @@ class AttentionCapture:
             if refused:
                 self._skip(layer, refused)
             elif self.example_tokens and layer not in self.accumulator.examples:
-                probs, keys = record.example(self.example_tokens)
+                probs, keys, start, key_start = record.example(self.example_tokens)
                 self.accumulator.examples[layer] = probs
-                self.accumulator.example_states.setdefault(layer, {})["key_valid"] = keys
+                states = self.accumulator.example_states.setdefault(layer, {})
+                states.update(key_valid=keys, start=torch.tensor(start), key_start=torch.tensor(key_start))
                 if record.v is not None:
                     self.accumulator.example_states.setdefault(layer, {})["values"] = record.v[0].detach().float().cpu()
 

@@ -112,28 +112,35 @@ class AttentionRecord:
         )
 
 
-    def example(self, max_tokens: int) -> tuple[Tensor, Tensor]:
-        """Batch element 0 among its first ``T`` tokens: probabilities ``[H, T, T]`` float32 and valid keys.
+    def example(self, max_tokens: int) -> tuple[Tensor, Tensor, int, int]:
+        """Batch element 0 from its first real token: probabilities ``[H, T, T]`` float32, valid keys, start.
 
-        ``T`` is ``max_tokens`` capped by the sequence and, with a query mask, by its real tokens.
-        Rows are the full softmax (keys past ``T`` keep their share, so a truncated row may sum to < 1).
-        The key mask is bool, broadcastable to ``[H, T, T]``.
+        Rows start at the first counted query row and keys at the first key that row may attend
+        (left padding skipped), ``T`` is ``max_tokens`` capped by the queries and keys left. Rows are
+        the full softmax (keys past ``T`` keep their share, so a truncated row may sum to < 1). The
+        key mask is bool ``[H, T, T]``; ``start`` and ``key_start`` are the first row's and key's
+        indices (for token labels).
         """
         b, h, lq, lk = self.shape
-        t = min(max_tokens, lq, lk)
+        start = 0
         if self.query_valid is not None:
-            t = min(t, int(self.query_valid[0].reshape(-1, lq)[0].sum()))
+            rows = self.query_valid[0].reshape(-1, lq).any(0).nonzero()
+            start = int(rows[0]) if rows.numel() else 0
         if self.probs is not None:
-            probs, valid = self.probs[:1, :, :t].float(), _first_rows(self.key_valid, t)
+            probs, valid = self.probs[:1, :, start:].float(), _first_rows(self.key_valid, start, lq - start)
         else:
             assert self.q is not None and self.k is not None
             ((probs, valid, *_),) = qk_chunks(
-                self.q[:1, :, :t], self.k[:1], _first_rows(self.attn_mask, t), self.is_causal, self.scale,
-                budget_bytes=1 << 62,
+                self.q[:1], self.k[:1], _first_rows(self.attn_mask, 0, lq), self.is_causal, self.scale,
+                budget_bytes=1 << 62, rows=torch.arange(start, lq, device=self.q.device),
             )
-        valid = torch.ones(1, 1, t, lk, dtype=torch.bool, device=probs.device) if valid is None else valid.expand_as(probs)
+        valid = torch.ones_like(probs, dtype=torch.bool) if valid is None else valid.expand_as(probs)
         probs = probs.masked_fill(~valid, 0.0)
-        return probs[0, :, :, :t].detach().cpu(), valid[0, :, :, :t].cpu()
+        attended = valid[0, :, 0].any(0).nonzero()
+        key_start = int(attended[0]) if attended.numel() else 0
+        t = max(1, min(max_tokens, lq - start, lk - key_start))
+        probs, valid = probs[0, :, :t, key_start : key_start + t], valid[0, :, :t, key_start : key_start + t]
+        return probs.detach().cpu(), valid.cpu(), start, key_start
 
 
 def unpack_query_heads(record: AttentionRecord, num_heads: int) -> AttentionRecord:
@@ -153,14 +160,14 @@ def unpack_query_heads(record: AttentionRecord, num_heads: int) -> AttentionReco
     return replace(record, q=q.reshape(b, num_heads, 1, d))
 
 
-def _first_rows(t: Tensor | None, rows: int) -> Tensor | None:
-    """Batch element 0 and the first ``rows`` query rows of a mask broadcastable to ``[B, H, Lq, Lk]``."""
+def _first_rows(t: Tensor | None, start: int, rows: int) -> Tensor | None:
+    """Batch element 0 and query rows ``start : start + rows`` of a mask broadcastable to ``[B, H, Lq, Lk]``."""
     if t is None:
         return None
     if t.dim() == 4 and t.shape[0] > 1:
         t = t[:1]
     if t.dim() >= 2 and t.shape[-2] > 1:
-        t = t[..., :rows, :]
+        t = t[..., start : start + rows, :]
     return t
 
 

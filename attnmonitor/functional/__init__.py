@@ -8,7 +8,9 @@ from attnmonitor.functional.chunked import (
     qk_chunks,
     sdpa_key_valid,
 )
+from attnmonitor.functional.masks import diagonal_valid, first_valid_keys, sequence_starts, sink_keys
 from attnmonitor.functional.statistics import (
+    POSITION_STATISTICS,
     STATISTICS,
     attention_statistics,
     check_statistics,
@@ -19,10 +21,13 @@ from attnmonitor.functional.statistics import (
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
+    "POSITION_STATISTICS",
     "STATISTICS",
     "attention_statistics",
     "check_statistics",
     "chunked_head_sums",
+    "diagonal_valid",
+    "first_valid_keys",
     "head_sums",
     "key_valid_from_logits",
     "mean_from_sums",
@@ -30,4 +35,6 @@ __all__ = [
     "qk_chunks",
     "row_statistics",
     "sdpa_key_valid",
+    "sequence_starts",
+    "sink_keys",
 ]

@@ -190,19 +190,27 @@ def head_roles(stats: dict[str, Tensor], thresholds: dict[str, float] | None = N
     quantities, so the rules do not depend on sequence length (the seed's ``entropy > 3.0`` did).
 
     Args:
-        stats: ``{name: [...]}`` with ``self_weight``, ``prev_token_weight``, ``next_token_weight``,
-            ``sink_mass``, ``normalized_distance`` and ``normalized_entropy``.
+        stats: ``{name: [...]}`` with ``sink_mass`` and ``normalized_entropy``, and for self-attention
+            ``self_weight``, ``prev_token_weight``, ``next_token_weight`` and ``normalized_distance``
+            (absent for cross-attention: those roles are then never given).
     """
     t = {**ROLE_THRESHOLDS, **(thresholds or {})}
+    never = torch.zeros_like(stats["sink_mass"], dtype=torch.bool)
+
+    def above(name: str, threshold: float, flip: bool = False) -> Tensor:
+        if name not in stats:
+            return never
+        return ((1 - stats[name]) if flip else stats[name]) > threshold
+
     rules = [  # in ROLES order
-        stats["self_weight"] > t["self"],
-        stats["prev_token_weight"] > t["previous_token"],
-        stats["next_token_weight"] > t["next_token"],
-        stats["sink_mass"] > t["sink"],
-        (1 - stats["normalized_distance"]) > t["local"],
-        stats["normalized_entropy"] > t["broad"],
+        above("self_weight", t["self"]),
+        above("prev_token_weight", t["previous_token"]),
+        above("next_token_weight", t["next_token"]),
+        above("sink_mass", t["sink"]),
+        above("normalized_distance", t["local"], flip=True),
+        above("normalized_entropy", t["broad"]),
     ]
-    role = torch.full_like(stats["self_weight"], ROLES.index("focused"), dtype=torch.long)
+    role = torch.full_like(stats["sink_mass"], ROLES.index("focused"), dtype=torch.long)
     for index in reversed(range(len(rules))):  # earlier rules win
         role = torch.where(rules[index], index, role)
     return role

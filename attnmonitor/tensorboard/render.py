@@ -52,13 +52,16 @@ def head_atlas(values: Tensor, observed: Tensor, layers: Sequence[str], title: s
     return _rgb(fig)
 
 
-def attention_heatmaps(probs: Tensor, tokens: Sequence[str] | None, title: str) -> np.ndarray:
+def attention_heatmaps(
+    probs: Tensor, tokens: Sequence[str] | None, title: str, query_tokens: Sequence[str] | None = None
+) -> np.ndarray:
     """Each head's ``[T, T]`` attention of one example, tiled side by side, with token labels when given.
 
     Args:
         probs: ``[H, T, T]`` probabilities (rows: queries, columns: keys).
-        tokens: ``T`` labels, or None for positions.
+        tokens: ``T`` key labels, or None for positions.
         title: figure title (the layer).
+        query_tokens: ``T`` query labels (default: ``tokens``, as in self-attention).
 
     Returns:
         ``[height, width, 3]`` uint8 image.
@@ -75,12 +78,13 @@ def attention_heatmaps(probs: Tensor, tokens: Sequence[str] | None, title: str) 
     ax.imshow(mosaic, cmap="magma", vmin=0.0, vmax=max(float(probs.max()), 1e-6), interpolation="nearest", aspect="auto")
     fig.suptitle(f"{title}: rows (queries) attend to columns (keys)", fontsize=8)
     labels = list(tokens) if tokens is not None else [str(i) for i in range(t)]
+    row_labels = list(query_tokens) if query_tokens is not None else (labels if tokens is not None else [f"q{i}" for i in range(t)])
     step = 1 if t <= 64 else math.ceil(t / 64)
     ax.set_xticks([])
     ax.set_yticks([])
     # plain text labels (a matplotlib tick costs ~1 ms, a text ~0.2 ms); key labels under the first head only
     for i in range(0, t, step):
-        ax.text(-1, i, labels[i], ha="right", va="center", fontsize=4.5)
+        ax.text(-1, i, row_labels[i], ha="right", va="center", fontsize=4.5)
         ax.text(i, t, labels[i], ha="center", va="top", fontsize=4.5, rotation=90)
     for h in range(heads):
         ax.text(h * (t + gap) + t / 2, -0.8, f"head {h}", ha="center", va="bottom", fontsize=6)

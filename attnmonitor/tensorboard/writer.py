@@ -38,9 +38,22 @@ def write_atlases(writer: Any, stage: str, step: int, layers: Sequence[str], val
     writer.add_text(f"attn/{stage}/table", table, step)
 
 
-def write_heatmap(writer: Any, stage: str, step: int, layer: str, probs: Tensor, tokens: Sequence[str] | None) -> None:
-    """The heads of one layer on the example, ``probs`` ``[H, T, T]``."""
-    image = attention_heatmaps(probs, tokens, f"{stage} {layer} (example 0)")
+def write_heatmap(
+    writer: Any,
+    stage: str,
+    step: int,
+    layer: str,
+    probs: Tensor,
+    tokens: Sequence[str] | None,
+    query_tokens: Sequence[str] | None = None,
+    cross: bool = False,
+) -> None:
+    """The heads of one layer on the example, ``probs`` ``[H, Tq, Tk]``; keys labelled by ``tokens``,
+    queries by ``query_tokens`` (``tokens`` for self-attention; positions for cross-attention)."""
+    if query_tokens is None and not cross:
+        query_tokens = tokens
+    kind = "cross-attention" if cross else "self-attention"
+    image = attention_heatmaps(probs, tokens, f"{stage} {layer} ({kind}, example 0)", query_tokens=query_tokens)
     writer.add_image(f"attn/{stage}/heatmap/{layer}", image, step, dataformats="HWC")
 
 
@@ -61,7 +74,7 @@ def write_probe(
     for layer, text in result.interpretation.items():
         writer.add_text(f"attn/{stage}/interpretation/{layer}", text, step)
     if result.rollout is not None:
-        image = attention_heatmaps(result.rollout[None], tokens, f"{stage} attention rollout")
+        image = attention_heatmaps(result.rollout[None], result.rollout_tokens, f"{stage} attention rollout")
         writer.add_image(f"attn/{stage}/rollout", image, step, dataformats="HWC")
     if result.embedding is not None and stage == "val":  # the projector only for the fixed probe
         vectors, metadata = result.embedding

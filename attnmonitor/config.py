@@ -1,9 +1,11 @@
-"""Structured option groups of :class:`attnmonitor.AttentionMonitor`."""
+"""The monitor's options as dataclasses (checked at construction), their Hydra registration, and the
+option checks shared by every component.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -68,7 +70,7 @@ class RegularizerConfig:
     """Attention penalty added to the training loss: ``λ_H · R_H + λ_S · R_S``.
 
     ``R_H`` is the mean over valid query rows of ``(H_i − t_i)^2``; ``R_S`` the mean Gini impurity
-    ``1 − Σ_j A_ij^2`` (see :mod:`attnmonitor.functional.steering`).
+    ``1 − Σ_j A_ij^2`` (see :mod:`attnmonitor.functional.regularization`).
 
     Attributes:
         entropy_weight: ``λ_H >= 0`` (0 disables the entropy term).
@@ -138,20 +140,46 @@ class ClipConfig:
 
 
 @dataclass
-class AttentionMonitorConfig:
-    """Structured Hydra config of :class:`attnmonitor.AttentionMonitor`: one field per argument.
+class MonitorOptions:
+    """Every option of the attention monitor, checked at once; shared by every training-loop adapter.
 
-    Registered in Hydra's ConfigStore as ``attnmonitor/attention_monitor`` (see :func:`register_configs`)
-    so that a misspelt key or a wrong type fails when the configuration is composed.
+    Attributes:
+        targets: attention modules: ``"auto"``, regexes fully matching module names, or a predicate
+            ``(name, module) -> bool``.
+        statistics: names from :data:`attnmonitor.STATISTICS`.
+        every_n_steps: training capture interval in optimizer steps (all micro-batches of a step).
+        per_head: also log one scalar per head.
+        heatmaps: :class:`HeatmapConfig` (or a mapping of its fields); None disables heatmaps.
+        tokenizer: ids -> token strings for labels: a tokenizer (``convert_ids_to_tokens``) or a callable.
+        val_batches: validation batches captured per validation run (0 disables).
+        atlas_every_n_steps: training interval of head atlases, histograms and the table.
+        input_key: batch key (mapping batches) of the token ids; tuple batches use item 0.
+        query_mask_key: None: padding from each attention call's own mask; or a batch key of a
+            ``[B, L]`` mask (1 = real token) also applied to self-attention rows, for single-sequence
+            models whose attention does not mask padding.
+        decoder_input_key: batch key of the decoder's ids, labelling cross-attention queries.
+        memory_budget_mb: largest probability chunk materialised per attention call.
+        sink_tokens: keys counted by ``sink_mass``, from the first real token of each sequence.
+        sparsity_eps: a key is sparse when its weight is below ``sparsity_eps / n_i``.
+        sample_rows: evaluate at most this many random query rows per call on the chunked path.
+        pool_shared: one layer for a module called several times per forward (not ``name#i``).
+        regularizer: :class:`RegularizerConfig` (or mapping): entropy/sparsity penalty on the loss.
+        clip: :class:`ClipConfig` (or mapping): exact clipping of the attention weights.
+        analyses: run the example analyses whenever atlases are drawn.
+        alignment_key: batch key of ``[B, Lq]`` ground-truth key positions (negative: none).
+        top_k: keys listed per query in the interpretation table.
+        token_classes: ``{class: [tokens]}`` for attention shares (default: function vs content words).
+
+    Raises:
+        ValueError: naming the first invalid option, the accepted values and the value received.
     """
 
-    _target_: str = "attnmonitor.AttentionMonitor"
     targets: Any = "auto"
     statistics: list[str] = field(default_factory=lambda: list(_statistics()))
     every_n_steps: int = 50
     per_head: bool = False
-    heatmaps: HeatmapConfig = field(default_factory=HeatmapConfig)
-    decoder: Any = None
+    heatmaps: HeatmapConfig | None = field(default_factory=HeatmapConfig)
+    tokenizer: Any = None
     val_batches: int = 1
     atlas_every_n_steps: int = 500
     input_key: str = "input_ids"
@@ -162,12 +190,113 @@ class AttentionMonitorConfig:
     sparsity_eps: float = 0.1
     sample_rows: int | None = None
     pool_shared: bool = False
-    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)
+    regularizer: RegularizerConfig | None = field(default_factory=RegularizerConfig)
+    clip: ClipConfig | None = field(default_factory=ClipConfig)
     analyses: bool = True
     alignment_key: str = "alignments"
     top_k: int = 5
     token_classes: dict[str, list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        from attnmonitor.functional.statistics import check_statistics
+
+        self.statistics = list(check_statistics(self.statistics))
+        for name, minimum in (("every_n_steps", 1), ("val_batches", 0), ("atlas_every_n_steps", 1), ("top_k", 1)):
+            check_int(name, getattr(self, name), minimum)
+        for name in ("per_head", "pool_shared", "analyses"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        for name in ("input_key", "decoder_input_key", "alignment_key"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"`{name}` must be a string (a batch key), got {getattr(self, name)!r}")
+        if self.query_mask_key is not None and not isinstance(self.query_mask_key, str):
+            raise ValueError(f"`query_mask_key` must be a string or None, got {self.query_mask_key!r}")
+        tokenizer = self.tokenizer
+        if tokenizer is not None and not (callable(tokenizer) or hasattr(tokenizer, "convert_ids_to_tokens")):
+            raise ValueError(f"`tokenizer` must be a tokenizer or a callable ids -> strings, got {type(tokenizer).__name__}")
+        check_capture_options(self.memory_budget_mb, self.sink_tokens, self.sparsity_eps, self.sample_rows)
+        self.heatmaps = as_config(self.heatmaps, HeatmapConfig, "heatmaps")
+        self.regularizer = as_config(self.regularizer, RegularizerConfig, "regularizer")
+        self.clip = as_config(self.clip, ClipConfig, "clip")
+        self.token_classes = _check_token_classes(self.token_classes)
+
+
+    def loggable(self) -> dict[str, Any]:
+        """The options as plain values for a logger's hyperparameters (callables by their names)."""
+
+        def plain(value: Any) -> Any:
+            if value is None or isinstance(value, (bool, int, float, str)):
+                return value
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            if isinstance(value, Mapping):
+                return {str(k): plain(v) for k, v in value.items()}
+            if hasattr(value, "__dataclass_fields__"):
+                return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+            return getattr(value, "__qualname__", type(value).__name__)
+
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass
+class AttentionMonitorConfig(MonitorOptions):
+    """Structured Hydra config of :class:`attnmonitor.AttentionMonitor`: :class:`MonitorOptions` and
+    its ``_target_``.
+
+    Registered in Hydra's ConfigStore as ``attnmonitor/attention_monitor`` (see :func:`register_configs`)
+    so that a misspelt key or a wrong type fails when the configuration is composed.
+    """
+
+    _target_: str = "attnmonitor.AttentionMonitor"
+
+
+def as_options(options: MonitorOptions | None, overrides: Mapping[str, Any]) -> MonitorOptions:
+    """``options`` (or the defaults) with ``overrides`` set, checked.
+
+    Raises:
+        ValueError: on an unknown option (the message lists the accepted ones) or an invalid value.
+    """
+    if options is not None and not isinstance(options, MonitorOptions):
+        raise ValueError(f"`options` must be a MonitorOptions or None, got {type(options).__name__}")
+    accepted = [f.name for f in fields(MonitorOptions)]
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; accepted options are {accepted}")
+    base = {} if options is None else {f.name: getattr(options, f.name) for f in fields(MonitorOptions)}
+    return MonitorOptions(**{**base, **overrides})
+
+
+def check_int(option: str, value: Any, minimum: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= minimum``."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ValueError(f"`{option}` must be an int >= {minimum}, got {value!r}")
+
+
+def check_capture_options(memory_budget_mb: Any, sink_tokens: Any, sparsity_eps: Any, sample_rows: Any = None) -> None:
+    """Raise ``ValueError`` naming the first invalid option of a capture."""
+    if sample_rows is not None and not (isinstance(sample_rows, int) and not isinstance(sample_rows, bool) and sample_rows >= 1):
+        raise ValueError(f"`sample_rows` must be an int >= 1 or None, got {sample_rows!r}")
+    if not (isinstance(memory_budget_mb, (int, float)) and not isinstance(memory_budget_mb, bool) and memory_budget_mb > 0):
+        raise ValueError(f"`memory_budget_mb` must be > 0, got {memory_budget_mb!r}")
+    check_int("sink_tokens", sink_tokens, 1)
+    if not (isinstance(sparsity_eps, (int, float)) and 0 < sparsity_eps <= 1):
+        raise ValueError(f"`sparsity_eps` must be in (0, 1], got {sparsity_eps!r}")
+
+
+def layer_selected(layer: str, patterns: Sequence[str] | None) -> bool:
+    """Whether a layer (``name``, or a shared module's ``name#i``) is selected by regexes fully
+    matching its module name (None selects every layer)."""
+    return patterns is None or any(re.fullmatch(p, layer.split("#")[0]) for p in patterns)
+
+
+def _check_token_classes(classes: Any) -> dict[str, list[str]] | None:
+    if classes is None:
+        return None
+    if not (isinstance(classes, Mapping) and classes) or not all(
+        isinstance(v, Sequence) and not isinstance(v, str) for v in classes.values()
+    ):
+        raise ValueError(f"`token_classes` must be a non-empty mapping class -> list of tokens, got {classes!r}")
+    return {str(k): [str(t) for t in v] for k, v in classes.items()}
 
 
 def _statistics() -> tuple[str, ...]:

@@ -8,6 +8,8 @@ callbacks, experiment).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,24 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from attnmonitor.callback import AttentionMonitor
+from attnmonitor.callback import AttentionMonitor, AttentionProgressBar
 from attnmonitor.config import register_configs
 
 register_configs()
+
+QUIET = (
+    ("ignore", r".*LeafSpec.*is deprecated", FutureWarning),  # lightning's pytree shim on recent torch
+    ("ignore", r".*does not have many workers.*", UserWarning),  # the embedded data sets are tiny and in memory
+    ("ignore", r"The number of training batches .* is smaller than the logging interval", UserWarning),
+)
+"""Known, harmless warnings the main job does not print."""
+
+
+def quiet() -> None:
+    """Silence Lightning's tips and the known harmless warnings (the job's own messages stay)."""
+    for action, message, category in QUIET:
+        warnings.filterwarnings(action, message=message, category=category)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
@@ -29,26 +45,41 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     model = instantiate(cfg.model, **extra)
     callbacks = [instantiate(node, _convert_="all") for node in cfg.get("callbacks", {}).values()]
     for callback in callbacks:
-        if isinstance(callback, AttentionMonitor) and callback.decoder is None and hasattr(datamodule, "decode"):
-            callback.decoder = datamodule.decode
+        if isinstance(callback, AttentionMonitor) and callback.options.tokenizer is None and hasattr(datamodule, "decode"):
+            callback.options.tokenizer = datamodule.decode
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(AttentionProgressBar())
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the HParams tab tells runs apart
     return model, datamodule, trainer
 
 
 def run(cfg: DictConfig) -> L.Trainer:
-    """Train as configured; prints where the TensorBoard logs are."""
-    L.seed_everything(cfg.seed)
+    """Train as configured; prints where the TensorBoard logs are, before the first step and at the end."""
+    quiet()
+    L.seed_everything(cfg.seed, verbose=False)
     model, datamodule, trainer = build(cfg)
+    where = _where(trainer)
+    if where:
+        print(where, flush=True)
     trainer.fit(model, datamodule=datamodule)
-    if trainer.logger is not None and trainer.logger.log_dir:
-        log_dir = Path(trainer.logger.log_dir).resolve()
-        print(f"\nTensorBoard logs: {log_dir}\nView them with:   tensorboard --logdir {log_dir.parent}")
+    if where:
+        print(where, flush=True)
     return trainer
+
+
+def _where(trainer: L.Trainer) -> str | None:
+    if trainer.logger is None or not trainer.logger.log_dir:
+        return None
+    log_dir = Path(trainer.logger.log_dir).resolve()
+    return f"\nTensorBoard logs: {log_dir}\nView them with:   tensorboard --logdir {log_dir.parent}\n"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> Any:
+    """The ``attnmonitor-train`` entry point."""
     run(cfg)
 
 

@@ -32,8 +32,8 @@ class AttentionLayer(nn.Module):
         self.qkv = nn.Linear(HEADS * HEAD_DIM, 3 * HEADS * HEAD_DIM)
 
     def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, l, c = x.shape
-        q, k, v = (t.view(b, l, HEADS, HEAD_DIM).transpose(1, 2) for t in self.qkv(x).split(c, dim=2))
+        b, length, c = x.shape
+        q, k, v = (t.view(b, length, HEADS, HEAD_DIM).transpose(1, 2) for t in self.qkv(x).split(c, dim=2))
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,11 +59,11 @@ def peak_rss_mb() -> float:
 
 def reference(q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
     """Float64 per-head means of four statistics under a causal mask, chunk by chunk."""
-    l = q.shape[-2]
+    length = q.shape[-2]
     sums = {name: torch.zeros(HEADS, dtype=torch.float64) for name in ("entropy", "max_weight", "sink_mass", "distance")}
-    keys = torch.arange(l, dtype=torch.float64)
-    for start in range(0, l, CHUNK):
-        rows = torch.arange(start, min(l, start + CHUNK))
+    keys = torch.arange(length, dtype=torch.float64)
+    for start in range(0, length, CHUNK):
+        rows = torch.arange(start, min(length, start + CHUNK))
         logits = (q[0, :, rows].double() @ k[0].double().transpose(-1, -2)) / math.sqrt(HEAD_DIM)
         logits = logits.masked_fill(keys > rows.double().unsqueeze(-1), -math.inf)
         p = logits.softmax(-1)
@@ -71,10 +71,12 @@ def reference(q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
         sums["max_weight"] += p.amax(-1).sum(-1)
         sums["sink_mass"] += p[..., 0].sum(-1)
         sums["distance"] += (p * (rows.double().unsqueeze(-1) - keys).abs()).sum(-1).sum(-1)
-    return {name: s / l for name, s in sums.items()}
+    return {name: s / length for name, s in sums.items()}
 
 
-FUSED = ["entropy", "normalized_entropy", "effective_support", "sink_mass", "self_weight", "prev_token_weight", "next_token_weight", "distance"]
+FUSED = [
+    "entropy", "normalized_entropy", "effective_support", "sink_mass", "self_weight", "prev_token_weight", "next_token_weight", "distance"
+]
 
 
 def run(mode: str, length: int) -> dict[str, object]:
@@ -99,7 +101,7 @@ def run(mode: str, length: int) -> dict[str, object]:
             hook.remove()
         stats = cap.stats()
         worst = 0.0
-        for index, (layer, layer_input) in enumerate(zip(model.layers, inputs)):
+        for index, (layer, layer_input) in enumerate(zip(model.layers, inputs, strict=True)):
             q, k, _ = layer.qk(layer_input)
             for name, expected in reference(q, k).items():
                 if name not in stats:
@@ -119,10 +121,12 @@ def main() -> None:
         return
     results = {}
     for mode in ("plain", "monitored", "fused"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--length", str(args.length)], capture_output=True, text=True, check=True)
+        command = [sys.executable, __file__, "--mode", mode, "--length", str(args.length)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     materialised = HEADS * args.length**2 * 4 / 2**20
-    print(f"\nL={args.length}, batch 1, {HEADS} heads, head dim {HEAD_DIM}, {LAYERS} layers; one layer's probabilities: {materialised:.0f} MB")
+    print(f"\nL={args.length}, batch 1, {HEADS} heads, head dim {HEAD_DIM}, {LAYERS} layers")
+    print(f"one layer's probabilities: {materialised:.0f} MB")
     print(f"peak RSS growth of the unmonitored forward: {results['plain']['peak_mb']:.0f} MB")
     for mode, label in (("monitored", "all statistics (chunked)"), ("fused", "fused-path statistics")):
         extra = results[mode]["peak_mb"] - results["plain"]["peak_mb"]

@@ -31,12 +31,12 @@ class HandWrittenAttention(CausalSelfAttention):
     """Eager causal attention that keeps its probabilities for the penalty."""
 
     def forward(self, x: Tensor) -> Tensor:
-        b, l, c = x.shape
-        q, k, v = (t.view(b, l, self.heads, c // self.heads).transpose(1, 2) for t in self.qkv(x).split(c, dim=2))
+        b, length, c = x.shape
+        q, k, v = (t.view(b, length, self.heads, c // self.heads).transpose(1, 2) for t in self.qkv(x).split(c, dim=2))
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(c // self.heads)
-        causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         self.probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # [B, H, L, L]
-        return self.proj((self.probs @ v).transpose(1, 2).reshape(b, l, c))
+        return self.proj((self.probs @ v).transpose(1, 2).reshape(b, length, c))
 
 
 class HandWrittenGPT(TinyGPT):

@@ -2,7 +2,7 @@
 
     python benchmarks/statistics_kernel.py [--repeats 20]
 
-Also times the seed notebook's per-row Python functions on the same data (entropy per row, max,
+Also times naive per-row Python functions (as notebooks write them) on the same data (entropy per row, max,
 sparsity, locality per head), to report the speed-up of the vectorised path.
 """
 
@@ -30,10 +30,10 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def seed_functions(probs: torch.Tensor) -> None:
-    """The seed's formulas as written there: Python loops over rows and heads."""
-    b, h, l, _ = probs.shape
-    distance = torch.abs(torch.arange(l).unsqueeze(0) - torch.arange(l).unsqueeze(1)).float()
+def naive_functions(probs: torch.Tensor) -> None:
+    """Naive per-row formulas, as notebooks write them: Python loops over rows and heads."""
+    b, h, length, _ = probs.shape
+    distance = torch.abs(torch.arange(length).unsqueeze(0) - torch.arange(length).unsqueeze(1)).float()
     for bi in range(b):
         for hi in range(h):
             matrix = probs[bi, hi]
@@ -42,7 +42,7 @@ def seed_functions(probs: torch.Tensor) -> None:
                 -torch.sum(weights * torch.log(weights)).item()
                 row.max().item()
             (matrix < 0.1).float().mean().item()  # compute_attention_sparsity
-            1 - ((matrix * distance).sum() / matrix.sum()) / (l / 2)  # compute_attention_locality
+            1 - ((matrix * distance).sum() / matrix.sum()) / (length / 2)  # compute_attention_locality
 
 
 def main() -> None:
@@ -59,16 +59,16 @@ def main() -> None:
     # masked=True: softmax output is already 0 on masked keys, as in the capture's eager path
     ours = median_seconds(lambda: chunked_head_sums(probability_chunks(probs, causal, masked=True), statistics=STATISTICS), args.repeats)
     start = time.perf_counter()
-    seed_functions(probs)
-    seed = time.perf_counter() - start
+    naive_functions(probs)
+    naive = time.perf_counter() - start
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, probabilities {list(SHAPE)} (causal)")
     print(f"one softmax:                    {1000 * softmax:8.2f} ms")
     print(f"all {len(STATISTICS)} statistics (attnmonitor): {1000 * ours:8.2f} ms")
-    print(f"seed's per-row functions:       {1000 * seed:8.0f} ms (4 statistics)")
+    print(f"naive per-row functions:        {1000 * naive:8.0f} ms (4 statistics)")
     ratio = ours / softmax
     print(f"statistics / softmax = {ratio:.2f} (target <= 2.0): {'PASS' if ratio <= 2.0 else 'FAIL'}")
-    print(f"speed-up over the seed's functions: {seed / ours:.0f}x")
+    print(f"speed-up over naive per-row functions: {naive / ours:.0f}x")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from common import seconds_per_step
 from attnmonitor import AttentionMonitor
 from attnmonitor.demo import CorpusDataModule, TinyGPT
 
+
 def steps_per_second(steps: int, make_monitor: Callable[[], AttentionMonitor | None], data: CorpusDataModule) -> float:
     L.seed_everything(0, verbose=False)
     model = TinyGPT(vocab_size=len(data.vocab), seq_len=data.seq_len)

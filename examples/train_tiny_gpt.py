@@ -17,6 +17,7 @@ from attnmonitor.demo import CorpusDataModule, TinyGPT
 
 
 def main() -> None:
+    """Train for ``--max-steps`` with the monitor; logs under ``--log-dir``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--log-dir", default="runs")
@@ -25,9 +26,12 @@ def main() -> None:
     L.seed_everything(0)
     data = CorpusDataModule(seq_len=64, batch_size=32)
     model = TinyGPT(vocab_size=len(data.vocab), seq_len=64)
-    monitor = AttentionMonitor(every_n_steps=50, heatmaps=HeatmapConfig(every_n_steps=200, max_tokens=32), decoder=data.vocab)
+    monitor = AttentionMonitor(every_n_steps=50, heatmaps=HeatmapConfig(every_n_steps=200, max_tokens=32), tokenizer=data.vocab)
     logger = TensorBoardLogger(args.log_dir, name="tiny_gpt")
-    trainer = L.Trainer(max_steps=args.max_steps, val_check_interval=200, check_val_every_n_epoch=None, callbacks=[monitor], logger=logger, log_every_n_steps=25)
+    trainer = L.Trainer(
+        max_steps=args.max_steps, val_check_interval=200, check_val_every_n_epoch=None, callbacks=[monitor], logger=logger,
+        log_every_n_steps=25,
+    )
     trainer.fit(model, datamodule=data)
     print(f"TensorBoard logs in {logger.log_dir}\nView them with:  tensorboard --logdir {args.log_dir}")
 

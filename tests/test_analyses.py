@@ -2,15 +2,13 @@
 
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from attnmonitor import AttentionCapture, AttentionMonitor
+from attnmonitor.demo import ReversalDataModule, ReversalModel
 from attnmonitor.functional.analyses import (
     FUNCTION_WORDS,
     ROLES,
@@ -25,13 +23,15 @@ from attnmonitor.functional.analyses import (
     token_classes,
     top_k_attended,
 )
-from attnmonitor.tensorboard import analyse_probe
+from attnmonitor.tensorboard import analyse_example, role_changes
+from tests.helpers.events import read_events
+from tests.helpers.trainer import ignore_few_batches, make_trainer
 
 
-def _probs(b=2, h=3, l=6, seed=0, causal=True):
+def _probs(b=2, h=3, seq=6, seed=0, causal=True):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, h, l, l, generator=g, dtype=torch.float64) * 2
-    valid = torch.ones(l, l, dtype=torch.bool).tril() if causal else torch.ones(l, l, dtype=torch.bool)
+    logits = torch.randn(b, h, seq, seq, generator=g, dtype=torch.float64) * 2
+    valid = torch.ones(seq, seq, dtype=torch.bool).tril() if causal else torch.ones(seq, seq, dtype=torch.bool)
     return logits.masked_fill(~valid, -math.inf).softmax(-1), valid
 
 
@@ -48,26 +48,28 @@ def test_top_k_matches_the_seed_interpretation():
 def test_similarity_correlation_equals_the_seed_for_one_head_and_the_reference_under_masks():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(1, 5, 8, generator=g, dtype=torch.float64)
-    probs, _ = _probs(b=1, h=2, l=5, causal=False)
+    probs, _ = _probs(b=1, h=2, seq=5, causal=False)
     ours = similarity_attention_correlation(hidden, probs)
     for h in range(2):  # the seed: corrcoef of the flattened cosine-similarity and attention matrices
-        similarity = torch.stack([torch.stack([F.cosine_similarity(hidden[0, i], hidden[0, j], dim=0) for j in range(5)]) for i in range(5)])
+        similarity = torch.stack(
+            [torch.stack([F.cosine_similarity(hidden[0, i], hidden[0, j], dim=0) for j in range(5)]) for i in range(5)]
+        )
         seed = torch.corrcoef(torch.stack([similarity.flatten(), probs[0, h].flatten()]))[0, 1]
         assert float(ours[h]) == pytest.approx(float(seed), abs=1e-5)
-    causal_probs, valid = _probs(b=1, h=2, l=5)
+    causal_probs, valid = _probs(b=1, h=2, seq=5)
     masked = similarity_attention_correlation(hidden, causal_probs, valid)
     pairs = [(i, j) for i in range(5) for j in range(i + 1)]
     for h in range(2):
         xs = [float(F.cosine_similarity(hidden[0, i], hidden[0, j], dim=0)) for i, j in pairs]
         ys = [float(causal_probs[0, h, i, j]) for i, j in pairs]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+        cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
         ref = cov / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
         assert float(masked[h]) == pytest.approx(ref, abs=1e-5)
 
 
 def test_composition_against_loops():
-    probs, valid = _probs(b=1, h=2, l=4)
+    probs, valid = _probs(b=1, h=2, seq=4)
     values = torch.randn(1, 1, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))  # one kv head
     parts = composition(probs, values, valid)
     for h in range(2):
@@ -77,14 +79,15 @@ def test_composition_against_loops():
             entropy = -sum(s * math.log(s) for s in share if s > 0)
             assert float(parts["entropy"][0, h, i]) == pytest.approx(entropy, abs=1e-5)
             assert float(parts["effective_contributors"][0, h, i]) == pytest.approx(math.exp(entropy), abs=1e-4)
-            torch.testing.assert_close(parts["contributions"][0, h, i, : i + 1].double(), torch.tensor(share, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+            expected = torch.tensor(share, dtype=torch.float64)
+            torch.testing.assert_close(parts["contributions"][0, h, i, : i + 1].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_class_shares_equal_the_seed_ratio_and_loops():
     tokens = ["the", "cat", "sat", "on", "a", "mat"]
     classes = token_classes(tokens)
     assert classes.tolist() == [int(t in FUNCTION_WORDS) for t in tokens] == [1, 0, 0, 1, 1, 0]
-    probs, _ = _probs(b=1, h=2, l=6, causal=False)
+    probs, _ = _probs(b=1, h=2, seq=6, causal=False)
     share = class_attention_share(probs, classes, 2)
     for h in range(2):  # the seed: attention received by content / (content + function), over all rows
         content = float(probs[0, h][:, classes == 0].sum())
@@ -95,7 +98,7 @@ def test_class_shares_equal_the_seed_ratio_and_loops():
 
 
 def test_positional_profile_against_loops_and_seed():
-    probs, valid = _probs(b=2, h=2, l=5)
+    probs, valid = _probs(b=2, h=2, seq=5)
     profile = positional_profile(probs, valid, window=1)
     for name in ("first", "last", "locality", "normalized_distance", "spread"):
         for h in range(2):
@@ -112,13 +115,13 @@ def test_positional_profile_against_loops_and_seed():
                         "spread": math.sqrt(sum(a * (j - mean_j) ** 2 for j, a in enumerate(row))) / (i + 1),
                     }[name])
             assert float(profile[name][h]) == pytest.approx(sum(values) / len(values), abs=1e-5), name
-    full, _ = _probs(b=1, h=1, l=5, causal=False)
+    full, _ = _probs(b=1, h=1, seq=5, causal=False)
     seed_first = full[0, 0].mean(0)[0]  # the seed's first_token_bias: mean over queries of A[:, 0]
     assert float(positional_profile(full)["first"][0]) == pytest.approx(float(seed_first), abs=1e-6)
 
 
 def test_rollout_against_loops():
-    layers = [_probs(b=1, h=2, l=3, seed=s)[0] for s in range(3)]
+    layers = [_probs(b=1, h=2, seq=3, seed=s)[0] for s in range(3)]
     rollout = attention_rollout(layers)
     expected = torch.eye(3, dtype=torch.float64)
     for probs in layers:
@@ -129,78 +132,71 @@ def test_rollout_against_loops():
 
 
 def test_diversity_is_the_seed_variance_across_heads():
-    probs, _ = _probs(b=1, h=4, l=5, causal=False)
+    probs, _ = _probs(b=1, h=4, seq=5, causal=False)
     seed = torch.var(probs[0], dim=0).mean()  # the seed: var over heads (unbiased), mean over entries
     assert float(diversity(probs)) == pytest.approx(float(seed) * 3 / 4, rel=1e-5)  # population variance
 
 
 def test_alignment_accuracy_against_loops():
-    probs, valid = _probs(b=2, h=2, l=4, causal=False)
+    probs, valid = _probs(b=2, h=2, seq=4, causal=False)
     truth = torch.tensor([[0, 1, 2, -1], [3, 2, 1, 0]])
-    accuracy = alignment_accuracy(probs, truth)
-    for h in range(2):
-        rows = [(b, i) for b in range(2) for i in range(4) if truth[b, i] >= 0]
-        correct = sum(int(probs[b, h, i].argmax() == truth[b, i]) for b, i in rows)
-        assert float(accuracy[h]) == pytest.approx(correct / len(rows))
+    accuracy = alignment_accuracy(probs, truth)  # argmax of the head mean, as logged by the monitor
+    rows = [(b, i) for b in range(2) for i in range(4) if truth[b, i] >= 0]
+    correct = sum(int(sum(probs[b, h, i] for h in range(2)).argmax() == truth[b, i]) for b, i in rows)
+    assert float(accuracy) == pytest.approx(correct / len(rows))
 
 
 class ConstructedAttention(nn.Module):
     """Three heads with fixed causal logits: previous token, first token, uniform."""
 
     def forward(self, x):
-        b, l, _ = x.shape
-        i, j = torch.arange(l).unsqueeze(1), torch.arange(l)
+        b, seq, _ = x.shape
+        i, j = torch.arange(seq).unsqueeze(1), torch.arange(seq)
         previous = ((j == i - 1) | ((i == 0) & (j == 0))).float() * 20.0
-        first = (j == 0).expand(l, l).float() * 20.0
-        logits = torch.stack([previous, first, torch.zeros(l, l)])
-        logits = logits.masked_fill(j > i, float("-inf")).expand(b, 3, l, l)
-        return (logits.softmax(-1) @ x.unsqueeze(1).expand(b, 3, l, x.shape[-1])).mean(1)
+        first = (j == 0).expand(seq, seq).float() * 20.0
+        logits = torch.stack([previous, first, torch.zeros(seq, seq)])
+        logits = logits.masked_fill(j > i, float("-inf")).expand(b, 3, seq, seq)
+        return (logits.softmax(-1) @ x.unsqueeze(1).expand(b, 3, seq, x.shape[-1])).mean(1)
 
 
 def test_constructed_heads_are_classified_correctly():
     model = nn.Sequential(ConstructedAttention())
     with AttentionCapture(model, example_tokens=32) as cap:
         model(torch.randn(2, 24, 4))
-    result = analyse_probe(cap.target_names, cap.accumulator, None, prefix="p")
+    result = analyse_example(cap.layers, cap.examples, None)
     assert [ROLES[r] for r in result.roles[0].tolist()] == ["previous_token", "sink", "broad"]
     stats = cap.stats()
     roles = head_roles({**stats, "normalized_distance": torch.tensor([[0.05, 0.9, 0.5]])})
     assert [ROLES[r] for r in roles[0].tolist()] == ["previous_token", "sink", "broad"]
 
 
+# incidental: 16 training batches an epoch, fewer than Lightning's default logging interval
+@ignore_few_batches
 def test_callback_logs_the_analyses_on_a_real_run(tmp_path):
-    from attnmonitor.demo import ReversalDataModule, ReversalModel
-
     data = ReversalDataModule(seq_len=8, vocab_size=12, batch_size=32, train_size=512, val_size=64)
     torch.manual_seed(0)
     model = ReversalModel(vocab_size=12, seq_len=8, dim=32, heads=2, lr=1e-2)
-    monitor = AttentionMonitor(every_n_steps=5, atlas_every_n_steps=10, decoder=data.decode)
-    trainer = L.Trainer(
-        max_steps=20, val_check_interval=10, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        logger=TensorBoardLogger(tmp_path, name="tb", version=0), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=[monitor],
-    )
+    monitor = AttentionMonitor(every_n_steps=5, atlas_every_n_steps=10, tokenizer=data.decode)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=20, val_check_interval=10, check_val_every_n_epoch=None)
     trainer.fit(model, datamodule=data)
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    events.Reload()
+    events = read_events(tmp_path / "tb" / "version_0")
     tags = events.Tags()
     for stage in ("train", "val"):
-        assert f"attn/{stage}/alignment_accuracy/cross_attn" in tags["scalars"]
-        assert {f"attn/{stage}/roles", f"attn/{stage}/rollout", f"attn/{stage}/atlas/similarity_correlation"} <= set(tags["images"])
-        assert f"attn/{stage}/interpretation/cross_attn/text_summary" in tags["tensors"]
-        assert f"attn/{stage}/probe/position/first/encoder.self_attn" in tags["scalars"]
+        assert f"attn_{stage}_layers/alignment_accuracy/cross_attn" in tags["scalars"]
+        example_images = {f"attn_{stage}_example/{name}" for name in ("roles", "rollout", "similarity_correlation")}
+        assert example_images <= set(tags["images"])
+        assert f"attn_{stage}_example/interpretation/cross_attn/text_summary" in tags["tensors"]
+        assert f"attn_{stage}_example/position/first/encoder.self_attn" in tags["scalars"]
     # the monitor's alignment accuracy equals the model's own, computed on the same validation batches
-    ours = {e.step: e.value for e in events.Scalars("attn/val/alignment_accuracy/cross_attn")}
-    assert set(ours) == {10, 20}
+    ours = {e.step: e.value for e in events.Scalars("attn_val_layers/alignment_accuracy/cross_attn")}
+    assert set(ours) == {9, 19}  # the steps of the model's own validation metrics
     logs = tmp_path / "tb" / "version_0"
     assert (logs / "projector_config.pbtxt").exists()
-    table = events.Tensors("attn/val/interpretation/encoder.self_attn/text_summary")[0].tensor_proto.string_val[0].decode()
+    table = events.Tensors("attn_val_example/interpretation/encoder.self_attn/text_summary")[0].tensor_proto.string_val[0].decode()
     assert table.startswith("| query |") and "s" in table.splitlines()[2]
 
 
 def test_role_changes_are_described():
-    from attnmonitor.tensorboard import role_changes
-
     before = torch.tensor([[0, 6], [5, 5]])
     after = torch.tensor([[0, 1], [5, 3]])
     assert role_changes(before, after, ["a", "b"]) == ["a head 1: focused -> previous_token", "b head 1: broad -> sink"]

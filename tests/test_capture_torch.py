@@ -8,15 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnmonitor import AttentionCapture
+from attnmonitor.functional.fused import FUSED_STATISTICS
 from attnmonitor.functional.statistics import POSITION_STATISTICS
-from tests.models import EagerAttention, SdpaAttention, TinyTransformer, layer_inputs, qk64
-from tests.reference import assert_stats_close, attention_probs, head_means
+from tests.helpers.models import EagerAttention, SdpaAttention, TinyTransformer, layer_inputs, qk64
+from tests.helpers.reference import assert_stats_close, attention_probs, head_means
 
 
-def _padded_batch(vocab: int = 50, b: int = 4, l: int = 8):
+def _padded_batch(vocab: int = 50, b: int = 4, seq: int = 8):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(vocab, (b, l), generator=g)
-    mask = torch.ones(b, l, dtype=torch.long)
+    ids = torch.randint(vocab, (b, seq), generator=g)
+    mask = torch.ones(b, seq, dtype=torch.long)
     mask[1, 5:] = 0
     mask[2, 2:] = 0
     mask[3] = 0  # one all-padding sequence
@@ -25,13 +26,13 @@ def _padded_batch(vocab: int = 50, b: int = 4, l: int = 8):
 
 def _reference(model: TinyTransformer, ids, mask, causal: bool, scale=None):
     inputs = layer_inputs(model, list(model.layers), ids, mask)
-    l = ids.shape[1]
+    seq = ids.shape[1]
     key_valid = mask.bool()[:, None, None, :]
     if causal:
-        key_valid = key_valid & torch.ones(l, l, dtype=torch.bool).tril()
+        key_valid = key_valid & torch.ones(seq, seq, dtype=torch.bool).tril()
     query_valid = mask.bool()[:, None, :]
     out = []
-    for layer, x in zip(model.layers, inputs):
+    for layer, x in zip(model.layers, inputs, strict=True):
         q, k = qk64(layer, x)
         out.append(head_means(attention_probs(q, k, key_valid, scale), key_valid, query_valid))
     return out
@@ -117,21 +118,21 @@ def _mha_reference(mha: nn.MultiheadAttention, query, key, key_valid, query_vali
 @pytest.mark.parametrize("mask_kind", ["none", "padding", "bool-attn", "float-attn+padding"])
 def test_multihead_attention(batch_first, need_weights, average, mask_kind):
     torch.manual_seed(3)
-    b, l, e, h = 3, 6, 16, 4
+    b, seq, e, h = 3, 6, 16, 4
     mha = nn.MultiheadAttention(e, h, dropout=0.0, batch_first=batch_first).train()
-    x = torch.randn(b, l, e)
+    x = torch.randn(b, seq, e)
     x_in = x if batch_first else x.transpose(0, 1)
-    padding = torch.zeros(b, l, dtype=torch.bool)
+    padding = torch.zeros(b, seq, dtype=torch.bool)
     padding[1, 4:] = True  # True = padded, as nn.MultiheadAttention means it
-    blocked = torch.rand(l, l, generator=torch.Generator().manual_seed(0)) > 0.6
+    blocked = torch.rand(seq, seq, generator=torch.Generator().manual_seed(0)) > 0.6
     blocked.fill_diagonal_(False)
     kwargs = {
         "none": {},
         "padding": {"key_padding_mask": padding},
         "bool-attn": {"attn_mask": blocked},
         "float-attn+padding": {
-            "attn_mask": torch.zeros(l, l).masked_fill(blocked, -math.inf),
-            "key_padding_mask": torch.zeros(b, l).masked_fill(padding, -math.inf),
+            "attn_mask": torch.zeros(seq, seq).masked_fill(blocked, -math.inf),
+            "key_padding_mask": torch.zeros(b, seq).masked_fill(padding, -math.inf),
         },
     }[mask_kind]
     expected_out = mha(x_in, x_in, x_in, need_weights=need_weights, average_attn_weights=average, **kwargs)
@@ -141,8 +142,8 @@ def test_multihead_attention(batch_first, need_weights, average, mask_kind):
     assert (out[1] is None) == (expected_out[1] is None)
     if out[1] is not None:
         assert out[1].shape == expected_out[1].shape
-    key_valid = torch.ones(b, 1, l, l, dtype=torch.bool)
-    query_valid = torch.ones(b, 1, l, dtype=torch.bool)
+    key_valid = torch.ones(b, 1, seq, seq, dtype=torch.bool)
+    query_valid = torch.ones(b, 1, seq, dtype=torch.bool)
     if "padding" in kwargs or "key_padding_mask" in kwargs:
         key_valid = key_valid & ~padding[:, None, None, :]
         query_valid = ~padding[:, None, :]
@@ -170,7 +171,7 @@ def test_transformer_encoder_in_train_and_eval_fast_path(mode):
         encoder(x, src_key_padding_mask=padding)
     assert cap.layers == ["layers.0.self_attn", "layers.1.self_attn"]
     key_valid, query_valid = ~padding[:, None, None, :], ~padding[:, None, :]
-    expected = [_mha_reference(a, xi, xi, key_valid, query_valid, True) for a, xi in zip(attns, inputs)]
+    expected = [_mha_reference(a, xi, xi, key_valid, query_valid, True) for a, xi in zip(attns, inputs, strict=True)]
     assert_stats_close(cap.stats(), _stacked(expected), rtol=1e-4, atol=1e-5)
 
 
@@ -295,8 +296,6 @@ def test_disabled_capture_records_nothing_and_attach_is_idempotent():
 
 
 def test_fused_path_statistics_of_an_sdpa_model_match_the_reference():
-    from attnmonitor.functional.fused import FUSED_STATISTICS
-
     torch.manual_seed(8)
     model = TinyTransformer(SdpaAttention, causal=True, heads=4, kv_heads=2).eval()
     ids = torch.randint(50, (3, 9))
@@ -305,7 +304,7 @@ def test_fused_path_statistics_of_an_sdpa_model_match_the_reference():
         model(ids)
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
     inputs = layer_inputs(model, list(model.layers), ids)
-    expected = [head_means(attention_probs(*qk64(layer, x), causal), causal) for layer, x in zip(model.layers, inputs)]
+    expected = [head_means(attention_probs(*qk64(layer, x), causal), causal) for layer, x in zip(model.layers, inputs, strict=True)]
     assert_stats_close(cap.stats(), {n: torch.stack([e[n] for e in expected]) for n in names}, rtol=1e-4, atol=1e-5)
 
 

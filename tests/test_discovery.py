@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnmonitor import AttentionCapture
-from tests.models import layer_inputs
-from tests.reference import assert_stats_close, attention_probs, head_means
+from tests.helpers.models import layer_inputs
+from tests.helpers.reference import assert_stats_close, attention_probs, head_means
 
 
 class GQA(nn.Module):
@@ -26,17 +26,17 @@ class GQA(nn.Module):
         self.wv, self.wo = nn.Linear(dim, kv_heads * self.head_dim), nn.Linear(dim, dim)
 
     def qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        b, l, _ = x.shape
-        q = self.wq(x).view(b, l, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
-        k = self.wk(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+        b, seq, _ = x.shape
+        q = self.wq(x).view(b, seq, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        k = self.wk(x).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
         return q, k
 
     def forward(self, x: Tensor) -> Tensor:
-        b, l, c = x.shape
+        b, seq, c = x.shape
         q, k = self.qk(x)
-        v = self.wv(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(b, l, c))
+        return self.wo(y.transpose(1, 2).reshape(b, seq, c))
 
 
 class MHSA(GQA):
@@ -46,11 +46,11 @@ class MHSA(GQA):
         super().__init__(dim, heads, heads)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, l, c = x.shape
+        b, seq, c = x.shape
         q, k = self.qk(x)
-        v = self.wv(x).view(b, l, self.heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, seq, self.heads, self.head_dim).transpose(1, 2)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # [B, H, L, L]
-        return self.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, l, c))
+        return self.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, seq, c))
 
 
 class Router(nn.Module):
@@ -90,10 +90,10 @@ class Net(nn.Module):
 
 def _reference(layer: GQA, x: Tensor, causal: bool) -> dict[str, Tensor]:
     """Float64 statistics of ``layer`` on its input ``x`` (weights read directly)."""
-    b, l, _ = x.shape
-    q = (x.double() @ layer.wq.weight.double().T + layer.wq.bias.double()).view(b, l, layer.heads, -1).transpose(1, 2)
-    k = (x.double() @ layer.wk.weight.double().T + layer.wk.bias.double()).view(b, l, layer.kv_heads, -1).transpose(1, 2)
-    valid = torch.ones(l, l, dtype=torch.bool)
+    b, seq, _ = x.shape
+    q = (x.double() @ layer.wq.weight.double().T + layer.wq.bias.double()).view(b, seq, layer.heads, -1).transpose(1, 2)
+    k = (x.double() @ layer.wk.weight.double().T + layer.wk.bias.double()).view(b, seq, layer.kv_heads, -1).transpose(1, 2)
+    valid = torch.ones(seq, seq, dtype=torch.bool)
     if causal:
         valid = valid.tril()
     return head_means(attention_probs(q, k, valid[None, None]), valid[None, None])
@@ -136,7 +136,7 @@ def test_a_shared_module_is_reported_per_call_position_or_pooled_on_request():
         model(x)
         model(x)  # a second forward adds to the same three positions
     assert cap.layers == ["attn#0", "attn#1", "attn#2"]
-    for layer, reference in zip(cap.layers, expected):
+    for layer, reference in zip(cap.layers, expected, strict=True):
         assert_stats_close(cap.layer_stats()[layer], reference)
     assert cap.valid_rows()["attn#1"].tolist() == [20.0] * 4  # 2 forwards x 2 sequences x 5 rows
 

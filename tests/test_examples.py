@@ -1,4 +1,4 @@
-"""The probe example and its analyses under left padding and cross-attention."""
+"""The example and its analyses under left padding and cross-attention."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from attnmonitor import AttentionCapture
-from attnmonitor.tensorboard import analyse_probe
-from tests.models import SdpaAttention, TinyTransformer, layer_inputs, qk64
-from tests.reference import attention_probs
+from attnmonitor.tensorboard import analyse_example
+from tests.helpers.models import SdpaAttention, TinyTransformer, layer_inputs, qk64
+from tests.helpers.reference import attention_probs
 
 
 def test_the_example_of_a_left_padded_sequence_starts_at_its_first_real_token():
@@ -19,8 +19,9 @@ def test_the_example_of_a_left_padded_sequence_starts_at_its_first_real_token():
     (x,) = layer_inputs(model, [model.layers[0]], ids, mask)
     with AttentionCapture(model, example_tokens=64) as cap, torch.no_grad():
         model(ids, mask)
-    probs, states = cap.examples["layers.0"], cap.accumulator.example_states["layers.0"]
-    assert (int(states["start"]), int(states["key_start"])) == (3, 3)
+    example = cap.examples["layers.0"]
+    probs = example.probs
+    assert (example.start, example.key_start) == (3, 3)
     q, k = qk64(model.layers[0], x)
     expected = attention_probs(q, k, mask.bool()[:, None, None, :])[0, :, 3:, 3:]  # the 4 real tokens
     torch.testing.assert_close(probs.double(), expected, rtol=1e-5, atol=1e-6)
@@ -47,16 +48,14 @@ def test_cross_attention_analyses_label_decoder_queries_and_rollout_follows_the_
     }
     source = [f"s{i}" for i in range(6)]
     target = [f"t{i}" for i in range(6)]
-    result = analyse_probe(
-        cap.layers, cap.accumulator, source, prefix="p", kinds=cap.kinds, query_tokens=target
-    )
+    result = analyse_example(cap.layers, cap.examples, source, kinds=cap.kinds, query_tokens=target)
     cross = result.interpretation["decoder.multihead_attn"].splitlines()
     assert cross[0] == "| query | attends to (weight) | entropy |"  # no self column
     assert [line.split(" | ")[0] for line in cross[2:]] == [f"| t{i}" for i in range(6)]  # decoder tokens
     assert all(any(f"s{j} (" in line for j in range(6)) for line in cross[2:])  # encoder tokens as keys
     assert result.interpretation["encoder.self_attn"].splitlines()[0].endswith("| self |")
-    assert not any("position/" in tag and "multihead_attn" in tag for tag in result.scalars)
+    assert not any(analysis.startswith("position/") and layer == "decoder.multihead_attn" for analysis, layer in result.scalars)
     # rollout: the encoder only (the decoder is another sequence): identity-mixed encoder attention
-    encoder_attention = cap.examples["encoder.self_attn"].mean(0)
+    encoder_attention = cap.examples["encoder.self_attn"].probs.mean(0)
     expected = (encoder_attention + torch.eye(6)) / (encoder_attention + torch.eye(6)).sum(-1, keepdim=True)
     torch.testing.assert_close(result.rollout, expected)

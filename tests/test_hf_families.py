@@ -1,6 +1,6 @@
 """AttentionCapture on 25 Hugging Face families, eager and SDPA, against an independent float64 reference.
 
-The reference (``tests/hf_families.py``) uses the eager model's own ``output_attentions`` and masks
+The reference (``tests/helpers/hf_families.py``) uses the eager model's own ``output_attentions`` and masks
 built here from the inputs, and checks itself against those probabilities before any capture runs:
 a ``test_reference_*`` failure is a harness bug, a ``test_capture_*`` failure is a capture bug.
 
@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterable
 import pytest
 import torch
 
+from attnmonitor import AttentionCapture
+from tests.helpers.reference import head_means
+
+# skip the module without transformers, before importing the harness, which imports transformers at its top
 pytest.importorskip("transformers")
 
-from attnmonitor import AttentionCapture  # noqa: E402
-from tests import hf_families as hf  # noqa: E402
-from tests.reference import head_means  # noqa: E402
+from tests.helpers import hf_families as hf  # noqa: E402
 
 IMPLS = ("eager", "sdpa")
 RTOL, ATOL = 1e-5, 1e-6  # float32 capture vs float64 reference of float32 probabilities: no family (ALiBi ones included) needs more
@@ -143,7 +145,7 @@ def test_reference_self_checks(scenario, name, impl):
 
 
 def test_reference_statistics_equal_the_loop_reference():
-    """The vectorised float64 statistics equal ``tests/reference.py``'s row loops (right padding:
+    """The vectorised float64 statistics equal ``tests/helpers/reference.py``'s row loops (right padding:
     there the first real token is key 0, the loop reference's sink)."""
     gen = torch.Generator().manual_seed(0)
     real = hf.padding_mask((6, 4, 1, 5), 6)

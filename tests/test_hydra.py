@@ -1,6 +1,6 @@
 """Hydra composition of every config and preset, the main job end to end, multirun, live TensorBoard."""
 
-import inspect
+import dataclasses
 import json
 import os
 import pickle
@@ -19,8 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from attnmonitor import AttentionMonitor, HeatmapConfig
-from attnmonitor.config import AttentionMonitorConfig, register_configs
+from attnmonitor.config import AttentionMonitorConfig, MonitorOptions, register_configs
 from attnmonitor.regularization import RegularizerConfig
+from tests.helpers.events import read_events, read_hparams
 
 EXPERIMENTS = [None, "reverse", "minilm", "regularized"]
 FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0"]
@@ -44,7 +45,7 @@ def _no_omegaconf(value, path="monitor"):
 
 def test_structured_config_mirrors_every_callback_option():
     fields = set(OmegaConf.structured(AttentionMonitorConfig)) - {"_target_"}
-    assert fields == set(inspect.signature(AttentionMonitor).parameters)
+    assert fields == {f.name for f in dataclasses.fields(MonitorOptions)}  # the options every adapter shares
     yaml_keys = set(_compose().callbacks.attention_monitor) - {"_target_"}
     assert yaml_keys == fields  # the YAML lists every option
 
@@ -55,14 +56,15 @@ def test_every_preset_composes_and_instantiates_plain_python(experiment):
     for group in ("model", "data", "trainer", "logger"):
         assert "_target_" in cfg[group], group
     monitor = instantiate(cfg.callbacks.attention_monitor, _convert_="all")
-    assert isinstance(monitor, AttentionMonitor) and isinstance(monitor.heatmaps, HeatmapConfig)
+    assert isinstance(monitor, AttentionMonitor) and isinstance(monitor.options.heatmaps, HeatmapConfig)
     _no_omegaconf(vars(monitor))
-    _no_omegaconf(vars(monitor.steering))
-    assert isinstance(monitor.steering.regularizer, RegularizerConfig)
+    _no_omegaconf(vars(monitor.options))
+    _no_omegaconf(vars(monitor.engine.regularizer))
+    assert isinstance(monitor.engine.regularizer.regularizer, RegularizerConfig)
     restored = pickle.loads(pickle.dumps(monitor))
-    assert restored.statistics == monitor.statistics and restored.every_n_steps == monitor.every_n_steps
+    assert restored.options == monitor.options
     if experiment == "regularized":
-        assert monitor.steering.regularizing and monitor.steering.clip.max == 0.6
+        assert monitor.engine.regularizer.regularizing and monitor.engine.regularizer.clip.max == 0.6
 
 
 @pytest.mark.parametrize(
@@ -96,7 +98,8 @@ def test_semantic_errors_fail_before_training_naming_the_option(override, match)
 
 def _run(args, cwd, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "attnmonitor.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-m", "attnmonitor.train", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -117,8 +120,29 @@ def test_multirun_writes_each_job_to_its_own_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent.parent.name for p in (tmp_path / "sweep").glob("*/tensorboard/events.out.tfevents.*"))
     assert runs == ["0", "1", "2"]
-    weights = [OmegaConf.load(tmp_path / "sweep" / r / ".hydra" / "config.yaml").callbacks.attention_monitor.regularizer.entropy_weight for r in runs]
+    configs = [OmegaConf.load(tmp_path / "sweep" / r / ".hydra" / "config.yaml") for r in runs]
+    weights = [config.callbacks.attention_monitor.regularizer.entropy_weight for config in configs]
     assert weights == [0, 0.01, 0.1]
+    # the HParams tab tells the jobs apart: each job's whole config, the swept value included
+    hparams = [read_hparams(tmp_path / "sweep" / r / "tensorboard") for r in runs]
+    assert [h["callbacks/attention_monitor/regularizer/entropy_weight"] for h in hparams] == [0, 0.01, 0.1]
+    assert all(h["attnmonitor/every_n_steps"] == 50 and h["trainer/max_steps"] == 4 for h in hparams)
+    assert all("hp_metric" not in read_events(tmp_path / "sweep" / r / "tensorboard").Tags()["scalars"] for r in runs)
+
+
+@pytest.mark.slow
+def test_the_job_says_where_its_logs_are_before_training_and_at_the_end(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    overrides = [f"hydra.run.dir={tmp_path}/run", *FAST, "callbacks.attention_monitor.every_n_steps=2"]
+    command = [sys.executable, "-m", "attnmonitor.train", *overrides]
+    result = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    output = result.stdout
+    line = f"tensorboard --logdir {tmp_path}/run"
+    assert output.count(line) == 2
+    assert output.index(line) < output.index("Epoch 0")  # printed before the progress bar's first step
+    assert "Tip:" not in output and "LeafSpec" not in output  # Lightning's tips and known noise are not printed
+    assert "attn H" in output  # the progress bar shows the monitor's mean normalised entropy
 
 
 def _free_port() -> int:
@@ -142,7 +166,8 @@ def test_a_running_tensorboard_shows_attention_scalars_before_the_run_ends(tmp_p
     )
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
+         "--reload_interval", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
@@ -156,13 +181,13 @@ def test_a_running_tensorboard_shows_attention_scalars_before_the_run_ends(tmp_p
             except OSError:
                 continue
             for run, run_tags in tags.items():
-                if "attn/train/entropy" in run_tags:
-                    query = urllib.parse.urlencode({"run": run, "tag": "attn/train/entropy"})
+                if "attn_train/entropy" in run_tags:
+                    query = urllib.parse.urlencode({"run": run, "tag": "attn_train/entropy"})
                     values = _get_json(f"{base}/data/plugin/scalars/scalars?{query}")
-        assert values, "TensorBoard never served attn/train/entropy"
+        assert values, "TensorBoard never served attn_train/entropy"
         assert training.poll() is None, "the run ended before TensorBoard showed its attention scalars"
         steps = [step for _, step, _ in values]
-        assert steps[0] == 0 and all(s % 5 == 0 for s in steps)
+        assert steps[0] == 4 and all((s + 1) % 5 == 0 for s in steps)  # steps 4, 9, ...: one in five
         assert all(value > 0 for _, _, value in values)
     finally:
         for process in (training, server):

@@ -1,13 +1,37 @@
-"""Per-layer sums of attention statistics, accumulated over captured calls."""
+"""Per-layer sums of attention statistics over captured calls, and each layer's example."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from attnmonitor.functional.statistics import mean_from_sums
+
+
+@dataclass
+class Example:
+    """Batch element 0 of a layer's first captured call since :meth:`StatisticsAccumulator.reset`.
+
+    Attributes:
+        probs: ``[H, T, T]`` probabilities from row ``start`` and key ``key_start`` (left padding
+            skipped); None until the call's attention was captured.
+        key_valid: bool ``[H, T, T]``.
+        start: position of the first row in its sequence (for token labels).
+        key_start: position of the first key in its sequence.
+        inputs: ``[L, C]`` the module's input states; outputs: ``[L, C]`` its output states.
+        values: ``[Hkv, Lk, Dv]`` SDPA values (None for eager softmax attention).
+    """
+
+    probs: Tensor | None = None
+    key_valid: Tensor | None = None
+    start: int = 0
+    key_start: int = 0
+    inputs: Tensor | None = None
+    outputs: Tensor | None = None
+    values: Tensor | None = None
 
 
 class StatisticsAccumulator:
@@ -25,12 +49,8 @@ class StatisticsAccumulator:
         """Forget everything."""
         self.sums: dict[str, dict[str, Tensor]] = {}
         self.counts: dict[str, Tensor] = {}
-        self.examples: dict[str, Tensor] = {}
-        """``{layer: [H, T, T]}`` example probabilities, from the first call of each layer."""
-        self.example_states: dict[str, dict[str, Tensor]] = {}
-        """``{layer: {"inputs": [L, C], "outputs": [L, C], "values": [Hkv, L, Dv], "key_valid": [H, T, T],
-        "start": [], "key_start": []}}`` of batch element 0 (what was available: values only from SDPA
-        calls); the example's rows start at position ``start``, its keys at ``key_start``."""
+        self.examples: dict[str, Example] = {}
+        """``{layer: Example}`` (see :class:`Example`)."""
         self.alignment: dict[str, Tensor] = {}
         """``{layer: [correct, total]}``: rows whose head-mean argmax is the ground-truth key."""
 
@@ -41,9 +61,13 @@ class StatisticsAccumulator:
     def layers(self) -> list[str]:
         return list(self.counts)
 
+    def heads(self) -> dict[str, int]:
+        """``{layer: number of heads}``."""
+        return {layer: count.numel() for layer, count in self.counts.items()}
+
     def rename(self, old: str, new: str) -> None:
         """Rename layer ``old`` to ``new`` everywhere, keeping the order of layers."""
-        for attribute in ("sums", "counts", "examples", "example_states", "alignment"):
+        for attribute in ("sums", "counts", "examples", "alignment"):
             table = getattr(self, attribute)
             if old in table:
                 setattr(self, attribute, {new if k == old else k: v for k, v in table.items()})
@@ -67,25 +91,20 @@ class StatisticsAccumulator:
             for layer, sums in self.sums.items()
         }
 
-    def grid(
-        self, layers: Sequence[str], heads: int | None = None, device: torch.device | None = None
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """``{statistic: [len(layers), H]}`` sums and ``[len(layers), H]`` counts, rows in ``layers`` order.
+    def grid(self, heads: dict[str, int], device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """``[S, L, H]`` sums and ``[L, H]`` counts, rows in the order of ``heads`` (``{layer: H_l}``).
 
-        Layers not seen (and heads a layer lacks) have count 0; ``H`` is ``heads`` or the largest
-        head count seen. Works when nothing was seen if ``heads`` is given (a process that captured
-        nothing still takes part in a distributed reduction).
+        Layers not seen here (and heads a layer lacks) have count 0, so a process that captured
+        nothing still takes part in a distributed reduction with the right shapes.
         """
-        if heads is None:
-            heads = max(c.numel() for c in self.counts.values())
-        if device is None:
-            device = next(iter(self.counts.values())).device if self.counts else torch.device("cpu")
-        counts = torch.zeros(len(layers), heads, device=device)
-        sums = {name: torch.zeros(len(layers), heads, device=device) for name in self.statistics}
-        for row, layer in enumerate(layers):
+        width = max(heads.values(), default=0)
+        sums = torch.zeros(len(self.statistics), len(heads), width, device=device)
+        counts = torch.zeros(len(heads), width, device=device)
+        for row, layer in enumerate(heads):
             if layer in self.counts:
                 h = self.counts[layer].numel()
                 counts[row, :h] = self.counts[layer]
-                for name, value in self.sums[layer].items():  # a cross-attention layer lacks position statistics
-                    sums[name][row, :h] = value
+                for index, name in enumerate(self.statistics):
+                    if name in self.sums[layer]:  # a cross-attention layer lacks position statistics
+                        sums[index, row, :h] = self.sums[layer][name]
         return sums, counts

@@ -12,10 +12,15 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+from attnmonitor.capture.records import AttentionRecord, unpack_query_heads
+from attnmonitor.functional.masks import diagonal_valid, sink_keys
 
 SELF, CROSS = "self", "cross"
 CROSS_ARGUMENTS = (
@@ -73,10 +78,13 @@ class CallTracker:
 
     Args:
         pool_shared: report every call of a module under its own name (no ``#i``).
+        on_shared: called with a module's name when its second call in one forward shows it is
+            shared (what its first call recorded as ``name`` becomes ``name#0``).
     """
 
-    def __init__(self, pool_shared: bool = False) -> None:
+    def __init__(self, pool_shared: bool = False, on_shared: Callable[[str], None] = lambda name: None) -> None:
         self.pool_shared = pool_shared
+        self._on_shared = on_shared
         self.shared: set[str] = set()
         """Modules seen called more than once in one forward."""
         self._calls: dict[str, int] = {}
@@ -91,16 +99,16 @@ class CallTracker:
         """Module ``name`` is called outside any hooked ancestor: its call position starts again."""
         self._calls.pop(name, None)
 
-    def layer(self, name: str) -> tuple[str, bool]:
-        """The layer name of the next call of module ``name``, and whether it just became shared."""
+    def layer(self, name: str) -> str:
+        """The layer name of the next call of module ``name``."""
         index = self._calls.get(name, 0)
         self._calls[name] = index + 1
         if self.pool_shared:
-            return name, False
-        newly_shared = index == 1 and name not in self.shared
-        if newly_shared:
+            return name
+        if index == 1 and name not in self.shared:
             self.shared.add(name)
-        return (f"{name}#{index}" if name in self.shared else name), newly_shared
+            self._on_shared(name)
+        return f"{name}#{index}" if name in self.shared else name
 
     def remember_self(self, name: str, batch: int, rows: int, query_valid: Tensor | None) -> None:
         """Record the query validity ``[B, Lq]`` (None: every row) of a self-attention call."""
@@ -127,8 +135,51 @@ class CallTracker:
 def common_prefix(a: list[str], b: list[str]) -> int:
     """How many leading components two split module names share."""
     count = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         count += 1
     return count
+
+
+def judge(
+    call: Call, record: AttentionRecord, tracker: CallTracker, *, sink_tokens: int, query_mask: Tensor | None = None
+) -> tuple[AttentionRecord, str | None]:
+    """The record with its valid query rows and sink keys, from its own mask, and a warning or None.
+
+    Self-attention: a row counts when it may attend its own position (and ``query_mask``, when its
+    shape fits). Cross-attention: the rows of the same block's self-attention (see
+    :meth:`CallTracker.cross_query_validity`); when unknown every row counts, with a warning.
+    """
+    record = unpack_query_heads(record, _num_heads(call.module))
+    b, _, lq, lk = record.shape
+    mask = record.key_mask()
+    warning = None
+    if call.kind == SELF:
+        valid = None if mask is None else diagonal_valid(mask, lq, lk)  # [B', Lq]
+        if query_mask is not None:
+            if tuple(query_mask.shape) == (b, lq):
+                explicit = query_mask.to(record.device, torch.bool)
+                valid = explicit if valid is None else valid & explicit
+            else:
+                warning = (
+                    f"attnmonitor: the query mask {tuple(query_mask.shape)} does not match the queries [B={b}, Lq={lq}] "
+                    f"of layer '{call.layer}'; it is not applied there."
+                )
+        tracker.remember_self(call.name, b, lq, valid)
+    else:
+        found, valid = tracker.cross_query_validity(call.name, b, lq)
+        if not found:
+            warning = (
+                f"attnmonitor: the padding of the queries of cross-attention layer '{call.layer}' is unknown (no "
+                "self-attention of the same block with the same queries ran before it); every query row is counted."
+            )
+    sinks = sink_keys(mask, lq, lk, sink_tokens, self_attention=call.kind == SELF, query_valid=valid)
+    record = record.with_query_valid(None if valid is None else valid.unsqueeze(1))
+    return replace(record, sink_keys=sinks), warning
+
+
+def _num_heads(module: nn.Module) -> int:
+    """The query heads a module declares (Hugging Face attention modules), or 0 when unknown."""
+    heads = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
+    return heads if isinstance(heads, int) else 0

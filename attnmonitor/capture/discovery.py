@@ -5,11 +5,10 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Sequence
-from typing import Union
 
 from torch import nn
 
-Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
 """``"auto"``, a regex or regexes fully matching qualified module names, or a predicate ``(name, module)``."""
 
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)

@@ -14,7 +14,7 @@ whose fused fast path would skip it) runs. It sees, whatever name they were impo
   ``torch.nn.functional`` resolves them through.
 
 The model's outputs are computed by the original functions, unchanged, unless ``emit`` returns a
-replacement (steering: clipped probabilities, or the output of SDPA recomputed from them).
+replacement (regularization: clipped probabilities, or the output of SDPA recomputed from them).
 """
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnmonitor.functional.chunked import Chunk, key_valid_from_logits, probability_chunks, qk_chunks
+from attnmonitor.functional.chunked import key_valid_from_logits, qk_chunks
+from attnmonitor.functional.evaluation import AttentionCall
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,20 @@ class AttentionRecord:
         mask = query_valid if self.query_valid is None else self.query_valid & query_valid
         return replace(self, query_valid=mask)
 
+    @property
+    def device(self) -> torch.device:
+        tensor = self.probs if self.probs is not None else self.q
+        assert tensor is not None
+        return tensor.device
+
+    @property
+    def call(self) -> AttentionCall:
+        """What the statistics need of this record (see :func:`attnmonitor.functional.call_head_sums`)."""
+        return AttentionCall(
+            self.probs, self.key_valid, self.q, self.k, self.attn_mask, self.is_causal, self.scale,
+            self.query_valid, self.sink_keys,
+        )
+
     def key_mask(self) -> Tensor | None:
         """The call's own key mask as bool, 4-D, broadcastable to ``[B, H, Lq, Lk]`` (SDPA's ``is_causal``
         excluded), or None when it has none."""
@@ -81,7 +95,7 @@ class AttentionRecord:
         """All ``[B, H, Lq, Lk]`` probabilities (differentiable) and their key mask."""
         if self.probs is not None:
             return self.probs, self.key_valid
-        (chunk,) = self.chunks(budget_bytes=1 << 62)
+        (chunk,) = self.call.chunks(budget_bytes=1 << 62)
         return chunk.probs, chunk.key_valid
 
     def output(self, probs: Tensor) -> Tensor:
@@ -98,19 +112,6 @@ class AttentionRecord:
         if self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p)
         return (probs @ v.to(probs.dtype)).to(self.out_dtype).reshape(self.out_shape)
-
-    def chunks(self, budget_bytes: int, rows: Tensor | None = None) -> Iterator[Chunk]:
-        """Row chunks (of ``rows`` only, if given) that fit ``budget_bytes`` (see :mod:`attnmonitor.functional.chunked`)."""
-        if self.probs is not None:
-            # a softmax of logits masked to <= finfo.min / 2: exactly 0 on the keys key_valid excludes
-            return probability_chunks(
-                self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes, masked=True, rows=rows
-            )
-        assert self.q is not None and self.k is not None
-        return qk_chunks(
-            self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes, rows=rows
-        )
-
 
     def example(self, max_tokens: int) -> tuple[Tensor, Tensor, int, int]:
         """Batch element 0 from its first real token: probabilities ``[H, T, T]`` float32, valid keys, start.

@@ -18,13 +18,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, l, c = x.shape
-        q, k, v = (t.view(b, l, self.heads, c // self.heads).transpose(1, 2) for t in self.qkv(x).split(c, dim=2))
+        b, length, c = x.shape
+        q, k, v = (t.view(b, length, self.heads, c // self.heads).transpose(1, 2) for t in self.qkv(x).split(c, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, l, c))  # [B, L, C]
+        return self.proj(y.transpose(1, 2).reshape(b, length, c))  # [B, L, C]
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention and an MLP, each residual."""
+
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -49,7 +51,9 @@ class TinyGPT(L.LightningModule):
         lr: AdamW learning rate.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int = 64, dim: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.0, lr: float = 3e-3) -> None:
+    def __init__(
+        self, vocab_size: int, seq_len: int = 64, dim: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.0, lr: float = 3e-3
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"`dim` ({dim}) must be divisible by `heads` ({heads})")

@@ -52,7 +52,7 @@ class WordOrderDataModule(L.LightningDataModule):
         return self.tokenizer.convert_ids_to_tokens(ids)
 
     def _collate(self, examples: list[tuple[str, int]]) -> dict[str, Tensor]:
-        texts, labels = zip(*examples)
+        texts, labels = zip(*examples, strict=True)
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": torch.tensor(labels)}
 
@@ -71,7 +71,8 @@ class MiniLMClassifier(L.LightningModule):
         from transformers import AutoModel
 
         self.save_hyperparameters()
-        self.encoder = AutoModel.from_pretrained(minilm_path(), attn_implementation=attn_implementation)
+        # from_pretrained returns eval mode, which Lightning keeps: fine-tune in train mode (dropout on)
+        self.encoder = AutoModel.from_pretrained(minilm_path(), attn_implementation=attn_implementation).train()
         self.head = nn.Linear(self.encoder.config.hidden_size, 2)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -2,13 +2,17 @@
 
 from attnmonitor.functional.chunked import (
     DEFAULT_MEMORY_BUDGET_BYTES,
+    chunk_head_sums,
     chunked_head_sums,
     key_valid_from_logits,
     probability_chunks,
     qk_chunks,
     sdpa_key_valid,
 )
+from attnmonitor.functional.evaluation import AttentionCall, CallSums, call_head_sums
+from attnmonitor.functional.fused import fused_path_refusal, fused_row_statistics
 from attnmonitor.functional.masks import diagonal_valid, first_valid_keys, sequence_starts, sink_keys
+from attnmonitor.functional.regularization import clip_attention, entropy_penalty, sparsity_penalty
 from attnmonitor.functional.statistics import (
     POSITION_STATISTICS,
     STATISTICS,
@@ -17,14 +21,25 @@ from attnmonitor.functional.statistics import (
     head_sums,
     mean_from_sums,
     row_statistics,
+    safe_entropy,
 )
 
 __all__ = [
+    "AttentionCall",
+    "CallSums",
+    "call_head_sums",
+    "clip_attention",
+    "entropy_penalty",
+    "fused_path_refusal",
+    "fused_row_statistics",
+    "safe_entropy",
+    "sparsity_penalty",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "POSITION_STATISTICS",
     "STATISTICS",
     "attention_statistics",
     "check_statistics",
+    "chunk_head_sums",
     "chunked_head_sums",
     "diagonal_valid",
     "first_valid_keys",

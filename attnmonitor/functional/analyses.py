@@ -1,4 +1,4 @@
-"""The seed notebook's attention analyses, vectorised over batch and heads and corrected (see DESIGN.md).
+"""Attention analyses of interpretability notebooks, vectorised over batch and heads, and corrected.
 
 Shapes: ``probs [B, H, Lq, Lk]``, ``key_valid`` bool broadcastable to it, ``query_valid`` bool
 broadcastable to ``[B, H, Lq]``. Per-row results are ``[B, H, Lq]``; per-head results ``[H]`` are
@@ -40,7 +40,7 @@ ROLE_THRESHOLDS: dict[str, float] = {
 """Documented thresholds of :func:`head_roles`, all on length-independent quantities."""
 
 
-def _rows(probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None) -> RowContext:
+def _context(probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None) -> RowContext:
     return RowContext(probs, key_valid, query_valid)
 
 
@@ -76,7 +76,7 @@ def similarity_attention_correlation(
     """
     unit = F.normalize(hidden.float(), dim=-1)
     similarity = (unit @ unit.transpose(-1, -2)).unsqueeze(1)  # [B, 1, L, L]
-    ctx = _rows(probs, key_valid, query_valid)
+    ctx = _context(probs, key_valid, query_valid)
     pairs = (ctx.keys & ctx.valid.unsqueeze(-1)).float()  # [B, H, L, L]
     n = pairs.sum(dim=(0, 2, 3)).clamp_min(1)  # [H]
 
@@ -93,7 +93,7 @@ def similarity_attention_correlation(
 def composition(probs: Tensor, values: Tensor, key_valid: Tensor | None = None) -> dict[str, Tensor]:
     """Norm-based composition of attention outputs (Kobayashi et al. 2020): ``c_ij = A_ij · ‖v_j‖``.
 
-    The seed took the entropy of contribution ratios that do not sum to 1; here contributions are
+    The usual notebook formula takes the entropy of contribution ratios that do not sum to 1; here contributions are
     normalised per row first.
 
     Args:
@@ -106,7 +106,7 @@ def composition(probs: Tensor, values: Tensor, key_valid: Tensor | None = None) 
     """
     if values.shape[-3] != probs.shape[-3]:
         values = values.repeat_interleave(probs.shape[-3] // values.shape[-3], dim=-3)
-    ctx = _rows(probs, key_valid, None)
+    ctx = _context(probs, key_valid, None)
     raw = ctx.p * values.float().norm(dim=-1).unsqueeze(-2)  # [B, H, Lq, Lk]
     share = raw / raw.sum(-1, keepdim=True).clamp_min(1e-30)
     entropy = RowContext(share, ctx.keys).entropy
@@ -136,7 +136,7 @@ def class_attention_share(
     Args:
         classes: ``[B, Lk]`` (or ``[Lk]``) class id of every key.
     """
-    ctx = _rows(probs, key_valid, query_valid)
+    ctx = _context(probs, key_valid, query_valid)
     onehot = F.one_hot(classes.long(), num_classes).float()  # [(B,) Lk, C]
     if onehot.dim() == 2:
         onehot = onehot.unsqueeze(0)
@@ -155,7 +155,7 @@ def positional_profile(
     mass within ``window`` positions of the query; ``normalized_distance``: mean ``|p_i − j|``
     divided by the largest distance possible for the row (0 when it has one key).
     """
-    ctx = _rows(probs, key_valid, query_valid)
+    ctx = _context(probs, key_valid, query_valid)
     lk = probs.shape[-1]
     keys = torch.arange(lk, device=probs.device, dtype=torch.float32)
     first_index = torch.where(ctx.keys, keys, float(lk)).amin(-1)  # [B, H, Lq]
@@ -187,7 +187,7 @@ def head_roles(stats: dict[str, Tensor], thresholds: dict[str, float] | None = N
     ``prev_token_weight``, ``next_token_weight``, ``sink_mass`` above their thresholds give self,
     previous_token, next_token, sink; ``1 − normalized_distance`` above ``local`` gives local;
     ``normalized_entropy`` above ``broad`` gives broad; otherwise focused. All inputs are normalised
-    quantities, so the rules do not depend on sequence length (the seed's ``entropy > 3.0`` did).
+    quantities, so the rules do not depend on sequence length (an ``entropy > 3.0`` rule does).
 
     Args:
         stats: ``{name: [...]}`` with ``sink_mass`` and ``normalized_entropy``, and for self-attention
@@ -220,7 +220,7 @@ def attention_rollout(layers: Sequence[Tensor]) -> Tensor:
     """Attention rollout (Abnar & Zuidema 2020) through layers, ``[B, T, T]``.
 
     ``Â_l = rownorm(mean_h A_l + I)`` and ``J_l = Â_l · J_{l−1}``; row ``i`` of the result says how
-    much of token ``i``'s final representation flows from each input token. (The seed's "outgoing"
+    much of token ``i``'s final representation flows from each input token. (A notebook's "outgoing"
     flow was always ``1/n``: attention rows sum to 1.)
 
     Args:
@@ -238,10 +238,10 @@ def attention_rollout(layers: Sequence[Tensor]) -> Tensor:
 
 
 def diversity(probs: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None) -> Tensor:
-    """Variance of the attention distributions across heads, averaged over keys and valid rows (the seed's
+    """Variance of the attention distributions across heads, averaged over keys and valid rows (a notebook's
     ``var(A, dim=heads).mean()``, restricted to valid rows and keys): ``[]``.
     """
-    ctx = _rows(probs, key_valid, query_valid)
+    ctx = _context(probs, key_valid, query_valid)
     rows = ctx.valid.all(1)  # [B, Lq]: a row counts where every head has it
     keys = ctx.keys.all(1).float()  # [B, Lq, Lk]
     variance = ctx.p.var(dim=1, unbiased=False)  # [B, Lq, Lk]
@@ -249,16 +249,30 @@ def diversity(probs: Tensor, key_valid: Tensor | None = None, query_valid: Tenso
     return (per_row * rows).sum() / rows.sum().clamp_min(1)
 
 
+def alignment_counts(
+    probs: Tensor, alignments: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None
+) -> Tensor:
+    """``[correct, counted]``: rows whose head-mean argmax ``argmax_j mean_h A_hij`` is the true key.
+
+    Args:
+        probs: ``[B, H, Lq, Lk]``; key_valid, query_valid: as :func:`row_statistics`.
+        alignments: ``[B, Lq]`` true key of each row; negative entries mark rows without one.
+
+    Example:
+        >>> probs = torch.tensor([[[[0.9, 0.1], [0.8, 0.2]]]])  # both rows look at key 0
+        >>> alignment_counts(probs, torch.tensor([[0, 1]]))
+        tensor([1., 2.])
+    """
+    ctx = _context(probs, key_valid, query_valid)
+    predicted = ctx.p.mean(1).argmax(-1)  # [B, Lq]
+    truth = alignments.to(predicted.device).long()
+    counted = (truth >= 0) & ctx.valid.any(1)
+    return torch.stack([((predicted == truth) & counted).sum(), counted.sum()]).float()
+
+
 def alignment_accuracy(
     probs: Tensor, alignments: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None
 ) -> Tensor:
-    """Per head, how often ``argmax_j A_ij`` is the true position ``alignments[b, i]``: ``[H]``.
-
-    Args:
-        alignments: ``[B, Lq]`` long; negative entries mark rows without a ground truth.
-    """
-    ctx = _rows(probs, key_valid, query_valid)
-    predicted = ctx.p.argmax(-1)  # [B, H, Lq]
-    truth = alignments.long().unsqueeze(1)
-    valid = ctx.valid & (truth >= 0)
-    return _head_mean((predicted == truth).float(), valid)
+    """Fraction of rows whose head-mean argmax is the true key (see :func:`alignment_counts`): ``[]``."""
+    correct, counted = alignment_counts(probs, alignments, key_valid, query_valid)
+    return correct / counted.clamp_min(1)

@@ -71,7 +71,7 @@ def _select(t: Tensor | None, rows: Tensor | None, dim: int) -> Tensor | None:
     return t.index_select(t.dim() + dim, rows.to(t.device))
 
 
-def _rows(t: Tensor | None, start: int, stop: int, dim: int) -> Tensor | None:
+def _row_slice(t: Tensor | None, start: int, stop: int, dim: int) -> Tensor | None:
     """Slice query rows ``start:stop`` of a tensor broadcastable along ``dim`` (size 1 stays)."""
     if t is None or t.dim() < -dim or t.shape[dim] == 1:
         return t
@@ -99,7 +99,7 @@ def probability_chunks(
     for start in range(0, index.numel(), step):
         stop = min(index.numel(), start + step)
         chunk = probs[:, :, start:stop] if rows is None else probs.index_select(-2, index[start:stop])
-        selected = (_rows(key_valid, start, stop, -2), _rows(query_valid, start, stop, -1))
+        selected = (_row_slice(key_valid, start, stop, -2), _row_slice(query_valid, start, stop, -1))
         yield Chunk(chunk, *selected, index[start:stop] + (lk - lq), owned=rows is not None, masked=masked)
 
 
@@ -147,10 +147,10 @@ def qk_chunks(
         stop = min(index.numel(), start + step)
         logits = (q[..., start:stop, :].to(dtype) * scale) @ keys_t  # [B, H, r, Lk]
         in_place = not logits.requires_grad  # one full-size tensor fewer when no gradient is needed
-        mask = _rows(additive, start, stop, -2)
+        mask = _row_slice(additive, start, stop, -2)
         if mask is not None:
             logits = logits.add_(mask.to(dtype)) if in_place else logits + mask.to(dtype)
-        valid = sdpa_key_valid(_rows(attn_mask, start, stop, -2), is_causal, lk, index[start:stop])
+        valid = sdpa_key_valid(_row_slice(attn_mask, start, stop, -2), is_causal, lk, index[start:stop])
         if valid is not None:
             valid = valid.expand_as(logits)
             # fully masked rows get finite logits: no NaN in values or gradients (the row never counts)
@@ -162,37 +162,42 @@ def qk_chunks(
         probs = logits.softmax(-1)
         del logits  # not alive while the consumer computes statistics
         positions = index[start:stop] + (lk - lq)
-        yield Chunk(probs, valid, _rows(query_valid, start, stop, -1), positions, owned=not probs.requires_grad, masked=True)
+        yield Chunk(probs, valid, _row_slice(query_valid, start, stop, -1), positions, owned=not probs.requires_grad, masked=True)
 
 
-def chunked_head_sums(
-    chunks: Iterator[Chunk],
+def chunk_head_sums(
+    chunk: Chunk,
     *,
     statistics: Sequence[str] = STATISTICS,
     sink_tokens: int = 1,
     sparsity_eps: float = 0.1,
     sink_keys: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-head sums ``{name: [H]}`` and valid-row counts ``[H]`` over all chunks (``sink_keys``: see
+    """Per-head sums ``{name: [H]}`` and valid-row counts ``[H]`` of one chunk (arguments as
     :func:`attnmonitor.functional.row_statistics`)."""
+    values, valid = row_statistics(
+        chunk.probs,
+        chunk.key_valid,
+        chunk.query_valid,
+        statistics=statistics,
+        query_positions=chunk.positions,
+        sink_tokens=sink_tokens,
+        sparsity_eps=sparsity_eps,
+        overwrite=chunk.owned,
+        masked=chunk.masked,
+        sink_keys=sink_keys,
+    )
+    return head_sums(values, valid)
+
+
+def chunked_head_sums(chunks: Iterator[Chunk], **options: object) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-head sums ``{name: [H]}`` and valid-row counts ``[H]`` over all chunks (``options``: those
+    of :func:`chunk_head_sums`)."""
     total: dict[str, Tensor] = {}
     count: Tensor | None = None
     for chunk in chunks:
-        values, valid = row_statistics(
-            chunk.probs,
-            chunk.key_valid,
-            chunk.query_valid,
-            statistics=statistics,
-            query_positions=chunk.positions,
-            sink_tokens=sink_tokens,
-            sparsity_eps=sparsity_eps,
-            overwrite=chunk.owned,
-            masked=chunk.masked,
-            sink_keys=sink_keys,
-        )
-        sums, n = head_sums(values, valid)
+        sums, n = chunk_head_sums(chunk, **options)  # type: ignore[arg-type]
         count = n if count is None else count + n
-        for name, s in sums.items():
-            total[name] = s if name not in total else total[name] + s
+        total = {name: total[name] + s if name in total else s for name, s in sums.items()}
     assert count is not None, "no query rows"
     return total, count

@@ -1,7 +1,7 @@
 """Per-row attention statistics from probabilities, and their per-head reduction.
 
 Every statistic is defined per valid query row ``i`` of attention probabilities ``A`` of shape
-``[B, H, Lq, Lk]`` whose row has ``n_i`` valid keys (see DESIGN.md). Rows with no valid key, and rows
+``[B, H, Lq, Lk]`` whose row has ``n_i`` valid keys. Rows with no valid key, and rows
 excluded by a query mask, are invalid: their value is 0 and they never enter a reduction.
 
 All arithmetic is done in float32 whatever the input dtype; values and gradients are finite for
@@ -35,19 +35,21 @@ STATISTICS: tuple[str, ...] = (
 """Names of every statistic, in the order they are reported."""
 
 
-def check_statistics(statistics: Sequence[str], *, option: str = "statistics") -> tuple[str, ...]:
-    """Validate statistic names and return them as a tuple.
+def check_statistics(statistics: str | Sequence[str], *, option: str = "statistics") -> tuple[str, ...]:
+    """Validate statistic names (one name or a sequence) and return them as a tuple.
 
     Raises:
         ValueError: if a name is unknown or the sequence is empty.
     """
-    if isinstance(statistics, str) or not isinstance(statistics, Sequence):
-        raise ValueError(f"`{option}` must be a sequence of statistic names, got {statistics!r}")
+    if isinstance(statistics, str):
+        statistics = [statistics]
+    if not isinstance(statistics, Sequence):
+        raise ValueError(f"`{option}` must be a statistic name or a list of them, got {statistics!r}")
+    if not statistics:
+        raise ValueError(f"`{option}` is empty: name at least one of {list(STATISTICS)}")
     unknown = [s for s in statistics if s not in STATISTICS]
-    if unknown or not statistics:
-        raise ValueError(
-            f"`{option}` got {list(statistics)!r}: unknown {unknown!r}; accepted names are {list(STATISTICS)}"
-        )
+    if unknown:
+        raise ValueError(f"`{option}` got unknown {unknown!r}; accepted names are {list(STATISTICS)}")
     return tuple(statistics)
 
 
@@ -130,11 +132,20 @@ class RowContext:
 
     @cached_property
     def entropy(self) -> Tensor:
-        p = self.p
-        if not (torch.is_grad_enabled() and p.requires_grad):
-            return torch.xlogy(p, p).sum(-1).neg_() + 0.0  # xlogy(0, 0) = 0, and faster than log at 0; -0.0 -> 0.0
-        safe = torch.where(p > 0, p, torch.ones_like(p))  # log(1) = 0: finite value and gradient
-        return (p * safe.log()).sum(-1).neg() + 0.0  # [B, H, Lq]
+        return safe_entropy(self.p)  # [B, H, Lq]
+
+
+def safe_entropy(p: Tensor) -> Tensor:
+    """``−Σ_j p_j log p_j`` over the last dim, ``0 · log 0 = 0``, with finite values and gradients.
+
+    Example:
+        >>> safe_entropy(torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+        tensor([0.0000, 0.6931])
+    """
+    if not (torch.is_grad_enabled() and p.requires_grad):
+        return torch.xlogy(p, p).sum(-1).neg_() + 0.0  # xlogy(0, 0) = 0, and faster than log at 0; -0.0 -> 0.0
+    safe = torch.where(p > 0, p, torch.ones_like(p))  # log(1) = 0: finite gradient (not NaN through where)
+    return (p * safe.log()).sum(-1).neg() + 0.0
 
 
 def _normalized_entropy_from(entropy: Tensor, n: Tensor) -> Tensor:
@@ -281,4 +292,5 @@ __all__ = [
     "head_sums",
     "mean_from_sums",
     "row_statistics",
+    "safe_entropy",
 ]

@@ -1,5 +1,6 @@
 """torchmetrics ``Metric`` classes over :mod:`attnmonitor.functional`: per-(layer, head) sums and counts."""
 
+from attnmonitor.metrics.state import AttentionStatistics, gather_layers
 from attnmonitor.metrics.statistic import (
     AttentionDistance,
     AttentionEffectiveSupport,
@@ -26,4 +27,6 @@ __all__ = [
     "AttentionSinkMass",
     "AttentionSparsity",
     "AttentionStatistic",
+    "AttentionStatistics",
+    "gather_layers",
 ]

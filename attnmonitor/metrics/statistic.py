@@ -1,7 +1,8 @@
-"""torchmetrics ``Metric`` classes: per-(layer, head) means of one attention statistic.
+"""torchmetrics ``Metric`` classes for your own loops: per-(layer, head) means of one attention statistic.
 
 The classes only hold state (``[num_layers, num_heads]`` sums and valid-row counts, reduced with
-``"sum"`` so DDP results are exact); :mod:`attnmonitor.functional` does the arithmetic.
+``"sum"`` so DDP results are exact); :func:`attnmonitor.functional.row_statistics` does the
+arithmetic (as torchmetrics' ``MeanSquaredError`` over its functional twin).
 """
 
 from __future__ import annotations
@@ -62,43 +63,17 @@ class AttentionStatistic(Metric):
         self.add_state("sums", torch.zeros(num_layers, num_heads), dist_reduce_fx="sum")
         self.add_state("counts", torch.zeros(num_layers, num_heads), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        probs: Tensor | None = None,
-        key_valid: Tensor | None = None,
-        query_valid: Tensor | None = None,
-        *,
-        layer: int = 0,
-        sums: Tensor | None = None,
-        counts: Tensor | None = None,
-    ) -> None:
-        """Add the rows of one attention tensor, or precomputed sums.
+    def update(self, probs: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None, *, layer: int = 0) -> None:
+        """Add the valid rows of one attention tensor of layer ``layer``.
 
         Args:
-            probs: ``[B, H, Lq, Lk]`` probabilities of layer ``layer``.
+            probs: ``[B, H, Lq, Lk]`` probabilities.
             key_valid: bool, broadcastable to ``probs``; True where a key may be attended.
             query_valid: bool, broadcastable to ``[B, H, Lq]``; False for padded query rows.
             layer: row of the state that ``probs`` belongs to.
-            sums: ``[num_layers, num_heads]`` precomputed sums (instead of ``probs``).
-            counts: ``[num_layers, num_heads]`` valid rows behind ``sums``.
-
-        Raises:
-            ValueError: if neither or both of ``probs`` and ``sums``/``counts`` are given.
         """
-        if (probs is None) == (sums is None) or (sums is None) != (counts is None):
-            raise ValueError("pass either `probs` or both `sums` and `counts`")
-        if sums is not None and counts is not None:
-            self.sums += sums.to(self.sums)
-            self.counts += counts.to(self.counts)
-            return
-        assert probs is not None
         values, valid = row_statistics(
-            probs,
-            key_valid,
-            query_valid,
-            statistics=[self.statistic],
-            sink_tokens=self.sink_tokens,
-            sparsity_eps=self.sparsity_eps,
+            probs, key_valid, query_valid, statistics=[self.statistic], sink_tokens=self.sink_tokens, sparsity_eps=self.sparsity_eps
         )
         head_sum, head_count = head_sums(values, valid)
         self.sums[layer] += head_sum[self.statistic]

@@ -1,11 +1,11 @@
-"""Rendering attention figures and tables for TensorBoard, and the probe-example analyses behind them."""
+"""Publishing: tags, scalar dictionaries, rendered figures and tables, and the example analyses behind them."""
 
-from attnmonitor.tensorboard.probe import ProbeAnalysis, analyse_probe, interpretation_table, role_changes
+from attnmonitor.tensorboard.example import ExampleAnalysis, analyse_example, interpretation_table, role_changes
 from attnmonitor.tensorboard.render import attention_heatmaps, head_atlas, role_atlas, statistics_table
 
 __all__ = [
-    "ProbeAnalysis",
-    "analyse_probe",
+    "ExampleAnalysis",
+    "analyse_example",
     "attention_heatmaps",
     "head_atlas",
     "interpretation_table",

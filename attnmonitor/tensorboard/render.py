@@ -18,7 +18,9 @@ def _rgb(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def head_atlas(values: Tensor, observed: Tensor, layers: Sequence[str], title: str) -> np.ndarray:
+def head_atlas(
+    values: Tensor, observed: Tensor, layers: Sequence[str], title: str, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
     """Layers x heads grid of one statistic, colour-mapped with a colour bar.
 
     Args:
@@ -26,20 +28,24 @@ def head_atlas(values: Tensor, observed: Tensor, layers: Sequence[str], title: s
         observed: bool ``[L, H]``: cells with data (others are drawn blank).
         layers: ``L`` row labels.
         title: figure title (the statistic).
+        value_range: fixed ``(min, max)`` of the colour scale, so that atlases of different steps
+            compare (quantities in [0, 1]); None scales to the data (stated on the colour bar).
 
     Returns:
         ``[height, width, 3]`` uint8 image.
     """
     grid = np.ma.masked_array(values.detach().float().cpu().numpy(), mask=~observed.cpu().numpy())
+    vmin, vmax = value_range if value_range is not None else (None, None)
     n_layers, n_heads = grid.shape
     label_width = 0.06 * max(len(name) for name in layers) + 0.2  # inches for the layer names
     width, height = label_width + 1.2 + 0.45 * n_heads, 0.9 + 0.35 * n_layers
     fig = Figure(figsize=(width, height), dpi=90)
     ax = fig.add_axes((label_width / width, 0.45 / height, 0.45 * n_heads / width, 0.35 * n_layers / height))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto", interpolation="nearest")
+    image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     colorbar_axes = fig.add_axes(((label_width + 0.45 * n_heads + 0.1) / width, 0.45 / height, 0.12 / width, 0.35 * n_layers / height))
     fig.colorbar(image, cax=colorbar_axes)
     colorbar_axes.tick_params(labelsize=7)
+    colorbar_axes.set_ylabel("fixed scale" if value_range is not None else "scaled to this step", fontsize=6)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("head", fontsize=8, labelpad=1)
     ax.set_xticks(range(n_heads))
@@ -52,42 +58,62 @@ def head_atlas(values: Tensor, observed: Tensor, layers: Sequence[str], title: s
     return _rgb(fig)
 
 
+HEADS_PER_ROW = 4
+_CELL_INCHES, _DPI = 0.16, 100  # about 16 px per token: labels readable at the image's own size
+
+
 def attention_heatmaps(
-    probs: Tensor, tokens: Sequence[str] | None, title: str, query_tokens: Sequence[str] | None = None
+    probs: Tensor,
+    tokens: Sequence[str] | None,
+    title: str,
+    query_tokens: Sequence[str] | None = None,
+    panel_titles: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Each head's ``[T, T]`` attention of one example, tiled side by side, with token labels when given.
+    """Each head's ``[Tq, Tk]`` attention of one example, up to four heads per row, one colour bar.
+
+    Every panel has square cells and its own title (``head h``); query labels run along the first
+    column, key labels along the bottom panel of each column (every ``ceil(T / 32)``-th token when
+    long); the colour scale, [0, largest weight], is the same for all heads.
 
     Args:
-        probs: ``[H, T, T]`` probabilities (rows: queries, columns: keys).
-        tokens: ``T`` key labels, or None for positions.
-        title: figure title (the layer).
-        query_tokens: ``T`` query labels (default: ``tokens``, as in self-attention).
+        probs: ``[H, Tq, Tk]`` probabilities (rows: queries, columns: keys).
+        tokens: ``Tk`` key labels, or None for positions.
+        title: figure title (what the figure shows: layer, stage, example).
+        query_tokens: ``Tq`` query labels (default: ``tokens``, as in self-attention).
+        panel_titles: one title per panel (default: ``head h``).
 
     Returns:
-        ``[height, width, 3]`` uint8 image.
+        ``[height, width, 3]`` uint8 image, about 16 px per token and panel.
     """
-    heads, t, _ = probs.shape
-    gap = 1
-    mosaic = np.full((t, heads * (t + gap) - gap), np.nan)  # one axes for all heads: far cheaper to draw
+    heads, tq, tk = probs.shape
+    keys = list(tokens) if tokens is not None else [str(i) for i in range(tk)]
+    queries = list(query_tokens) if query_tokens is not None else (keys if tokens is not None else [f"q{i}" for i in range(tq)])
+    label = max(0.3, 0.05 * max(len(x) for x in [*keys[:tk], *queries[:tq]]))  # inches of tick labels
+    panel_w, panel_h = max(1.2, _CELL_INCHES * tk), max(1.2, _CELL_INCHES * tq)
+    columns = min(heads, HEADS_PER_ROW)
+    rows = math.ceil(heads / columns)
+    width = 0.2 + columns * (label + panel_w + 0.15) + 0.7
+    height = 0.55 + rows * (panel_h + label + 0.35)
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    fig.suptitle(f"{title}: rows (queries) attend to columns (keys)", fontsize=9, y=1 - 0.12 / height)
+    vmax = max(float(probs.max()), 1e-6)
+    step_q, step_k = math.ceil(tq / 32), math.ceil(tk / 32)
+    image = None
     for h in range(heads):
-        mosaic[:, h * (t + gap) : h * (t + gap) + t] = probs[h].float().cpu().numpy()
-    side = max(2.0, 0.11 * t)
-    width, height = max(0.9 + side * heads, 5.0), side + 0.9  # wide enough for the title
-    fig = Figure(figsize=(width, height), dpi=90)
-    ax = fig.add_axes((0.6 / width, 0.55 / height, side * heads / width, side / height))
-    ax.imshow(mosaic, cmap="magma", vmin=0.0, vmax=max(float(probs.max()), 1e-6), interpolation="nearest", aspect="auto")
-    fig.suptitle(f"{title}: rows (queries) attend to columns (keys)", fontsize=8)
-    labels = list(tokens) if tokens is not None else [str(i) for i in range(t)]
-    row_labels = list(query_tokens) if query_tokens is not None else (labels if tokens is not None else [f"q{i}" for i in range(t)])
-    step = 1 if t <= 64 else math.ceil(t / 64)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    # plain text labels (a matplotlib tick costs ~1 ms, a text ~0.2 ms); key labels under the first head only
-    for i in range(0, t, step):
-        ax.text(-1, i, row_labels[i], ha="right", va="center", fontsize=4.5)
-        ax.text(i, t, labels[i], ha="center", va="top", fontsize=4.5, rotation=90)
-    for h in range(heads):
-        ax.text(h * (t + gap) + t / 2, -0.8, f"head {h}", ha="center", va="bottom", fontsize=6)
+        row, col = divmod(h, columns)
+        left = 0.2 + col * (label + panel_w + 0.15) + label
+        bottom = height - 0.55 - (row + 1) * (panel_h + label + 0.35) + label + 0.05
+        ax = fig.add_axes((left / width, bottom / height, panel_w / width, panel_h / height))
+        image = ax.imshow(probs[h].float().cpu().numpy(), cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="auto")
+        ax.set_title(panel_titles[h] if panel_titles is not None else f"head {h}", fontsize=7, pad=2)
+        ax.set_yticks(range(0, tq, step_q), labels=queries[:tq:step_q] if col == 0 else [], fontsize=5)
+        bottom_of_column = h + columns >= heads
+        ax.set_xticks(range(0, tk, step_k), labels=keys[:tk:step_k] if bottom_of_column else [], fontsize=5, rotation=90)
+        ax.tick_params(length=1, pad=1)
+    top = height - 0.55 - panel_h - label - 0.35 + label + 0.05
+    colorbar = fig.add_axes(((width - 0.55) / width, top / height, 0.12 / width, panel_h / height))
+    fig.colorbar(image, cax=colorbar).set_label("attention weight", fontsize=6)
+    colorbar.tick_params(labelsize=6)
     return _rgb(fig)
 
 
@@ -116,8 +142,8 @@ def role_atlas(roles: Tensor, names: Sequence[str], layers: Sequence[str], title
         names: role names.
         layers: ``L`` row labels.
     """
-    from matplotlib.colors import ListedColormap
     from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
 
     grid = roles.cpu().numpy()
     n_layers, n_heads = grid.shape

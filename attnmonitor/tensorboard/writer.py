@@ -1,41 +1,98 @@
-"""Writing attention figures, histograms and text to a TensorBoard ``SummaryWriter``.
-
-Tags follow ``attn/<stage>/...`` (see the README's table). Every function renders headless.
-"""
+"""What the monitor publishes: scalar dictionaries for any logger, and figures, histograms and text
+for a TensorBoard ``SummaryWriter``. Tags come from :mod:`attnmonitor.tensorboard.tags`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from attnmonitor.functional.analyses import ROLES
-from attnmonitor.tensorboard.probe import ProbeAnalysis
+from attnmonitor.tensorboard import tags
+from attnmonitor.tensorboard.example import ExampleAnalysis
 from attnmonitor.tensorboard.render import attention_heatmaps, head_atlas, role_atlas, statistics_table
 
 
-def write_atlases(writer: Any, stage: str, step: int, layers: Sequence[str], values: dict[str, Tensor], observed: Tensor) -> None:
+def statistic_scalars(
+    stage: str, layers: Sequence[str], values: Mapping[str, Tensor], observed: Tensor, per_head: bool = False
+) -> dict[str, float]:
+    """Means over layers and heads, per layer, and (``per_head``) per head, of every statistic.
+
+    Args:
+        values: ``{statistic: [L, H]}`` means, NaN where a layer does not define the statistic.
+        observed: bool ``[L, H]`` cells with data.
+    """
+    scalars: dict[str, float] = {}
+    for name, grid in values.items():
+        defined = observed & ~grid.isnan()
+        if not defined.any():
+            continue
+        scalars[tags.statistic(stage, name)] = float(grid[defined].mean())
+        for row, layer in enumerate(layers):
+            heads = defined[row]
+            if heads.any():
+                scalars[tags.statistic(stage, name, layer)] = float(grid[row][heads].mean())
+                if per_head:
+                    for h in heads.nonzero().flatten().tolist():
+                        scalars[tags.statistic(stage, name, layer, h)] = float(grid[row, h])
+    return scalars
+
+
+def alignment_scalars(stage: str, counts: Mapping[str, Tensor]) -> dict[str, float]:
+    """Alignment accuracy per layer from ``{layer: [correct, counted]}``, and that of the best layer."""
+    accuracy = {layer: float(c[0] / c[1]) for layer, c in counts.items() if c[1] > 0}
+    if not accuracy:
+        return {}
+    return {tags.alignment(stage): max(accuracy.values()), **{tags.alignment(stage, k): v for k, v in accuracy.items()}}
+
+
+def example_scalars(stage: str, result: ExampleAnalysis) -> dict[str, float]:
+    """The example analyses' per-layer scalars."""
+    return {tags.example(stage, analysis, layer): value for (analysis, layer), value in result.scalars.items()}
+
+
+BOUNDED = frozenset(
+    {"normalized_entropy", "max_weight", "sparsity", "self_weight", "prev_token_weight", "next_token_weight", "sink_mass"}
+)
+"""Statistics in [0, 1]: their atlases use a fixed colour scale, comparable across steps."""
+WEIGHTS = frozenset({"self_weight", "prev_token_weight", "next_token_weight", "sink_mass"})
+"""Softmax weights: exactly 0 everywhere only when masked by construction (causal: no next token)."""
+
+
+def write_atlases(writer: Any, stage: str, step: int, layers: Sequence[str], values: Mapping[str, Tensor], observed: Tensor) -> None:
     """One layers x heads atlas image per statistic, a histogram per layer, and the per-head table.
+
+    Statistics in [0, 1] are drawn on a fixed [0, 1] scale; a weight that is exactly 0 in every cell
+    (masked by construction: the next-token weight of causal attention) gets no atlas, and the table
+    says so.
 
     Args:
         values: ``{statistic: [L, H]}`` means, NaN where a layer does not define the statistic
             (drawn blank); observed: bool ``[L, H]`` cells with data.
     """
     rows = observed.any(1).cpu()
-    seen_layers = [layer for layer, seen in zip(layers, rows.tolist()) if seen]
+    seen_layers = [layer for layer, seen in zip(layers, rows.tolist(), strict=True) if seen]
+    zero = []
     for name, grid in values.items():
         grid = grid.cpu()[rows]
         seen = observed.cpu()[rows] & ~grid.isnan()
         if not seen.any():
             continue
-        writer.add_image(f"attn/{stage}/atlas/{name}", head_atlas(grid, seen, seen_layers, f"{stage} {name}"), step, dataformats="HWC")
-        for layer, heads, mask in zip(seen_layers, grid, seen):
+        if name in WEIGHTS and not grid[seen].any():
+            zero.append(name)
+            continue
+        value_range = (0.0, 1.0) if name in BOUNDED else None
+        image = head_atlas(grid, seen, seen_layers, f"{stage} {name}", value_range)
+        writer.add_image(tags.atlas(stage, name), image, step, dataformats="HWC")
+        for layer, heads, mask in zip(seen_layers, grid, seen, strict=True):
             if mask.any():
-                writer.add_histogram(f"attn/{stage}/hist/{name}/{layer}", heads[mask], step)
+                writer.add_histogram(tags.histogram(stage, name, layer), heads[mask], step)
     table = statistics_table({n: v.cpu()[rows] for n, v in values.items()}, observed.cpu()[rows], seen_layers)
-    writer.add_text(f"attn/{stage}/table", table, step)
+    if zero:
+        table += f"\n\n{', '.join(zero)}: 0 in every layer and head (e.g. causal attention never sees the next token): no atlas drawn."
+    writer.add_text(tags.table(stage), table, step)
 
 
 def write_heatmap(
@@ -54,28 +111,51 @@ def write_heatmap(
         query_tokens = tokens
     kind = "cross-attention" if cross else "self-attention"
     image = attention_heatmaps(probs, tokens, f"{stage} {layer} ({kind}, example 0)", query_tokens=query_tokens)
-    writer.add_image(f"attn/{stage}/heatmap/{layer}", image, step, dataformats="HWC")
+    writer.add_image(tags.heatmap(stage, layer), image, step, dataformats="HWC")
 
 
-def write_probe(
-    writer: Any, stage: str, step: int, result: ProbeAnalysis, changes: Sequence[str], tokens: Sequence[str] | None
-) -> None:
+def write_example(writer: Any, stage: str, step: int, result: ExampleAnalysis, changes: Sequence[str]) -> None:
     """Role atlas and table, similarity atlas, interpretation tables, rollout and (validation) projector."""
     assert result.roles is not None and result.similarity is not None
-    writer.add_image(f"attn/{stage}/roles", role_atlas(result.roles, ROLES, result.layers, f"{stage} head roles"), step, dataformats="HWC")
+    writer.add_image(tags.roles(stage), role_atlas(result.roles, ROLES, result.layers, f"{stage} head roles"), step, dataformats="HWC")
     heads = result.roles.shape[1]
     table = ["| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " |", "|---|" + "---|" * heads]
-    table += [f"| {layer} | " + " | ".join(ROLES[r] for r in row.tolist()) + " |" for layer, row in zip(result.layers, result.roles)]
+    for layer, row in zip(result.layers, result.roles, strict=True):
+        table.append(f"| {layer} | " + " | ".join(ROLES[r] for r in row.tolist()) + " |")
     table += ["", "Changes since the last capture: " + ("; ".join(changes) if changes else "none")]
-    writer.add_text(f"attn/{stage}/roles_table", "\n".join(table), step)
+    writer.add_text(tags.roles_table(stage), "\n".join(table), step)
     observed = torch.ones_like(result.similarity, dtype=torch.bool)
     image = head_atlas(result.similarity, observed, result.layers, f"{stage} corr(cos similarity, attention)")
-    writer.add_image(f"attn/{stage}/atlas/similarity_correlation", image, step, dataformats="HWC")
+    writer.add_image(tags.similarity_atlas(stage), image, step, dataformats="HWC")
     for layer, text in result.interpretation.items():
-        writer.add_text(f"attn/{stage}/interpretation/{layer}", text, step)
+        writer.add_text(tags.interpretation(stage, layer), text, step)
     if result.rollout is not None:
-        image = attention_heatmaps(result.rollout[None], result.rollout_tokens, f"{stage} attention rollout")
-        writer.add_image(f"attn/{stage}/rollout", image, step, dataformats="HWC")
-    if result.embedding is not None and stage == "val":  # the projector only for the fixed probe
+        title = f"{stage} attention rollout through {len(result.rollout_layers)} layers"
+        image = attention_heatmaps(result.rollout[None], result.rollout_tokens, title, panel_titles=["mean over heads, + identity"])
+        writer.add_image(tags.rollout(stage), image, step, dataformats="HWC")
+    if result.embedding is not None and stage == "val":  # the projector only for the fixed validation example
         vectors, metadata = result.embedding
-        writer.add_embedding(vectors, metadata=metadata, metadata_header=["token", "layer"], tag=f"attn_{stage}_outputs", global_step=step)
+        writer.add_embedding(vectors, metadata=metadata, metadata_header=["token", "layer"], tag=tags.projector(stage), global_step=step)
+
+
+def write_hparams(writer: Any, params: Mapping[str, Any], metrics: Sequence[str]) -> None:
+    """The HParams tab's entry for this run: ``params`` (nested mappings flattened with ``/``) and the
+    names of the scalars it compares runs by (their values are the logged scalars themselves)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in _flatten(params).items()}
+    experiment, start, end = hparams(flat, {name: 0.0 for name in metrics})
+    file_writer = writer._get_file_writer()
+    for summary in (experiment, start, end):
+        file_writer.add_summary(summary)
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat

@@ -5,14 +5,18 @@ import copy
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 from attnmonitor import AttentionCapture, AttentionMonitor
-from attnmonitor.regularization import AttentionSteering
-from tests.models import SdpaAttention, TinyTransformer
-from tests.test_steering import LAMBDA_H, LAMBDA_S, TARGET, _reference_forward, assert_same_gradients, reference_terms
+from attnmonitor.demo import TinyGPT
+from attnmonitor.regularization import AttentionRegularizer
+from tests.helpers.events import read_events
+from tests.helpers.models import SdpaAttention, TinyTransformer
+from tests.helpers.regularization import LAMBDA_H, LAMBDA_S, TARGET, assert_same_gradients, reference_forward, reference_terms
+from tests.helpers.trainer import ignore_no_validation_data, make_trainer
+
+# the whole module is skipped without transformers (as before: the Hugging Face tests at the end need it)
+transformers = pytest.importorskip("transformers")
 
 REGULARIZER = {"entropy_weight": LAMBDA_H, "entropy_target": TARGET, "sparsity_weight": LAMBDA_S}
 
@@ -71,16 +75,7 @@ def _loader(batches):
 
 
 def _trainer(tmp_path, monitor, **kwargs):
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        logger=TensorBoardLogger(tmp_path, name="tb", version=0),
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1,
-        **kwargs,
-    )
+    return make_trainer(tmp_path, [monitor], log_every_n_steps=1, **kwargs)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -94,7 +89,7 @@ def test_trainer_gradients_equal_reference_with_and_without_accumulation(tmp_pat
     total = None
     for batch in batches[:accumulate]:
         key_valid = batch["attention_mask"].bool()[:, None, None, :]
-        out, probs = _reference_forward(reference, batch["input_ids"], key_valid)
+        out, probs = reference_forward(reference, batch["input_ids"], key_valid)
         entropy_term, sparsity_term = reference_terms(probs, key_valid, batch["attention_mask"].bool()[:, None, :])
         loss = (out.square().mean() + LAMBDA_H * entropy_term + LAMBDA_S * sparsity_term) / accumulate
         total = loss if total is None else total + loss
@@ -102,10 +97,9 @@ def test_trainer_gradients_equal_reference_with_and_without_accumulation(tmp_pat
     for name, param in reference.named_parameters():
         torch.testing.assert_close(module.grads[0][f"net.{name}"], param.grad, rtol=1e-6, atol=1e-12, msg=name)
     assert "training_step" not in module.__dict__  # the wrapper is gone after fit
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
-    events.Reload()
-    logged = {e.step: e.value for e in events.Scalars("attn/reg/entropy")}
-    assert len(logged) == 4 // accumulate and {"attn/reg/sparsity", "attn/reg/penalty"} <= set(events.Tags()["scalars"])
+    events = read_events(tmp_path / "tb" / "version_0")
+    logged = {e.step: e.value for e in events.Scalars("attn_reg/entropy")}
+    assert len(logged) == 4 // accumulate and {"attn_reg/sparsity", "attn_reg/penalty"} <= set(events.Tags()["scalars"])
 
 
 def test_manual_optimization_without_the_penalty_is_an_error(tmp_path):
@@ -127,25 +121,24 @@ def test_manual_optimization_with_the_penalty_matches_automatic(tmp_path):
 def test_warmup_ramps_the_penalty(tmp_path):
     monitor = AttentionMonitor(regularizer={**REGULARIZER, "warmup_steps": 2}, val_batches=0)
     _trainer(tmp_path, monitor, max_steps=4).fit(Module(), _loader(_batches()))
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
-    events.Reload()
-    penalty = [e.value for e in events.Scalars("attn/reg/penalty")]
-    entropy = [e.value for e in events.Scalars("attn/reg/entropy")]
+    events = read_events(tmp_path / "tb" / "version_0")
+    penalty = [e.value for e in events.Scalars("attn_reg/penalty")]
+    entropy = [e.value for e in events.Scalars("attn_reg/entropy")]
     assert penalty[0] == 0.0 and entropy[0] > 0  # step 0: scale 0
-    assert penalty[1] == pytest.approx(0.5 * (LAMBDA_H * entropy[1] + LAMBDA_S * events.Scalars("attn/reg/sparsity")[1].value), rel=1e-5)
+    assert penalty[1] == pytest.approx(0.5 * (LAMBDA_H * entropy[1] + LAMBDA_S * events.Scalars("attn_reg/sparsity")[1].value), rel=1e-5)
 
 
 def test_clip_fraction_is_logged_and_bad_layers_fail_before_training(tmp_path):
     monitor = AttentionMonitor(clip={"max": 0.3}, every_n_steps=1, val_batches=0)
     _trainer(tmp_path, monitor, max_steps=2).fit(Module(), _loader(_batches()))
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
-    events.Reload()
-    fractions = [e.value for e in events.Scalars("attn/clip/fraction")]
+    events = read_events(tmp_path / "tb" / "version_0")
+    fractions = [e.value for e in events.Scalars("attn_reg/clip_fraction")]
     assert len(fractions) == 2 and all(0 < f < 1 for f in fractions)
-    max_weight = [e.value for e in events.Scalars("attn/train/max_weight")]
+    max_weight = [e.value for e in events.Scalars("attn_train/max_weight")]
     assert all(v <= 0.3 + 1e-6 for v in max_weight)  # 6 keys (4 with padding): every row feasible
     with pytest.raises(ValueError, match=r"`regularizer.layers`.*matches none"):
-        _trainer(tmp_path, AttentionMonitor(regularizer={**REGULARIZER, "layers": ["nope"]}), max_steps=1).fit(Module(), _loader(_batches()))
+        bad_layers = AttentionMonitor(regularizer={**REGULARIZER, "layers": ["nope"]})
+        _trainer(tmp_path, bad_layers, max_steps=1).fit(Module(), _loader(_batches()))
 
 
 @pytest.mark.parametrize(
@@ -159,22 +152,25 @@ def test_clip_fraction_is_logged_and_bad_layers_fail_before_training(tmp_path):
         (dict(clip={"maximum": 0.2}), r"`clip` got unknown keys \['maximum'\]"),
     ],
 )
-def test_invalid_steering_options(kwargs, match):
+def test_invalid_regularization_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AttentionMonitor(**kwargs)
 
 
 # Hugging Face -----------------------------------------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
-
 
 def _hf(name: str, impl: str):
     if name == "bert":
-        config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config = transformers.BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )
         cls, causal = transformers.BertModel, False
     else:
-        config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0
+        )
         cls, causal = transformers.GPT2Model, True
     torch.manual_seed(0)
     return cls._from_config(config, attn_implementation=impl).double().train(), causal
@@ -189,11 +185,11 @@ def test_hf_gradients_equal_reference_from_eager_attentions(name, impl):
     ids = torch.randint(100, (3, 7), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 5:] = 0
-    steering = AttentionSteering(regularizer=REGULARIZER)
-    with AttentionCapture(model, steering=steering) as cap:
+    regularizer = AttentionRegularizer(regularizer=REGULARIZER)
+    with AttentionCapture(model, regularizer=regularizer) as cap:
         cap.enabled = False
         out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        (out[mask.bool()].square().mean() + steering.penalty()).backward()
+        (out[mask.bool()].square().mean() + regularizer.penalty()).backward()
     ref_out = reference(input_ids=ids, attention_mask=mask, output_attentions=True)
     key_valid = mask.bool()[:, None, None, :]
     if causal:
@@ -204,9 +200,8 @@ def test_hf_gradients_equal_reference_from_eager_attentions(name, impl):
 
 
 @pytest.mark.slow
+@ignore_no_validation_data  # incidental: TinyGPT's validation step is not exercised here
 def test_entropy_target_is_reached_only_with_the_regularizer(tmp_path):
-    from attnmonitor.demo import TinyGPT
-
     ids = torch.randint(40, (64, 17), generator=torch.Generator().manual_seed(0))
     ids[:, 1::2] = ids[:, 0::2][:, :8]  # copy structure: sharp attention helps
     data = DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=16, shuffle=True)
@@ -231,7 +226,8 @@ def test_bf16_mixed_training_adds_a_finite_penalty(tmp_path):
 
     plain, regularized = Float32Module(), Float32Module()
     batches = _batches(2)
-    for module, monitor in ((plain, AttentionMonitor(val_batches=0)), (regularized, AttentionMonitor(regularizer=REGULARIZER, val_batches=0))):
+    monitors = (AttentionMonitor(val_batches=0), AttentionMonitor(regularizer=REGULARIZER, val_batches=0))
+    for module, monitor in zip((plain, regularized), monitors, strict=True):
         _trainer(tmp_path / str(id(module)), monitor, max_steps=1, precision="bf16-mixed").fit(module, _loader(batches))
     grads, reg_grads = plain.grads[0], regularized.grads[0]
     assert all(torch.isfinite(g).all() for g in reg_grads.values())

@@ -32,40 +32,41 @@ class SdpaAttention(nn.Module):
         self.causal, self.scale, self.gqa, self.dropout = causal, scale, gqa, dropout
 
     def qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        b, l, _ = x.shape
-        q = self.q(x).view(b, l, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
-        k = self.k(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+        b, seq, _ = x.shape
+        q = self.q(x).view(b, seq, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        k = self.k(x).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
         return q, k
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        b, l, c = x.shape
+        b, seq, c = x.shape
         q, k = self.qk(x)
-        v = self.v(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         extra = {}
         if self.kv_heads != self.heads:
             if self.gqa == "enable_gqa":
                 extra["enable_gqa"] = True
             else:  # repeat the key/value heads, as many HF models do
                 k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
-        y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0, **extra)
-        return self.o(y.transpose(1, 2).reshape(b, l, c))
+        dropout = self.dropout if self.training else 0.0
+        y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=self.causal, scale=self.scale, dropout_p=dropout, **extra)
+        return self.o(y.transpose(1, 2).reshape(b, seq, c))
 
 
 class EagerAttention(SdpaAttention):
     """The same attention with the softmax written by hand (``Tensor.softmax``)."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        b, l, c = x.shape
+        b, seq, c = x.shape
         q, k = self.qk(x)
         k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        v = self.v(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2).repeat_interleave(self.heads // self.kv_heads, dim=1)
+        v = self.v(x).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2).repeat_interleave(self.heads // self.kv_heads, dim=1)
         att = q @ k.transpose(-2, -1) * (self.scale or 1 / math.sqrt(self.head_dim))  # [B, H, L, L]
         if self.causal:
-            att = att.masked_fill(~torch.ones(l, l, dtype=torch.bool).tril(), float("-inf"))
+            att = att.masked_fill(~torch.ones(seq, seq, dtype=torch.bool).tril(), float("-inf"))
         if attn_mask is not None:
             att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
         att = nn.functional.dropout(att.softmax(dim=-1), self.dropout, self.training)
-        return self.o((att @ v).transpose(1, 2).reshape(b, l, c))
+        return self.o((att @ v).transpose(1, 2).reshape(b, seq, c))
 
 
 class TinyTransformer(nn.Module):
@@ -99,8 +100,8 @@ def layer_inputs(model: nn.Module, modules: list[nn.Module], *args, **kwargs) ->
 
 def qk64(layer: SdpaAttention, x: Tensor) -> tuple[Tensor, Tensor]:
     """Float64 ``q [B, H, L, D]``, ``k [B, Hkv, L, D]`` of ``layer`` on input ``x``, from its weights."""
-    b, l, _ = x.shape
+    b, seq, _ = x.shape
     x = x.double()
-    q = (x @ layer.q.weight.double().T + layer.q.bias.double()).view(b, l, layer.heads, layer.head_dim).transpose(1, 2)
-    k = (x @ layer.k.weight.double().T + layer.k.bias.double()).view(b, l, layer.kv_heads, layer.head_dim).transpose(1, 2)
+    q = (x @ layer.q.weight.double().T + layer.q.bias.double()).view(b, seq, layer.heads, layer.head_dim).transpose(1, 2)
+    k = (x @ layer.k.weight.double().T + layer.k.bias.double()).view(b, seq, layer.kv_heads, layer.head_dim).transpose(1, 2)
     return q, k

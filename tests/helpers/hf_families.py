@@ -311,10 +311,16 @@ FAMILIES: dict[str, Family] = {
             "albert", "AlbertModel", _text("AlbertConfig", **_BERTLIKE, embedding_size=16), "encoder",
             dict(self="encoder.albert_layer_groups.0.albert_layers.0.attention"), shared_layer=True,
         ),
-        Family("electra", "ElectraModel", _text("ElectraConfig", **_BERTLIKE, embedding_size=16), "encoder", dict(self="encoder.layer.{i}.attention.self")),
+        Family(
+            "electra", "ElectraModel", _text("ElectraConfig", **_BERTLIKE, embedding_size=16),
+            "encoder", dict(self="encoder.layer.{i}.attention.self"),
+        ),
         Family(
             "deberta-v2", "DebertaV2Model",
-            _text("DebertaV2Config", **_BERTLIKE, relative_attention=True, position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"]),
+            _text(
+                "DebertaV2Config", **_BERTLIKE, relative_attention=True, position_buckets=4, max_relative_positions=8,
+                pos_att_type=["p2c", "c2p"],
+            ),
             "encoder", dict(self="encoder.layer.{i}.attention.self"), unsupported={"sdpa": _NO_SDPA},
         ),
         Family(
@@ -326,14 +332,24 @@ FAMILIES: dict[str, Family] = {
             windows=lambda i: None if i % 2 == 0 else bidirectional_window(MODERNBERT_LOCAL // 2),
         ),
         # decoder-only -------------------------------------------------------------------------
-        Family("gpt2", "GPT2Model", _text("GPT2Config", vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=32), "decoder", dict(self="h.{i}.attn")),
         Family(
-            "gptj", "GPTJModel", _text("GPTJConfig", vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=4, n_positions=32),
+            "gpt2", "GPT2Model", _text("GPT2Config", vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=32),
             "decoder", dict(self="h.{i}.attn"),
         ),
-        Family("gpt-neox", "GPTNeoXModel", _text("GPTNeoXConfig", **_BERTLIKE, max_position_embeddings=32), "decoder", dict(self="layers.{i}.attention")),
         Family(
-            "opt", "OPTModel", _text("OPTConfig", **{**_BERTLIKE, "intermediate_size": None}, ffn_dim=FFN, word_embed_proj_dim=HIDDEN, max_position_embeddings=32),
+            "gptj", "GPTJModel",
+            _text("GPTJConfig", vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=4, n_positions=32),
+            "decoder", dict(self="h.{i}.attn"),
+        ),
+        Family(
+            "gpt-neox", "GPTNeoXModel", _text("GPTNeoXConfig", **_BERTLIKE, max_position_embeddings=32),
+            "decoder", dict(self="layers.{i}.attention"),
+        ),
+        Family(
+            "opt", "OPTModel",
+            _text(
+                "OPTConfig", **{**_BERTLIKE, "intermediate_size": None}, ffn_dim=FFN, word_embed_proj_dim=HIDDEN, max_position_embeddings=32
+            ),
             "decoder", dict(self="decoder.layers.{i}.self_attn"),
         ),
         Family("llama-gqa", "LlamaModel", _text("LlamaConfig", **_LLAMALIKE), "decoder", dict(self="layers.{i}.self_attn")),
@@ -347,8 +363,14 @@ FAMILIES: dict[str, Family] = {
             "decoder", dict(self="layers.{i}.self_attn"),
             windows=lambda i: causal_window(WINDOW) if i >= 1 else None,  # layers >= max_window_layers slide
         ),
-        Family("gemma", "GemmaModel", _text("GemmaConfig", **{**_LLAMALIKE, "num_key_value_heads": 1}, head_dim=8), "decoder", dict(self="layers.{i}.self_attn")),
-        Family("phi", "PhiModel", _text("PhiConfig", **_BERTLIKE, max_position_embeddings=32), "decoder", dict(self="layers.{i}.self_attn")),
+        Family(
+            "gemma", "GemmaModel", _text("GemmaConfig", **{**_LLAMALIKE, "num_key_value_heads": 1}, head_dim=8),
+            "decoder", dict(self="layers.{i}.self_attn"),
+        ),
+        Family(
+            "phi", "PhiModel", _text("PhiConfig", **_BERTLIKE, max_position_embeddings=32),
+            "decoder", dict(self="layers.{i}.self_attn"),
+        ),
         Family(
             "bloom", "BloomModel", _text("BloomConfig", vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),
             "decoder", dict(self="h.{i}.self_attention"), unsupported={"sdpa": _NO_SDPA},
@@ -368,7 +390,11 @@ FAMILIES: dict[str, Family] = {
             _text("T5Config", vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
                   relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0),
             "seq2seq",
-            dict(enc="encoder.block.{i}.layer.0.SelfAttention", dec="decoder.block.{i}.layer.0.SelfAttention", cross="decoder.block.{i}.layer.1.EncDecAttention"),
+            dict(
+                enc="encoder.block.{i}.layer.0.SelfAttention",
+                dec="decoder.block.{i}.layer.0.SelfAttention",
+                cross="decoder.block.{i}.layer.1.EncDecAttention",
+            ),
         ),
         Family("bart", "BartModel", _text("BartConfig", **_BARTLIKE), "seq2seq", _BART_NAMES),
         Family("mbart", "MBartModel", _text("MBartConfig", **_BARTLIKE), "seq2seq", _BART_NAMES),
@@ -381,14 +407,19 @@ FAMILIES: dict[str, Family] = {
         # vision / dual tower ------------------------------------------------------------------
         Family(
             "vit", "ViTModel",
-            lambda: transformers.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN, image_size=8, patch_size=4),
+            lambda: transformers.ViTConfig(
+                hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN, image_size=8, patch_size=4
+            ),
             "vision", dict(self="layers.{i}.attention"),
         ),
         Family(
             "clip", "CLIPModel",
             lambda: transformers.CLIPConfig(
                 text_config=dict(_BERTLIKE, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-                vision_config=dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN, image_size=12, patch_size=4),
+                vision_config=dict(
+                    hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
+                    image_size=12, patch_size=4,
+                ),
                 projection_dim=16,
             ),
             "clip", dict(vision="vision_model.encoder.layers.{i}.self_attn", text="text_model.encoder.layers.{i}.self_attn"),
@@ -430,7 +461,8 @@ def family_inputs(
     if family.arch == "clip":
         lq = CLIP_PATCHES + 1  # the shape coincidence: text rows == vision rows
         lengths = (lq, 4, 1, lq - 1)
-        return dict(input_ids=token_ids((b, lq)), attention_mask=padding_mask(lengths, lq), pixel_values=torch.randn(b, 3, 12, 12, generator=gen))
+        pixels = torch.randn(b, 3, 12, 12, generator=gen)
+        return dict(input_ids=token_ids((b, lq)), attention_mask=padding_mask(lengths, lq), pixel_values=pixels)
     inputs: dict[str, Tensor] = {}
     if family.arch in ("encoder", "decoder", "seq2seq"):
         inputs.update(input_ids=token_ids((b, SEQ_LEN)), attention_mask=padding_mask(LENGTHS, SEQ_LEN, left=left))
@@ -482,7 +514,8 @@ def reference_layers(family: Family, outputs: Any, inputs: dict[str, Tensor]) ->
         for i, a in enumerate(outputs.encoder_attentions)
     ]
     for i, (a_self, a_cross) in enumerate(zip(outputs.decoder_attentions, outputs.cross_attentions, strict=True)):
-        layers.append(RefLayer(layer_name(family.names["dec"], i), "self", a_self, *self_attention_masks(decoder_real, a_self.shape[2], causal=True)))
+        self_masks = self_attention_masks(decoder_real, a_self.shape[2], causal=True)
+        layers.append(RefLayer(layer_name(family.names["dec"], i), "self", a_self, *self_masks))
         layers.append(RefLayer(layer_name(family.names["cross"], i), "cross", a_cross, *cross_attention_masks(decoder_real, encoder_real)))
     return layers
 
@@ -582,13 +615,13 @@ def packed_case(name: str | Family, impl: str) -> Case:
     family = FAMILIES[name] if isinstance(name, str) else name
     assert family.arch == "decoder"
     eager = family.build("eager")
-    b, l = PACKED_POSITION_IDS.shape
-    inputs = dict(input_ids=token_ids((b, l)), position_ids=PACKED_POSITION_IDS, use_cache=False)
+    b, seq = PACKED_POSITION_IDS.shape
+    inputs = dict(input_ids=token_ids((b, seq)), position_ids=PACKED_POSITION_IDS, use_cache=False)
     outputs, calls = reference_forward(family, eager, impl, inputs)
     documents = documents_from_positions(PACKED_POSITION_IDS)
-    real = torch.ones(b, l, dtype=torch.long)
+    real = torch.ones(b, seq, dtype=torch.long)
     expected = [
-        RefLayer(layer_name(family.names["self"], i), "self", a, *self_attention_masks(real, l, causal=True, documents=documents))
+        RefLayer(layer_name(family.names["self"], i), "self", a, *self_attention_masks(real, seq, causal=True, documents=documents))
         for i, a in enumerate(outputs.attentions)
     ]
     return Case(family, impl, eager, expected, calls, lambda model: inputs)
@@ -634,21 +667,21 @@ class PackedSelfAttention(nn.Module):
         self.causal, self.use_sdpa = causal, use_sdpa
 
     def split(self, x: Tensor, proj: nn.Linear) -> Tensor:
-        b, l, _ = x.shape
-        return proj(x).view(b, l, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        b, seq, _ = x.shape
+        return proj(x).view(b, seq, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
 
     def forward(self, x: Tensor, documents: Tensor) -> Tensor:
-        b, l, c = x.shape
+        b, seq, c = x.shape
         mask = documents[:, None, :, None] == documents[:, None, None, :]  # [B, 1, L, L]
         if self.causal:
-            mask = mask & torch.ones(l, l, dtype=torch.bool).tril()
+            mask = mask & torch.ones(seq, seq, dtype=torch.bool).tril()
         q, k, v = self.split(x, self.q), self.split(x, self.k), self.split(x, self.v)
         if self.use_sdpa:
             y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             att = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).masked_fill(~mask, float("-inf")).softmax(-1)
             y = att @ v
-        return self.o(y.transpose(1, 2).reshape(b, l, c))
+        return self.o(y.transpose(1, 2).reshape(b, seq, c))
 
 
 class PackedDocumentsModel(nn.Module):
@@ -694,7 +727,9 @@ def per_document_reference(model: PackedDocumentsModel, input_ids: Tensor, docum
             for doc in documents[b].unique().tolist():
                 tokens = documents[b] == doc
                 ref, y_doc = _document_attention(layer, x[b, tokens])
-                torch.testing.assert_close(y_doc.float(), y[b, tokens], rtol=1e-4, atol=1e-5, msg="per-document attention != the layer's output")
+                torch.testing.assert_close(
+                    y_doc.float(), y[b, tokens], rtol=1e-4, atol=1e-5, msg="per-document attention != the layer's output"
+                )
                 check_masks(ref)
                 sums, n = statistic_sums(ref)
                 total = {k: total.get(k, 0) + v for k, v in sums.items()}
@@ -722,7 +757,8 @@ def _document_attention(layer: PackedSelfAttention, x: Tensor) -> tuple[RefLayer
         key_valid = key_valid.tril()
     probs = logits.masked_fill(~key_valid, -math.inf).softmax(-1)
     y = (probs @ v).transpose(0, 1).reshape(n, -1) @ layer.o.weight.double().T + layer.o.bias.double()
-    ref = RefLayer("document", "self", probs[None], key_valid[None], torch.ones(1, n, dtype=torch.bool), torch.zeros(1, n, dtype=torch.long))
+    query_valid, sink = torch.ones(1, n, dtype=torch.bool), torch.zeros(1, n, dtype=torch.long)
+    ref = RefLayer("document", "self", probs[None], key_valid[None], query_valid, sink)
     return ref, y
 
 

@@ -1,6 +1,6 @@
 """A real 2-process DDP run (CPU, gloo) of a small SDPA model with the monitor; driven by test_ddp.py.
 
-    python tests/ddp_job.py OUTPUT_DIR
+    python tests/helpers/ddp_job.py OUTPUT_DIR
 
 Lightning's DDP launcher re-runs this script for rank 1. Rank 1's first batch has few real tokens, so
 the model skips its second layer there: ranks see different numbers of valid rows and layers.
@@ -13,19 +13,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a script, `tests` is not importable
 
 from attnmonitor import AttentionMonitor  # noqa: E402
-from tests.models import SdpaAttention, TinyTransformer  # noqa: E402
+from tests.helpers.models import SdpaAttention, TinyTransformer  # noqa: E402
+from tests.helpers.trainer import make_trainer  # noqa: E402
 
 LENGTHS = [8, 2, 7, 3, 6, 1, 8, 5, 4, 2]  # real tokens per sample; 10 samples: uneven last batches
 SKIP_BELOW = 10  # the model skips layer 1 on batches with fewer real tokens
 
 
 def samples() -> list[dict[str, torch.Tensor]]:
+    """The job's 10 samples, ``input_ids`` and ``attention_mask`` of length 8 (``LENGTHS`` real tokens)."""
     g = torch.Generator().manual_seed(0)
     out = []
     for length in LENGTHS:
@@ -36,6 +37,8 @@ def samples() -> list[dict[str, torch.Tensor]]:
 
 
 class SkippingTransformer(TinyTransformer):
+    """TinyTransformer that skips its second layer on batches with fewer than ``SKIP_BELOW`` real tokens."""
+
     def forward(self, input_ids, attention_mask=None):
         x = self.embed(input_ids)
         mask = attention_mask.bool()[:, None, None, :]
@@ -47,11 +50,14 @@ class SkippingTransformer(TinyTransformer):
 
 
 def build_model() -> SkippingTransformer:
+    """The job's model, with the weights every rank starts from (seed 0, no dropout)."""
     torch.manual_seed(0)
     return SkippingTransformer(SdpaAttention, dropout=0.0)
 
 
 class Module(L.LightningModule):
+    """The model with a plain loss and a frozen SGD optimizer (learning rate 0)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.net = build_model()
@@ -67,18 +73,17 @@ class Module(L.LightningModule):
 
 
 def main(output: str) -> None:
+    """Fit for 4 steps on 2 CPU processes, logging to ``output/tb/version_0`` (rank 0 only)."""
     data = samples()
-    trainer = L.Trainer(
+    monitor = AttentionMonitor(every_n_steps=2, val_batches=1, atlas_every_n_steps=2, heatmaps={"every_n_steps": 2, "max_tokens": 8})
+    trainer = make_trainer(
+        output,
+        [monitor],
         strategy="ddp_find_unused_parameters_true",  # rank 1 skips a layer: its parameters get no gradient
         accelerator="cpu",
         devices=2,
-        max_steps=3,
+        max_steps=4,
         num_sanity_val_steps=1,
-        logger=TensorBoardLogger(output, name="tb", version=0),
-        callbacks=[AttentionMonitor(every_n_steps=2, val_batches=1, atlas_every_n_steps=2, heatmaps={"every_n_steps": 2, "max_tokens": 8})],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     trainer.fit(Module(), DataLoader(data, batch_size=2), DataLoader(data[:6], batch_size=2))
 

@@ -6,64 +6,22 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from attnmonitor import AttentionCapture
-from attnmonitor.functional.steering import clip_attention, entropy_penalty, sparsity_penalty
-from attnmonitor.regularization import AttentionSteering
-from tests.models import EagerAttention, SdpaAttention, TinyTransformer
-from tests.reference import head_means
-
-LAMBDA_H, TARGET, LAMBDA_S = 0.7, 0.3, 0.4
-
-
-# references (float64, written independently) ----------------------------------------------------
-
-
-def reference_projection(row: list[float], lo: float, hi: float) -> list[float]:
-    """Euclidean projection of one row onto {lo <= w <= hi, sum w = 1} by scanning the breakpoints."""
-    n = len(row)
-    if hi * n < 1 or lo * n > 1:
-        return [1.0 / n] * n
-
-    def total(tau: float) -> float:
-        return sum(min(hi, max(lo, p - tau)) for p in row)
-
-    points = sorted({p - lo for p in row} | {p - hi for p in row})
-    for a, b in zip(points, points[1:]):
-        fa, fb = total(a), total(b)
-        if fa >= 1 >= fb:
-            tau = a if fa == fb else a + (fa - 1) / (fa - fb) * (b - a)
-            return [min(hi, max(lo, p - tau)) for p in row]
-    return [min(hi, max(lo, p - points[0])) for p in row]
-
-
-def reference_terms(probs_list, key_valid, query_valid):
-    """Mean over valid rows of all layers of (H_i - TARGET log n_i)^2 and of 1 - sum_j A_ij^2."""
-    entropy_sum = sparsity_sum = 0.0
-    rows_total = 0
-    for probs in probs_list:
-        kv = key_valid.expand_as(probs)
-        p = probs.masked_fill(~kv, 0.0)
-        h = -(p * torch.where(p > 0, p, torch.ones_like(p)).log()).sum(-1)
-        log_n = kv.sum(-1).double().clamp_min(1).log()
-        rows = kv.any(-1) & query_valid.expand_as(h)
-        entropy_sum = entropy_sum + ((h - TARGET * log_n) ** 2)[rows].sum()
-        sparsity_sum = sparsity_sum + (1 - (p**2).sum(-1))[rows].sum()
-        rows_total += int(rows.sum())
-    return entropy_sum / rows_total, sparsity_sum / rows_total
-
-
-def assert_same_gradients(ours: nn.Module, ref: nn.Module) -> None:
-    checked = 0
-    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
-        if b.grad is None:
-            assert a.grad is None or not a.grad.any(), name
-            continue
-        assert a.grad is not None and torch.isfinite(a.grad).all(), name
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-12, msg=name)
-        checked += 1
-    assert checked > 0
-
+from attnmonitor.functional.regularization import clip_attention, entropy_penalty, sparsity_penalty
+from attnmonitor.regularization import AttentionRegularizer
+from tests.helpers.models import EagerAttention, SdpaAttention, TinyTransformer
+from tests.helpers.reference import head_means
+from tests.helpers.regularization import (
+    LAMBDA_H,
+    LAMBDA_S,
+    TARGET,
+    assert_same_gradients,
+    reference_forward,
+    reference_projection,
+    reference_terms,
+)
 
 # functional -------------------------------------------------------------------------------------
 
@@ -147,35 +105,11 @@ def test_clip_rejects_bad_bounds():
 # gradients through models -----------------------------------------------------------------------
 
 
-def _reference_forward(model: TinyTransformer, ids, key_valid, clip=None):
-    """TinyTransformer's forward written out with explicit softmax attention; returns the weights used."""
-    x = model.embed(ids)
-    b, l, c = x.shape
-    probs_list = []
-    for layer in model.layers:
-        q, k = layer.qk(x)
-        v = layer.v(x).view(b, l, layer.kv_heads, layer.head_dim).transpose(1, 2)
-        k, v = (t.repeat_interleave(layer.heads // layer.kv_heads, dim=1) for t in (k, v))
-        scores = (q @ k.transpose(-1, -2)) * (layer.scale or 1 / math.sqrt(layer.head_dim))
-        probs = scores.masked_fill(~key_valid, -math.inf).softmax(-1)
-        if clip is not None:  # project each row over its valid keys; masked keys stay 0
-            clipped = torch.zeros_like(probs)
-            valid = key_valid.expand_as(probs)
-            for index in torch.cartesian_prod(*(torch.arange(s) for s in probs.shape[:-1])).tolist():
-                keys = valid[tuple(index)]
-                row = reference_projection(probs[tuple(index)][keys].tolist(), *clip)
-                clipped[tuple(index)][keys] = torch.tensor(row, dtype=probs.dtype)
-            probs = clipped
-        probs_list.append(probs)
-        x = x + layer.o((probs @ v).transpose(1, 2).reshape(b, l, c))
-    return x, probs_list
-
-
-def _steered_loss(model, steering, ids, mask):
-    with AttentionCapture(model, steering=steering) as cap:
+def _regularized_loss(model, regularizer, ids, mask):
+    with AttentionCapture(model, regularizer=regularizer) as cap:
         cap.enabled = False
         out = model(ids, attention_mask=mask)
-        return out.square().mean() + steering.penalty()
+        return out.square().mean() + regularizer.penalty()
 
 
 @pytest.mark.parametrize("layer", [SdpaAttention, EagerAttention])
@@ -187,12 +121,12 @@ def test_gradients_equal_hand_written_task_plus_penalty(layer, options):
     ids = torch.randint(50, (3, 7))
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 4:] = 0
-    steering = AttentionSteering(regularizer={"entropy_weight": LAMBDA_H, "entropy_target": TARGET, "sparsity_weight": LAMBDA_S})
-    _steered_loss(model, steering, ids, mask).backward()
+    regularizer = AttentionRegularizer(regularizer={"entropy_weight": LAMBDA_H, "entropy_target": TARGET, "sparsity_weight": LAMBDA_S})
+    _regularized_loss(model, regularizer, ids, mask).backward()
     key_valid = mask.bool()[:, None, None, :]
     if options.get("causal"):
         key_valid = key_valid & torch.ones(7, 7, dtype=torch.bool).tril()
-    out, probs = _reference_forward(reference, ids, key_valid)
+    out, probs = reference_forward(reference, ids, key_valid)
     entropy_term, sparsity_term = reference_terms(probs, key_valid, mask.bool()[:, None, :])
     (out.square().mean() + LAMBDA_H * entropy_term + LAMBDA_S * sparsity_term).backward()
     assert_same_gradients(model, reference)
@@ -203,17 +137,17 @@ def test_multihead_attention_gradients_and_clipped_returned_weights():
     mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
     reference = copy.deepcopy(mha)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
-    steering = AttentionSteering(regularizer={"entropy_weight": LAMBDA_H, "entropy_target": TARGET, "sparsity_weight": LAMBDA_S})
-    with AttentionCapture(mha, steering=steering) as cap:
+    regularizer = AttentionRegularizer(regularizer={"entropy_weight": LAMBDA_H, "entropy_target": TARGET, "sparsity_weight": LAMBDA_S})
+    with AttentionCapture(mha, regularizer=regularizer) as cap:
         cap.enabled = False
         out, _ = mha(x, x, x, need_weights=False)
-        (out.square().mean() + steering.penalty()).backward()
+        (out.square().mean() + regularizer.penalty()).backward()
     ref_out, weights = reference(x, x, x, need_weights=True, average_attn_weights=False)
     everything = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     entropy_term, sparsity_term = reference_terms([weights], everything, torch.ones(1, 1, 5, dtype=torch.bool))
     (ref_out.square().mean() + LAMBDA_H * entropy_term + LAMBDA_S * sparsity_term).backward()
     assert_same_gradients(mha, reference)
-    with AttentionCapture(mha, steering=AttentionSteering(clip={"max": 0.3})):
+    with AttentionCapture(mha, regularizer=AttentionRegularizer(clip={"max": 0.3})):
         _, clipped = mha(x, x, x, need_weights=True, average_attn_weights=False)
     assert clipped.max() <= 0.3 + 1e-9
     torch.testing.assert_close(clipped.sum(-1), torch.ones(2, 2, 5, dtype=torch.float64))
@@ -225,15 +159,15 @@ def test_clipped_forward_equals_reference_from_clipped_weights(layer):
     model = TinyTransformer(layer, causal=True, dropout=0.0).double().train()
     ids = torch.randint(50, (2, 6))
     key_valid = torch.ones(6, 6, dtype=torch.bool).tril()
-    with AttentionCapture(model, steering=AttentionSteering(clip={"min": 0.0, "max": 0.4})) as cap:
+    with AttentionCapture(model, regularizer=AttentionRegularizer(clip={"min": 0.0, "max": 0.4})) as cap:
         out = model(ids)
-    expected, used = _reference_forward(model, ids, key_valid, clip=(0.0, 0.4))
+    expected, used = reference_forward(model, ids, key_valid, clip=(0.0, 0.4))
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
     # statistics describe the weights used (rows with n_i < 1 / 0.4 keys are infeasible: uniform)
     expected_max = torch.stack([head_means(p.detach(), key_valid)["max_weight"] for p in used])
     torch.testing.assert_close(cap.stats()["max_weight"].double(), expected_max, rtol=1e-5, atol=1e-6)
     model.eval()
-    with AttentionCapture(model, steering=AttentionSteering(clip={"max": 0.4})) as cap, torch.no_grad():
+    with AttentionCapture(model, regularizer=AttentionRegularizer(clip={"max": 0.4})) as cap, torch.no_grad():
         model(ids)  # training_only: eval forward is not clipped
     assert cap.stats()["max_weight"].max() > 0.4
 
@@ -246,8 +180,6 @@ class Checkpointed(TinyTransformer):
         self.use_reentrant = use_reentrant
 
     def forward(self, input_ids, attention_mask=None):
-        from torch.utils.checkpoint import checkpoint
-
         x = self.embed(input_ids)
         for layer in self.layers:
             x = x + checkpoint(layer, x, use_reentrant=self.use_reentrant)
@@ -256,9 +188,9 @@ class Checkpointed(TinyTransformer):
 
 def test_reentrant_checkpointing_is_reported_instead_of_a_silent_zero_penalty():
     model = Checkpointed(use_reentrant=True, dropout=0.0).train()
-    steering = AttentionSteering(regularizer={"entropy_weight": 1.0})
+    regularizer = AttentionRegularizer(regularizer={"entropy_weight": 1.0})
     with pytest.raises(RuntimeError, match="carried no gradient.*reentrant"):
-        _steered_loss(model, steering, torch.randint(50, (2, 5)), None)
+        _regularized_loss(model, regularizer, torch.randint(50, (2, 5)), None)
 
 
 def test_non_reentrant_checkpointing_counts_once_and_keeps_exact_gradients():
@@ -269,10 +201,10 @@ def test_non_reentrant_checkpointing_counts_once_and_keeps_exact_gradients():
     ids = torch.randint(50, (2, 6))
     counts = []
     for model in (plain, checkpointed):
-        steering = AttentionSteering(regularizer={"entropy_weight": LAMBDA_H, "entropy_target": TARGET}, clip={"max": 0.6})
-        with AttentionCapture(model, steering=steering) as cap:
-            (model(ids).square().mean() + steering.penalty()).backward()  # the recompute runs inside backward
+        regularizer = AttentionRegularizer(regularizer={"entropy_weight": LAMBDA_H, "entropy_target": TARGET}, clip={"max": 0.6})
+        with AttentionCapture(model, regularizer=regularizer) as cap:
+            (model(ids).square().mean() + regularizer.penalty()).backward()  # the recompute runs inside backward
             counts.append(cap.valid_rows()["layers.0"])
-            assert not steering.pending  # the recompute added no penalty terms
+            assert not regularizer.pending  # the recompute added no penalty terms
     torch.testing.assert_close(counts[1], counts[0])  # one update per step, not two
     assert_same_gradients(checkpointed, plain)

@@ -84,7 +84,7 @@ def head_means(
                 counts[hi] += 1
                 for name, value in row_values(p[bi][hi][i], valid, i + lk - lq, sink, eps).items():
                     sums[name][hi] += value
-    return {name: torch.tensor([s / max(c, 1) for s, c in zip(sums[name], counts)], dtype=torch.float64) for name in NAMES}
+    return {name: torch.tensor([s / max(c, 1) for s, c in zip(sums[name], counts, strict=True)], dtype=torch.float64) for name in NAMES}
 
 
 def assert_stats_close(actual: dict[str, Tensor], expected: dict[str, Tensor], rtol: float = 1e-5, atol: float = 1e-6) -> None:

@@ -1,22 +1,22 @@
-"""``AttentionSteering``: the regularizer and the clipping, applied inside the attention calls."""
+"""``AttentionRegularizer``: the penalty and the clipping, applied inside the attention calls."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from attnmonitor.config import ClipConfig, RegularizerConfig, as_config
-from attnmonitor.functional.steering import clip_attention, entropy_penalty, sparsity_penalty
+from attnmonitor.capture.hooks import in_backward
+from attnmonitor.config import ClipConfig, RegularizerConfig, as_config, layer_selected
+from attnmonitor.functional.regularization import clip_attention, entropy_penalty, sparsity_penalty
 
 
-class AttentionSteering:
+class AttentionRegularizer:
     """Adds attention penalties and clips attention weights of the layers it applies to.
 
-    Used through :class:`attnmonitor.AttentionCapture` (``steering=``), which hands it each attention
+    Used through :class:`attnmonitor.AttentionCapture` (``regularizer=``), which hands it each attention
     call's differentiable probabilities; the callback :class:`attnmonitor.AttentionMonitor` builds one
     from its ``regularizer`` and ``clip`` options and adds :meth:`penalty` to the training loss.
 
@@ -27,10 +27,10 @@ class AttentionSteering:
     Example:
         >>> from attnmonitor import AttentionCapture
         >>> layer = torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
-        >>> steering = AttentionSteering(regularizer={"entropy_weight": 0.1, "entropy_target": 0.3})
-        >>> with AttentionCapture(layer, steering=steering) as cap:
-        ...     cap.enabled = False  # steer only, no statistics
-        ...     loss = layer(torch.randn(3, 5, 8)).square().mean() + steering.penalty()
+        >>> regularizer = AttentionRegularizer(regularizer={"entropy_weight": 0.1, "entropy_target": 0.3})
+        >>> with AttentionCapture(layer, regularizer=regularizer) as cap:
+        ...     cap.enabled = False  # regularize only, no statistics
+        ...     loss = layer(torch.randn(3, 5, 8)).square().mean() + regularizer.penalty()
         >>> loss.backward()
     """
 
@@ -50,6 +50,13 @@ class AttentionSteering:
         self._reset_terms()
         self._clipped = torch.zeros(2)  # weights at a bound, valid weights
 
+    def begin_step(self, step: int) -> None:
+        """A training step begins: collect penalty terms, with the weights ramped over ``warmup_steps``."""
+        reg = self.regularizer
+        if reg is not None and reg.enabled:
+            self.regularizing = True
+            self.scale = min(1.0, step / reg.warmup_steps) if reg.warmup_steps else 1.0
+
     @property
     def active(self) -> bool:
         return self.regularizing or self.clip is not None
@@ -59,19 +66,19 @@ class AttentionSteering:
 
     def _regularizes(self, layer: str, training: bool) -> bool:
         reg = self.regularizer
-        return self.regularizing and reg is not None and training and _selected(layer, reg.layers)
+        return self.regularizing and reg is not None and training and layer_selected(layer, reg.layers)
 
     def _clips(self, layer: str, training: bool) -> bool:
         clip = self.clip
-        return clip is not None and (training or not clip.training_only) and _selected(layer, clip.layers)
+        return clip is not None and (training or not clip.training_only) and layer_selected(layer, clip.layers)
 
-    def steer(
+    def apply(
         self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, training: bool = True
     ) -> Tensor:
         """Collect this call's penalty terms (before clipping) and return the clipped probabilities."""
         if self._regularizes(layer, training):
             # a checkpointing recompute (inside backward) must repeat the same operations, and add nothing
-            self._add_terms(layer, probs, key_valid, query_valid, keep=torch._C._current_graph_task_id() == -1)
+            self._add_terms(layer, probs, key_valid, query_valid, keep=not in_backward())
         if self._clips(layer, training):
             assert self.clip is not None
             probs, at_bound = clip_attention(probs, key_valid, min=self.clip.min, max=self.clip.max)
@@ -99,11 +106,11 @@ class AttentionSteering:
             sums["sparsity"] = sums["sparsity"] + torch.where(rows, per_row, 0.0).sum()
         if keep:
             self._sums = sums
-            self._rows = self._rows + rows.sum()
+            self._counted_rows = self._counted_rows + rows.sum()
 
     def _reset_terms(self) -> None:
         self._sums: dict[str, Tensor | float] = {"entropy": 0.0, "sparsity": 0.0}
-        self._rows: Tensor | int = 0
+        self._counted_rows: Tensor | int = 0
 
     def penalty(self) -> Tensor:
         """``scale · (λ_H · R_H + λ_S · R_S)`` over every row regularized since the last call; resets.
@@ -113,7 +120,7 @@ class AttentionSteering:
 
         Raises:
             RuntimeError: if the captured probabilities carried no gradient (reentrant activation
-                checkpointing or a ``no_grad`` forward): the penalty could not steer them.
+                checkpointing or a ``no_grad`` forward): the penalty could not change them.
         """
         reg = self.regularizer
         if self.gradless_layers:
@@ -121,10 +128,10 @@ class AttentionSteering:
             self._reset_terms()
             raise RuntimeError(
                 f"attnmonitor: the attention of {layers} carried no gradient when it was captured (reentrant "
-                "activation checkpointing, or a forward under torch.no_grad), so a regularizer cannot steer it. "
+                "activation checkpointing, or a forward under torch.no_grad), so a regularizer cannot change it. "
                 "Use non-reentrant checkpointing (use_reentrant=False) or disable checkpointing for these layers."
             )
-        rows = self._rows
+        rows = self._counted_rows
         self.terms = {name: s / rows if isinstance(s, Tensor) else None for name, s in self._sums.items()}
         total: Tensor | float = 0.0
         if reg is not None:
@@ -138,7 +145,7 @@ class AttentionSteering:
     @property
     def pending(self) -> bool:
         """Whether penalty terms were collected and :meth:`penalty` has not been called since."""
-        return isinstance(self._rows, Tensor) or self._rows > 0
+        return isinstance(self._counted_rows, Tensor) or self._counted_rows > 0
 
     def discard(self) -> None:
         """Drop collected penalty terms."""
@@ -152,5 +159,3 @@ class AttentionSteering:
         return hits / total if total else None
 
 
-def _selected(layer: str, patterns: list[str] | None) -> bool:
-    return patterns is None or any(re.fullmatch(p, layer) for p in patterns)

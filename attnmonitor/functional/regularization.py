@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnmonitor.functional.statistics import safe_entropy
+
 _BISECTION_STEPS = 64
 
 
@@ -24,8 +26,7 @@ def _prepared(probs: Tensor, key_valid: Tensor | None) -> tuple[Tensor, Tensor, 
 def row_entropy(probs: Tensor, key_valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(H_i [B, H, Lq], log n_i [B, H, Lq])`` with finite gradients (``0 log 0 = 0``, masked first)."""
     p, _, n = _prepared(probs, key_valid)
-    safe = torch.where(p > 0, p, torch.ones_like(p))
-    return -(p * safe.log()).sum(-1), n.clamp_min(1).log()
+    return safe_entropy(p), n.clamp_min(1).log()
 
 
 def entropy_penalty(

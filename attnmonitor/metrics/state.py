@@ -1,0 +1,84 @@
+"""The monitor's statistic state: one torchmetrics ``Metric`` of every statistic per (layer, head).
+
+``sums [S, L, H]`` and ``counts [L, H]`` are reduced with ``"sum"`` across processes (exact under
+DDP: sums and counts, never means of means). Layers appear while the model runs (shared modules,
+discovery by behaviour), so before a reduction the processes agree on the layer list and head counts
+(:func:`gather_layers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+
+from attnmonitor.functional.statistics import mean_from_sums
+
+
+class AttentionStatistics(Metric):
+    """Sums of several statistics and their valid-row counts per (layer, head).
+
+    Args:
+        statistics: the ``S`` statistic names, in state order.
+        num_layers: ``L``. num_heads: ``H``.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> state = AttentionStatistics(["entropy", "sink_mass"], num_layers=1, num_heads=2)
+        >>> state.update(torch.tensor([[[2.0, 4.0]], [[1.0, 0.5]]]), torch.tensor([[4.0, 2.0]]))
+        >>> state.compute()["entropy"]
+        tensor([[0.5000, 2.0000]])
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    sums: Tensor
+    counts: Tensor
+
+    def __init__(self, statistics: Sequence[str], num_layers: int, num_heads: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.statistics = tuple(statistics)
+        self.add_state("sums", torch.zeros(len(self.statistics), num_layers, num_heads), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(num_layers, num_heads), dist_reduce_fx="sum")
+
+    def update(self, sums: Tensor, counts: Tensor) -> None:
+        """Add ``[S, L, H]`` per-head sums and their ``[L, H]`` valid-row counts."""
+        self.sums += sums.to(self.sums)
+        self.counts += counts.to(self.counts)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{statistic: [L, H]}`` means (0 where no row was seen: check :attr:`counts`)."""
+        return self._means(self.sums, self.counts)
+
+    def synced(self) -> tuple[dict[str, Tensor], Tensor]:
+        """``({statistic: [L, H]} means, [L, H] counts)`` over every process (all must call it)."""
+        with self.sync_context():
+            sums, counts = self.sums.clone(), self.counts.clone()
+        return self._means(sums, counts), counts
+
+    def _means(self, sums: Tensor, counts: Tensor) -> dict[str, Tensor]:
+        return {name: mean_from_sums(sums[i], counts) for i, name in enumerate(self.statistics)}
+
+
+def gather_layers(local: Mapping[str, int], known: Sequence[str] = ()) -> dict[str, int]:
+    """``{layer: heads}`` seen here and on every other process, in first-seen order after ``known``.
+
+    One ``all_gather_object`` when a process group of several processes is initialised; every
+    process must call it (a process that captured nothing passes an empty mapping).
+    """
+    merged = {layer: 0 for layer in known}
+    parts: list[Mapping[str, int]] = [local]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, dict(local))
+        parts = gathered
+    for part in parts:
+        for layer, heads in part.items():
+            merged[layer] = max(merged.get(layer, 0), heads)
+    return merged

@@ -1,0 +1,112 @@
+"""What a researcher sees in TensorBoard: tag groups, the custom-scalar layout, legible heatmaps,
+fixed colour scales, hyperparameters, steps aligned with the model's own metrics, batch-key warnings."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from matplotlib import colormaps
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from attnmonitor import STATISTICS, AttentionMonitor
+from attnmonitor.demo import TinyGPT
+from attnmonitor.tensorboard.render import head_atlas
+from tests.helpers.events import read_custom_scalar_layout, read_events, read_hparams
+from tests.helpers.trainer import ignore_few_batches, ignore_no_validation_data, make_trainer
+
+VOCAB, SEQ = 40, 12
+GROUPS = ("attn_train/", "attn_train_layers/", "attn_val/", "attn_val_layers/", "attn_train_example/", "attn_val_example/")
+
+
+def _loader(n: int = 32, seed: int = 0) -> DataLoader:
+    ids = torch.randint(VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A short training run with validation, images at every capture; its event files read back."""
+    tmp_path = tmp_path_factory.mktemp("dashboards")
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=2, heads=2, lr=1e-2)
+    monitor = AttentionMonitor(every_n_steps=2, atlas_every_n_steps=2, heatmaps={"every_n_steps": 2, "max_tokens": 12})
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6, val_check_interval=3, log_every_n_steps=2, limit_val_batches=2)
+    trainer.fit(model, _loader(), _loader(n=8, seed=1))
+    return tmp_path / "tb" / "version_0"
+
+
+def test_every_monitor_tag_is_in_its_own_group(run):
+    events = read_events(run)
+    ours = [t for kind in ("scalars", "images", "tensors") for t in events.Tags()[kind] if t.startswith("attn")]
+    assert ours and all(tag.startswith(GROUPS) for tag in ours), [t for t in ours if not t.startswith(GROUPS)]
+    scalars = set(events.Tags()["scalars"])
+    assert {f"attn_train/{n}" for n in STATISTICS} <= scalars  # the first page: one chart per statistic
+    assert "attn_train_layers/entropy/blocks.1.attn" in scalars
+
+
+def test_custom_scalar_layout_puts_train_and_val_of_every_layer_on_one_chart(run):
+    layout = read_custom_scalar_layout(run)
+    assert layout is not None
+    by_layer = next(category for category in layout.category if category.title == "attention by layer (train and val)")
+    charts = {chart.title: list(chart.multiline.tag) for chart in by_layer.chart}
+    assert set(charts) == set(STATISTICS)
+    assert charts["normalized_entropy"] == ["attn_(train|val)_layers/normalized_entropy/.*"]
+
+
+def test_steps_equal_the_models_own_metric_steps(run):
+    events = read_events(run)
+    train_loss = {e.step for e in events.Scalars("train/loss")}
+    ours = {e.step for e in events.Scalars("attn_train/entropy")}
+    assert ours == {1, 3, 5} and ours <= train_loss  # log_every_n_steps=2 logs steps 1, 3, 5
+    assert {e.step for e in events.Scalars("attn_val/entropy")} == {e.step for e in events.Scalars("val/loss")} == {2, 5}
+
+
+def test_one_legible_heatmap_per_layer(run):
+    events = read_events(run)
+    for layer in ("blocks.0.attn", "blocks.1.attn"):
+        images = events.Images(f"attn_train/heatmap/{layer}")
+        assert [e.step for e in images] == [1, 3, 5]
+        image = Image.open(io.BytesIO(images[-1].encoded_image_string))
+        # 2 heads side by side, 12 tokens of ~16 px each: crisp at its own size, within a browser window
+        assert 400 <= image.size[0] <= 1600 and 200 <= image.size[1] <= 1000, image.size
+
+
+def test_the_monitor_options_are_hyperparameters(run):
+    hparams = read_hparams(run)
+    assert hparams["attnmonitor/every_n_steps"] == 2
+
+
+@pytest.mark.parametrize("value", [0.3, 0.7])
+def test_bounded_statistics_are_drawn_on_a_fixed_scale(value):
+    grid = torch.full((3, 4), value)
+    fixed = head_atlas(grid, torch.ones(3, 4, dtype=torch.bool), ["a", "b", "c"], "x", value_range=(0.0, 1.0))
+    expected = np.array(colormaps["viridis"](value)[:3]) * 255
+    close = np.abs(fixed.astype(float) - expected).max(-1) < 3
+    assert close.sum() > 500  # the cells (text labels aside) have the colour of the value itself
+    scaled = head_atlas(grid, torch.ones(3, 4, dtype=torch.bool), ["a", "b", "c"], "x")
+    assert (np.abs(scaled.astype(float) - expected).max(-1) < 3).sum() < close.sum()  # autoscale differs
+
+
+@ignore_few_batches
+@ignore_no_validation_data
+def test_a_missing_batch_key_is_named_once(tmp_path):
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(VOCAB, (SEQ + 1,), generator=torch.Generator().manual_seed(i))
+            return {"tokens": ids[:-1], "targets": ids[1:]}
+
+    class Model(TinyGPT):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["tokens"], batch["targets"]), batch_idx)
+
+    monitor = AttentionMonitor(every_n_steps=1, val_batches=0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=2, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match=r"`input_key`='input_ids' is not a key of the batch, whose keys are \['targets', 'tokens'\]"):
+        trainer.fit(Model(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=1, heads=2), DataLoader(Dicts(), batch_size=4))

@@ -108,25 +108,30 @@ class MonitorEngine:
         self._warned: set[str] = set()
 
     # lifecycle ----------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> AttentionCapture:
-        """Hook ``model`` (idempotent).
+    def check(self, model: nn.Module) -> AttentionCapture:
+        """A capture of ``model``, not attached yet, with every option that needs the model checked.
 
         Raises:
             ValueError: if ``targets`` selects no module, or a ``layers`` option matches none.
         """
+        options = self.options
+        capture = AttentionCapture(
+            model, options.targets, statistics=options.statistics,
+            example_tokens=options.heatmaps.max_tokens if options.heatmaps is not None else 0,
+            regularizer=self.regularizer if self.regularizer.active else None, pool_shared=options.pool_shared,
+            memory_budget_mb=options.memory_budget_mb, sink_tokens=options.sink_tokens,
+            sparsity_eps=options.sparsity_eps, sample_rows=options.sample_rows,
+        )
+        for option, config in (("heatmaps", options.heatmaps), ("regularizer", options.regularizer), ("clip", options.clip)):
+            patterns = getattr(config, "layers", None)
+            if patterns is not None and not any(layer_selected(name, patterns) for name in capture.target_names):
+                raise ValueError(f"`{option}.layers`={patterns} matches none of the attention layers (modules) {capture.target_names}")
+        return capture
+
+    def attach(self, model: nn.Module) -> AttentionCapture:
+        """Hook ``model`` (idempotent; see :meth:`check` for the errors)."""
         if self.capture is None:
-            options = self.options
-            capture = AttentionCapture(
-                model, options.targets, statistics=options.statistics,
-                example_tokens=options.heatmaps.max_tokens if options.heatmaps is not None else 0,
-                regularizer=self.regularizer if self.regularizer.active else None, pool_shared=options.pool_shared,
-                memory_budget_mb=options.memory_budget_mb, sink_tokens=options.sink_tokens,
-                sparsity_eps=options.sparsity_eps, sample_rows=options.sample_rows,
-            )
-            for option, config in (("heatmaps", options.heatmaps), ("regularizer", options.regularizer), ("clip", options.clip)):
-                patterns = getattr(config, "layers", None)
-                if patterns is not None and not any(layer_selected(name, patterns) for name in capture.target_names):
-                    raise ValueError(f"`{option}.layers`={patterns} matches none of the attention layers (modules) {capture.target_names}")
+            capture = self.check(model)
             capture.enabled = False
             self.capture = capture.attach()
         self.regularizer.regularizing = False

@@ -61,6 +61,9 @@ def run(cfg: DictConfig) -> L.Trainer:
     quiet()
     L.seed_everything(cfg.seed, verbose=False)
     model, datamodule, trainer = build(cfg)
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, AttentionMonitor):
+            callback.engine.check(model)  # options that need the model fail here, before Lightning starts
     where = _where(trainer)
     if where:
         print(where, flush=True)

@@ -134,6 +134,10 @@ def test_validation_example_equals_reference_and_sanity_check_is_skipped(tmp_pat
     assert [e.step for e in events.Images("attn_val/atlas/sink_mass")] == [2]
 
 
+def test_a_single_statistic_name_is_accepted():
+    assert AttentionMonitor(statistics="entropy").options.statistics == ["entropy"]
+
+
 def test_per_head_scalars(tmp_path):
     monitor = AttentionMonitor(statistics=["max_weight"], every_n_steps=1, per_head=True, val_batches=0, heatmaps={"every_n_steps": None})
     make_trainer(tmp_path, [monitor], max_steps=2, limit_val_batches=0).fit(_model(), train_dataloaders=_loader())
@@ -162,6 +166,10 @@ def test_other_loggers_get_scalars_and_images_are_skipped_with_one_warning(tmp_p
         (dict(val_batches=-1), "`val_batches` must be an int >= 0"),
         (dict(tokenizer=3), "`tokenizer` must be a tokenizer or a callable"),
         (dict(sparsity_eps=0), r"`sparsity_eps` must be in \(0, 1\]"),
+        (dict(statistics=[]), "`statistics` is empty: name at least one of"),
+        (dict(per_head="yes"), "`per_head` must be a bool, got 'yes'"),
+        (dict(token_classes={"x": "the"}), "`token_classes` must be a non-empty mapping class -> list of tokens"),
+        (dict(decoder=len), r"unknown option\(s\) \['decoder'\]; accepted options are \[.*'tokenizer'"),
     ],
 )
 def test_invalid_options_are_rejected_at_construction(kwargs, match):

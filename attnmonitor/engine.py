@@ -18,7 +18,7 @@ and every process takes part in it; figures and text are written where ``publish
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,7 +33,8 @@ from attnmonitor.config import MonitorOptions, layer_selected
 from attnmonitor.functional.statistics import POSITION_STATISTICS
 from attnmonitor.metrics.state import AttentionStatistics, gather_layers
 from attnmonitor.regularization.regularizer import AttentionRegularizer
-from attnmonitor.tensorboard import analyse_example, role_changes, tags
+from attnmonitor.tensorboard import ExampleAnalysis, analyse_example, role_changes, tags
+from attnmonitor.tensorboard.worker import FigureWorker
 from attnmonitor.tensorboard.writer import (
     alignment_scalars,
     example_scalars,
@@ -103,6 +104,8 @@ class MonitorEngine:
         """Last optimizer step whose training capture was published (saved in checkpoints)."""
         self.latest: dict[str, float] = {}
         """The scalars of the last publication of each stage (for progress bars)."""
+        self.figures = FigureWorker()
+        """Draws and writes figures off the training thread."""
         self._window_step: int | None = None  # optimizer step being captured
         self._roles: dict[str, Tensor] = {}
         self._warned: set[str] = set()
@@ -138,7 +141,8 @@ class MonitorEngine:
         return self.capture
 
     def detach(self) -> None:
-        """Remove every hook (idempotent)."""
+        """Finish the pending figures and remove every hook (idempotent)."""
+        self.finish()
         if self.capture is not None:
             self.capture.remove()
             self.capture = None
@@ -193,7 +197,11 @@ class MonitorEngine:
 
     # publishing ---------------------------------------------------------------------------
     def publish(self, stage: str, step: int, publisher: Publisher, *, images: bool, heatmaps: bool) -> None:
-        """Reduce the stage's capture across processes and publish it; never raises (warns instead)."""
+        """Reduce the stage's capture across processes and publish it; never raises (warns instead).
+
+        Scalars are logged now; figures are drawn and written by a background worker from data
+        already on the CPU, so the step goes on (:meth:`finish` waits for them).
+        """
         try:
             computed = self._compute(stage, publisher.device)
             if computed is None:
@@ -205,14 +213,18 @@ class MonitorEngine:
             skipped = sum(self._require_capture().skipped.values())
             if skipped:  # captures skipped since the start (non-finite attention, ...), each warned once per layer
                 scalars[tags.skipped()] = float(skipped)
-            example = self._example_analysis(stage, publisher.writer, step) if images and self.options.analyses else {}
-            publisher.log_scalars({**scalars, **example}, step)
+            analysis = self._example_analysis(stage) if images and self.options.analyses else None
+            publisher.log_scalars({**scalars, **(analysis[0] if analysis else {})}, step)
             self.latest.update(scalars)
-            if publisher.writer is not None:
-                self._write(publisher.writer, stage, step, values, observed, images, heatmaps)
-                publisher.writer.flush()
+            if publisher.writer is not None and (images or heatmaps):
+                job = self._figure_job(publisher.writer, stage, step, values, observed, images, heatmaps, analysis)
+                self.figures.submit(job, f"{stage} step {step}")
         except Exception as err:  # the monitor never stops training
             self._warn(f"publish-{type(err).__name__}", f"attnmonitor: logging {stage} attention failed at step {step}: {err!r}")
+
+    def finish(self) -> None:
+        """Wait until every figure is drawn and written (end of training)."""
+        self.figures.close()
 
     def _compute(self, stage: str, device: torch.device) -> tuple[dict[str, Tensor], Tensor] | None:
         """Synced ``{statistic: [L, H]}`` means (NaN where a layer does not define a statistic) and
@@ -232,13 +244,31 @@ class MonitorEngine:
             values[name] = values[name].masked_fill(cross.unsqueeze(1), float("nan"))
         return values, rows > 0
 
-    def _write(self, writer: Any, stage: str, step: int, values: dict[str, Tensor], observed: Tensor, images: bool, heatmaps: bool) -> None:
-        if images:
-            write_atlases(writer, stage, step, self.layers, values, observed)
-        if not heatmaps:
-            return
+    def _figure_job(
+        self, writer: Any, stage: str, step: int, values: dict[str, Tensor], observed: Tensor, images: bool, heatmaps: bool,
+        analysis: tuple[dict[str, float], ExampleAnalysis, list[str]] | None,
+    ) -> Callable[[], None]:
+        """Everything the figures need, copied to the CPU now; returns the job that draws and writes them."""
+        layers, observed = list(self.layers), observed.cpu()
+        values = {name: value.detach().cpu() for name, value in values.items()}
+        maps = self._heatmap_inputs(stage) if heatmaps else []
+
+        def job() -> None:
+            if images:
+                write_atlases(writer, stage, step, layers, values, observed)
+            for layer, probs, keys, queries, cross in maps:
+                write_heatmap(writer, stage, step, layer, probs, keys, queries, cross=cross)
+            if analysis is not None:
+                write_example(writer, stage, step, analysis[1], analysis[2])
+            writer.flush()
+
+        return job
+
+    def _heatmap_inputs(self, stage: str) -> list[tuple[str, Tensor, list[str] | None, list[str] | None, bool]]:
+        """``(layer, probs, key labels, query labels, cross)`` of each example layer drawn."""
         data, kinds = self.stages[stage], self._require_capture().kinds
         patterns = self.options.heatmaps.layers if self.options.heatmaps is not None else None
+        maps = []
         for layer, example in data.accumulator.examples.items():
             if example.probs is None or not layer_selected(layer, patterns):
                 continue
@@ -246,10 +276,11 @@ class MonitorEngine:
             t_q, t_k = example.probs.shape[-2:]
             keys = data.labels(self.options.tokenizer, example.key_start, t_k)
             queries = data.labels(self.options.tokenizer, example.start, t_q, queries=cross)
-            write_heatmap(writer, stage, step, layer, example.probs, keys, queries, cross=cross)
+            maps.append((layer, example.probs, keys, queries, cross))
+        return maps
 
-    def _example_analysis(self, stage: str, writer: Any, step: int) -> dict[str, float]:
-        """Analyses of the stage's example: figures and text to ``writer``; returns their scalars."""
+    def _example_analysis(self, stage: str) -> tuple[dict[str, float], ExampleAnalysis, list[str]] | None:
+        """Analyses of the stage's example: ``(scalars, result, role changes)``, or None without an example."""
         data = self.stages[stage]
         classes = None if self.options.token_classes is None else {k: frozenset(v) for k, v in self.options.token_classes.items()}
         result = analyse_example(
@@ -258,14 +289,12 @@ class MonitorEngine:
             query_tokens=data.labels(self.options.tokenizer, queries=True),
         )
         if result.roles is None:
-            return {}
+            return None
         changes = role_changes(self._roles.get(stage), result.roles, result.layers)
         scalars = example_scalars(stage, result)
         scalars[tags.role_changes(stage)] = float(len(changes)) if stage in self._roles else 0.0
         self._roles[stage] = result.roles
-        if writer is not None:
-            write_example(writer, stage, step, result, changes)
-        return scalars
+        return scalars, result, changes
 
     # helpers ------------------------------------------------------------------------------
     def _prepare(self, capture: AttentionCapture, batch: Any) -> None:

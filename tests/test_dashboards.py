@@ -4,6 +4,8 @@ fixed colour scales, hyperparameters, steps aligned with the model's own metrics
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,10 +13,13 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
 
-from attnmonitor import STATISTICS, AttentionMonitor
+import attnmonitor.engine as engine_module
+from attnmonitor import STATISTICS, AttentionMonitor, MonitorEngine, MonitorOptions
 from attnmonitor.demo import TinyGPT
 from attnmonitor.tensorboard.render import head_atlas
+from attnmonitor.tensorboard.worker import FigureWorker
 from tests.helpers.events import read_custom_scalar_layout, read_events, read_hparams
 from tests.helpers.trainer import ignore_few_batches, ignore_no_validation_data, make_trainer
 
@@ -110,3 +115,69 @@ def test_a_missing_batch_key_is_named_once(tmp_path):
     trainer = make_trainer(tmp_path, [monitor], max_steps=2, limit_val_batches=0)
     with pytest.warns(RuntimeWarning, match=r"`input_key`='input_ids' is not a key of the batch, whose keys are \['targets', 'tokens'\]"):
         trainer.fit(Model(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=1, heads=2), DataLoader(Dicts(), batch_size=4))
+
+
+class _Publisher:
+    """A plain publisher: scalars kept, figures to a real ``SummaryWriter``."""
+
+    def __init__(self, log_dir) -> None:
+        self.device = torch.device("cpu")
+        self.writer = SummaryWriter(str(log_dir))
+        self.scalars: dict[int, dict[str, float]] = {}
+
+    def log_scalars(self, scalars, step):
+        self.scalars[step] = scalars
+
+
+def _captured_engine(tmp_path):
+    """An engine attached to a small GPT, one training step captured with images due."""
+    model = TinyGPT(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=2, heads=2)
+    engine = MonitorEngine(MonitorOptions(every_n_steps=1, atlas_every_n_steps=1, heatmaps={"every_n_steps": 1}))
+    engine.attach(model)
+    ids, _ = next(iter(_loader()))
+    engine.start_train_batch(0, (ids,))
+    model(ids)
+    assert engine.end_train_batch(1) == 0
+    return engine, _Publisher(tmp_path)
+
+
+def test_figures_are_drawn_off_the_training_thread(tmp_path, monkeypatch):
+    original = engine_module.write_atlases
+
+    def slow_atlases(*args, **kwargs):
+        time.sleep(1.0)  # a slow renderer: the step must not wait for it
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "write_atlases", slow_atlases)
+    engine, publisher = _captured_engine(tmp_path)
+    start = time.perf_counter()
+    engine.publish("train", 0, publisher, images=True, heatmaps=True)
+    stall = time.perf_counter() - start
+    assert "attn_train/entropy" in publisher.scalars[0]  # scalars are logged at once
+    assert stall < 0.5, stall
+    engine.detach()  # waits for the pending figures
+    events = read_events(tmp_path)
+    assert "attn_train/atlas/entropy" in events.Tags()["images"] and "attn_train/heatmap/blocks.0.attn" in events.Tags()["images"]
+
+
+def test_a_failing_figure_job_is_warned_and_training_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("renderer broke")
+
+    monkeypatch.setattr(engine_module, "write_atlases", broken)
+    engine, publisher = _captured_engine(tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"drawing the figures of train step 0 failed: RuntimeError\('renderer broke'\)"):
+        engine.publish("train", 0, publisher, images=True, heatmaps=False)
+        engine.detach()
+    assert "attn_train/entropy" in publisher.scalars[0]
+
+
+def test_figure_jobs_beyond_the_queue_are_skipped_and_counted():
+    worker = FigureWorker(max_pending=1)
+    release = threading.Event()
+    assert worker.submit(release.wait, "first")
+    with pytest.warns(RuntimeWarning, match="figures of second skipped: 1 figure jobs still pending"):
+        assert not worker.submit(lambda: None, "second")
+    release.set()
+    worker.close()
+    assert worker.skipped == 1

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from attnmonitor.capture.records import AttentionRecord, as_heads, padding_to_valid
+from attnmonitor.capture.records import AttentionRecord, as_heads
 from attnmonitor.functional.chunked import key_valid_from_logits
 
 _SDPA = F.scaled_dot_product_attention
@@ -154,38 +154,29 @@ class AttentionInterceptor(TorchFunctionMode):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
 
-    def _softmax(
-        self,
-        probs: Tensor,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        heads: int = 0,
-        query_valid: Tensor | None = None,
-    ) -> Tensor:
+    def _softmax(self, probs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], heads: int = 0) -> Tensor:
         record = _softmax_record(args[0], _softmax_dim(args, kwargs), probs, heads)
         if record is None:
             return probs
-        replaced = self._emit(record.with_query_valid(query_valid))
+        replaced = self._emit(record)
         return probs if replaced is None else replaced
 
     @contextmanager
     def _wrap_mha_internals(self, bound: dict[str, Any]) -> Iterator[None]:
-        """Wrap ``torch.nn.functional``'s SDPA and softmax while ``multi_head_attention_forward`` runs."""
-        heads: int = bound["num_heads"]
-        query_valid = None
-        padding = bound.get("key_padding_mask")
-        if padding is not None and bound["query"] is bound["key"]:  # self-attention: padded keys are padded queries
-            valid = padding_to_valid(padding)
-            query_valid = (valid if valid.dim() == 2 else valid.unsqueeze(0)).unsqueeze(1)  # [B, 1, L]
+        """Wrap ``torch.nn.functional``'s SDPA and softmax while ``multi_head_attention_forward`` runs.
 
+        MHA merges ``key_padding_mask`` into the mask it passes on, so padded query rows are found
+        from that mask like any other call's (:func:`attnmonitor.capture.calls.judge`).
+        """
+        heads: int = bound["num_heads"]
         original_softmax = F.softmax
 
         def sdpa(*args: Any, **kwargs: Any) -> Tensor:
-            replaced = self._emit(_sdpa_arguments(*args, **kwargs).with_query_valid(query_valid))
+            replaced = self._emit(_sdpa_arguments(*args, **kwargs))
             return _SDPA(*args, **kwargs) if replaced is None else replaced
 
         def softmax(*args: Any, **kwargs: Any) -> Tensor:
-            return self._softmax(original_softmax(*args, **kwargs), args, kwargs, heads, query_valid)
+            return self._softmax(original_softmax(*args, **kwargs), args, kwargs, heads)
 
         F.scaled_dot_product_attention, F.softmax = sdpa, softmax
         try:

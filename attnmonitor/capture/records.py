@@ -177,10 +177,3 @@ def as_heads(t: Tensor | None) -> Tensor | None:
     if t is None or t.dim() != 3:
         return t
     return t.unsqueeze(1)
-
-
-def padding_to_valid(key_padding_mask: Tensor) -> Tensor:
-    """``nn.MultiheadAttention`` padding mask (bool True = pad, or float ``-inf`` = pad) to bool valid."""
-    if key_padding_mask.dtype == torch.bool:
-        return ~key_padding_mask
-    return ~(key_padding_mask <= torch.finfo(key_padding_mask.dtype).min / 2)

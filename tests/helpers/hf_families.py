@@ -34,18 +34,9 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-ALL_STATISTICS = (
-    "entropy",
-    "normalized_entropy",
-    "max_weight",
-    "sparsity",
-    "effective_support",
-    "distance",
-    "self_weight",
-    "prev_token_weight",
-    "next_token_weight",
-    "sink_mass",
-)
+from tests.helpers.reference import NAMES
+
+ALL_STATISTICS = NAMES
 POSITIONAL = ("distance", "self_weight", "prev_token_weight", "next_token_weight")
 """Statistics that only exist for self-attention (the query has a position among the keys)."""
 CROSS_STATISTICS = tuple(s for s in ALL_STATISTICS if s not in POSITIONAL)

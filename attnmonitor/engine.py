@@ -155,6 +155,7 @@ class MonitorEngine:
         self.regularizer.begin_step(step)
         self._prepare(capture, batch)
         if not due(step, self.options.every_n_steps) or step <= self.last_train_step:
+            capture.enabled = False  # the regularizer's state may have changed: a compiled model follows it
             return
         capture.accumulator = self.stages["train"].accumulator
         if self._window_step != step:  # first micro-batch of this optimizer step

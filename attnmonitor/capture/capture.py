@@ -128,8 +128,7 @@ class AttentionCapture:
         """Where statistics go; swap it to keep separate sets (the monitor's train and val)."""
         self.alignments: Tensor | None = None
         """``[B, Lq]`` ground-truth key of each query row (negative: none), for alignment accuracy."""
-        self.enabled = True
-        """Whether statistics are collected now (interception also runs while ``regularizer`` is active)."""
+        self._enabled = True
         self.kinds: dict[str, str] = {}
         """``{layer: "self" | "cross"}`` of every layer captured since the capture was made."""
         self.report = CaptureReport()
@@ -160,6 +159,21 @@ class AttentionCapture:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.remove()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether statistics are collected now (interception also runs while ``regularizer`` is active).
+
+        Set it outside the model's forward. On a compiled model, forwards run eagerly (and hooked)
+        only while this or the regularizer asks for interception; otherwise the compiled graph runs
+        untouched (see :mod:`attnmonitor.capture.hooks`).
+        """
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        self._hooks.update()
 
     # results -------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -7,12 +7,17 @@ Hooks go on three kinds of modules (all removed together, idempotently, also aft
 - **fast-path hosts** (``nn.TransformerEncoder(Layer)``): the interceptor is active while they run,
   which keeps them off the eval-mode fused path that would skip their attention submodule;
 - **ancestors** of the targets: their first entry marks the start of a forward of the model.
+
+On a model that runs through ``torch.compile`` (the model, or any of its submodules), hooks would be
+traced into the compiled graph (or, added later, silently skipped by it). There they are registered
+only while calls are intercepted, and those forwards run eagerly under
+``torch.compiler.set_stance("force_eager")``: steps that capture nothing run the compiled graph as
+it is (no graph break, no recompilation), captured steps run the model's plain Python code.
 """
 
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -22,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from attnmonitor.capture.calls import Call, CallTracker, attention_kind
-from attnmonitor.capture.discovery import fast_path_hosts, innermost
+from attnmonitor.capture.discovery import fast_path_hosts
 
 
 class CallHooks:
@@ -60,14 +65,33 @@ class CallHooks:
         self._scope_depth = 0
         self._forward_depth = 0  # ancestors of targets running now
         self._handles: list[RemovableHandle] = []
-        self._eager: list[nn.Module] = []
+        self._attached = False
+        self._compiled = False
+        self._eager_stance: Any = None  # the force-eager stance entered while a compiled model is intercepted
 
     def attach(self) -> None:
-        """Register every hook (idempotent); on a compiled model, run the attention modules eagerly."""
-        if self._handles:
+        """Register every hook (idempotent); on a compiled model, only while :meth:`update` says so."""
+        if self._attached:
             return
-        if is_compiled(self.model):
-            self._run_eagerly(innermost(self.targets).values())
+        self._attached, self._compiled = True, is_compiled(self.model)
+        if self._compiled:
+            self.update()
+        else:
+            self._register()
+
+    def update(self) -> None:
+        """On a compiled model, hook it and run it eagerly from now on if ``intercepting()``, else
+        leave it to its compiled graph. Call it outside the model's forward when ``intercepting()``
+        may have changed."""
+        if not (self._attached and self._compiled):
+            return
+        if self._intercepting() and not self._handles:
+            self._eager_stance = torch.compiler.set_stance("force_eager")
+            self._register()
+        elif not self._intercepting() and self._handles:
+            self._unregister()
+
+    def _register(self) -> None:
         for module in self.targets.values():
             self._handles.append(module.register_forward_pre_hook(self._enter_target, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._exit_target, always_call=True))
@@ -78,32 +102,23 @@ class CallHooks:
             self._handles.append(ancestor.register_forward_pre_hook(self._enter_ancestor))
             self._handles.append(ancestor.register_forward_hook(self._exit_ancestor, always_call=True))
 
-    def remove(self) -> None:
-        """Remove every hook and leave any active interception (idempotent)."""
+    def _unregister(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module in self._eager:
-            del module.forward  # back to the class's forward
-        self._eager.clear()
+        if self._eager_stance is not None:
+            self._eager_stance.__exit__(None, None, None)
+            self._eager_stance = None
+
+    def remove(self) -> None:
+        """Remove every hook and leave any active interception (idempotent)."""
+        self._unregister()
+        self._attached = False
         while self._scope_depth:
             self._leave_scope()
         self.running.clear()
         self._frames.clear()
         self._forward_depth = 0
-
-    def _run_eagerly(self, modules: Any) -> None:
-        """Hooks do not run inside ``torch.compile``d graphs: run the attention modules outside them."""
-        warnings.warn(
-            "attnmonitor: the model is compiled with torch.compile; while the capture is attached its attention "
-            "modules run eagerly (graph breaks around them) so that their attention can be intercepted.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        for module in modules:
-            if "forward" not in module.__dict__:
-                module.forward = torch.compiler.disable(module.forward, recursive=False)  # type: ignore[method-assign]
-                self._eager.append(module)
 
     def _enter_scope(self) -> None:
         if self._scope_depth == 0:
@@ -169,10 +184,14 @@ def in_backward() -> bool:
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` or a submodule runs through ``torch.compile`` (wrapper or ``Module.compile()``)."""
+    """Whether ``model`` or a submodule runs through ``torch.compile``: a wrapper, ``Module.compile()``,
+    or a LightningModule whose steps Lightning compiled (``Trainer.fit(torch.compile(module))``)."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None or getattr(m, "_compiler_ctx", None)
+        for m in model.modules()
+    )
 
 
 def raising() -> bool:

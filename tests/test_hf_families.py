@@ -233,3 +233,13 @@ def test_capture_plain_torch_packed_documents(causal, use_sdpa):
         model(ids, documents)
     problems = capture_problems(cap, {name: "self" for name in reference}, reference)
     assert not problems, f"{len(problems)} problem(s):\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.slow  # Hugging Face compiles flex attention at its first call of each model (about 10 s on CPU)
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("scenario", ["right", "left", "packed"])
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma"])
+def test_capture_flex_attention_equals_the_eager_model(name, scenario):
+    """``attn_implementation="flex_attention"``: padding (BlockMask), packed documents and grouped-query
+    heads, against the same weights under eager attention."""
+    check_capture(SCENARIOS[scenario](name, "flex_attention"))

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from attnmonitor.capture.accumulator import Example, StatisticsAccumulator
 from attnmonitor.capture.calls import CROSS, Call, CallTracker, judge
 from attnmonitor.capture.discovery import Targets, is_attention_like, is_named_attention, resolve_targets
+from attnmonitor.capture.flex import flex_sites
 from attnmonitor.capture.hooks import CallHooks, in_backward
 from attnmonitor.capture.interception import AttentionInterceptor
 from attnmonitor.capture.records import AttentionRecord
@@ -136,7 +137,8 @@ class AttentionCapture:
         self._declared = {id(m) for m in self.targets.values() if not auto or is_attention_like(m)}
         named = {id(m) for m in self.targets.values() if not auto or is_named_attention(m)}
         interceptor = AttentionInterceptor(
-            self._consume, lambda: bool(self._hooks.running), require_scores=lambda: id(self._hooks.running[-1].module) not in named
+            self._consume, lambda: bool(self._hooks.running), require_scores=lambda: id(self._hooks.running[-1].module) not in named,
+            flex_sites=flex_sites(self.targets.values()),
         )
         tracker = CallTracker(pool_shared, on_shared=self._split_shared)
         intercepting = lambda: self.enabled or (self.regularizer is not None and self.regularizer.active)  # noqa: E731

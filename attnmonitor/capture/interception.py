@@ -11,7 +11,9 @@ whose fused fast path would skip it) runs. It sees, whatever name they were impo
   a softmax over a linear layer's logits (router, classifier) is not attention;
 - ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): the mode is off inside a handler,
   so the SDPA/softmax calls nested in it are caught by temporarily wrapping the names that
-  ``torch.nn.functional`` resolves them through.
+  ``torch.nn.functional`` resolves them through;
+- ``flex_attention``, which the mode cannot see: its call sites are swapped while the mode is active
+  (:mod:`attnmonitor.capture.flex`).
 
 The model's outputs are computed by the original functions, unchanged, unless ``emit`` returns a
 replacement (regularization: clipped probabilities, or the output of SDPA recomputed from them).
@@ -27,8 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode, _pop_mode_temporarily
 
+from attnmonitor.capture.flex import FlexPatch, FlexSite, flex_record
 from attnmonitor.capture.records import AttentionRecord, as_heads
 from attnmonitor.functional.chunked import key_valid_from_logits
 
@@ -116,6 +119,7 @@ class AttentionInterceptor(TorchFunctionMode):
         is_recording: whether a target module is running now (outside one, calls pass through).
         require_scores: whether, in the module running now, only a softmax over ``q·kᵀ``-shaped
             scores is attention (see the module's notes).
+        flex_sites: the names flex attention is called through in the target modules.
     """
 
     def __init__(
@@ -123,12 +127,31 @@ class AttentionInterceptor(TorchFunctionMode):
         emit: Callable[[AttentionRecord], Tensor | None],
         is_recording: Callable[[], bool],
         require_scores: Callable[[], bool] = lambda: False,
+        flex_sites: list[FlexSite] | None = None,
     ) -> None:
         super().__init__()
         self._emit = emit
         self._is_recording = is_recording
         self._require_scores = require_scores
         self._score_keys: set[tuple[int, int, int]] = set()
+        self._flex = FlexPatch(flex_sites or [], self._flex_call)
+
+    def __enter__(self) -> AttentionInterceptor:
+        self._flex.apply()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._flex.restore()
+        super().__exit__(*exc)
+
+    def _flex_call(self, flex: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A flex attention call made while the mode is active: its record, then flex (mode off)."""
+        with _outside(self):
+            replaced = self._emit(flex_record(args, kwargs)) if self._is_recording() else None
+            out = flex(*args, **kwargs) if replaced is None or not _returns_aux(kwargs) else None
+        if replaced is None:
+            return out
+        return replaced if out is None else (replaced, *out[1:])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -183,3 +206,18 @@ class AttentionInterceptor(TorchFunctionMode):
             yield
         finally:
             F.scaled_dot_product_attention, F.softmax = _SDPA, original_softmax
+
+
+@contextmanager
+def _outside(mode: TorchFunctionMode) -> Iterator[None]:
+    """``mode`` switched off while inside, when it is the innermost active one."""
+    if _get_current_function_mode() is mode:
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
+def _returns_aux(kwargs: dict[str, Any]) -> bool:
+    """Whether a flex call returns ``(out, lse or aux)`` rather than ``out``."""
+    return bool(kwargs.get("return_lse")) or kwargs.get("return_aux") is not None

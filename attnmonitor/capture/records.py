@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnmonitor.functional.chunked import key_valid_from_logits, qk_chunks
+from attnmonitor.functional.chunked import ScoreMod, key_valid_from_logits, qk_chunks
 from attnmonitor.functional.evaluation import AttentionCall
 
 
 @dataclass(frozen=True)
 class AttentionRecord:
-    """One attention computation: either the probabilities the module used, or SDPA's inputs.
+    """One attention computation: either the probabilities the module used, or SDPA's or flex's inputs.
 
-    Exactly one of ``probs`` (eager softmax) or ``q``/``k`` (``scaled_dot_product_attention``) is set.
+    Exactly one of ``probs`` (eager softmax) or ``q``/``k`` (``scaled_dot_product_attention``,
+    ``flex_attention``) is set.
 
     Attributes:
         probs: ``[B, H, Lq, Lk]`` softmax output, before dropout.
@@ -30,6 +31,7 @@ class AttentionRecord:
         dropout_p: SDPA's dropout probability.
         query_valid: bool, broadcastable to ``[B, H, Lq]``: False for padded query rows.
         sink_keys: bool ``[B or 1, Lk]``: the keys counted by ``sink_mass`` (None: the first ones).
+        score_mod: a flex call's score modification (its ``mask_mod`` is in ``attn_mask``).
         out_shape: shape of the intercepted call's output (SDPA output or softmax result).
         out_dtype: dtype of that output.
     """
@@ -45,6 +47,7 @@ class AttentionRecord:
     dropout_p: float = 0.0
     query_valid: Tensor | None = None
     sink_keys: Tensor | None = None
+    score_mod: ScoreMod | None = None
     out_shape: tuple[int, ...] = ()
     out_dtype: torch.dtype = torch.float32
 
@@ -76,7 +79,7 @@ class AttentionRecord:
         """What the statistics need of this record (see :func:`attnmonitor.functional.call_head_sums`)."""
         return AttentionCall(
             self.probs, self.key_valid, self.q, self.k, self.attn_mask, self.is_causal, self.scale,
-            self.query_valid, self.sink_keys,
+            self.query_valid, self.sink_keys, self.score_mod,
         )
 
     def key_mask(self) -> Tensor | None:
@@ -133,7 +136,7 @@ class AttentionRecord:
             assert self.q is not None and self.k is not None
             ((probs, valid, *_),) = qk_chunks(
                 self.q[:1], self.k[:1], _first_rows(self.attn_mask, 0, lq), self.is_causal, self.scale,
-                budget_bytes=1 << 62, rows=torch.arange(start, lq, device=self.q.device),
+                budget_bytes=1 << 62, rows=torch.arange(start, lq, device=self.q.device), score_mod=self.score_mod,
             )
         valid = torch.ones_like(probs, dtype=torch.bool) if valid is None else valid.expand_as(probs)
         probs = probs.masked_fill(~valid, 0.0)

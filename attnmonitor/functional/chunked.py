@@ -8,7 +8,7 @@ Two sources: probabilities the model already materialised (eager softmax), or th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -17,6 +17,9 @@ from torch import Tensor
 from attnmonitor.functional.statistics import STATISTICS, head_sums, row_statistics
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
+ScoreMod = Callable[[Tensor, Tensor], Tensor]
+"""``(scores [B, H, r, Lk], rows [r]) -> scores``: a score modification applied to the scaled logits
+of query rows ``rows`` before masking (FlexAttention's ``score_mod``; ``-inf`` blocks a key)."""
 _LIVE_COPIES = 8  # float32 tensors of a chunk's size alive at once while its statistics are computed
 
 class Chunk(NamedTuple):
@@ -113,6 +116,7 @@ def qk_chunks(
     *,
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     rows: Tensor | None = None,
+    score_mod: ScoreMod | None = None,
 ) -> Iterator[Chunk]:
     """Recompute the probabilities of ``scaled_dot_product_attention(q, k, ...)`` by row chunks.
 
@@ -126,6 +130,8 @@ def qk_chunks(
         query_valid: bool, broadcastable to ``[B, H, Lq]``.
         budget_bytes: memory for one chunk's temporaries.
         rows: only these query rows (``[r]`` indices), e.g. a random sample.
+        score_mod: modifies the scaled logits before the mask (flex attention); keys it sets to
+            ``-inf`` are invalid.
 
     Raises:
         ValueError: if the head counts are incompatible.
@@ -151,6 +157,10 @@ def qk_chunks(
         if mask is not None:
             logits = logits.add_(mask.to(dtype)) if in_place else logits + mask.to(dtype)
         valid = sdpa_key_valid(_row_slice(attn_mask, start, stop, -2), is_causal, lk, index[start:stop])
+        if score_mod is not None:
+            logits = score_mod(logits, index[start:stop]).to(dtype)
+            modified = key_valid_from_logits(logits)
+            valid = modified if valid is None else valid & modified
         if valid is not None:
             valid = valid.expand_as(logits)
             # fully masked rows get finite logits: no NaN in values or gradients (the row never counts)

@@ -15,14 +15,14 @@ import torch
 from torch import Tensor
 
 from attnmonitor.functional.analyses import alignment_counts
-from attnmonitor.functional.chunked import Chunk, chunk_head_sums, probability_chunks, qk_chunks
+from attnmonitor.functional.chunked import Chunk, ScoreMod, chunk_head_sums, probability_chunks, qk_chunks
 from attnmonitor.functional.fused import fused_row_statistics
 from attnmonitor.functional.statistics import head_sums
 
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """The inputs of one attention computation: probabilities, or the ``q``/``k`` of an SDPA call.
+    """The inputs of one attention computation: probabilities, or the ``q``/``k`` of an SDPA or flex call.
 
     Attributes:
         probs: ``[B, H, Lq, Lk]`` probabilities (a softmax over masked logits: exactly 0 on invalid keys).
@@ -30,6 +30,8 @@ class AttentionCall:
         q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``; attn_mask, is_causal, scale: as SDPA.
         query_valid: bool, broadcastable to ``[B, H, Lq]``.
         sink_keys: bool ``[B or 1, Lk]`` (None: the first ``sink_tokens`` keys).
+        score_mod: a modification of the scaled logits (flex attention; see
+            :data:`attnmonitor.functional.chunked.ScoreMod`).
     """
 
     probs: Tensor | None = None
@@ -41,6 +43,7 @@ class AttentionCall:
     scale: float | None = None
     query_valid: Tensor | None = None
     sink_keys: Tensor | None = None
+    score_mod: ScoreMod | None = None
 
     def chunks(self, budget_bytes: int, rows: Tensor | None = None) -> Iterator[Chunk]:
         """Row chunks (of ``rows`` only, if given) whose temporaries fit ``budget_bytes``."""
@@ -50,7 +53,8 @@ class AttentionCall:
             )
         assert self.q is not None and self.k is not None
         return qk_chunks(
-            self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes, rows=rows
+            self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes, rows=rows,
+            score_mod=self.score_mod,
         )
 
 
@@ -87,7 +91,7 @@ def call_head_sums(
     """
     with torch.no_grad():
         fused = None
-        if call.q is not None and call.k is not None and rows is None:
+        if call.q is not None and call.k is not None and call.score_mod is None and rows is None:
             fused = fused_row_statistics(
                 call.q, call.k, call.attn_mask, call.is_causal, call.scale, call.query_valid,
                 statistics=statistics, sink_tokens=sink_tokens, sink_keys=call.sink_keys, budget_bytes=budget_bytes,

@@ -1,0 +1,230 @@
+"""``AttentionMonitorCallback``: the Hugging Face ``Trainer`` adapter of :class:`attnmonitor.engine.MonitorEngine`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import DefaultFlowCallback
+
+from attnmonitor.config import MonitorOptions, as_options
+from attnmonitor.engine import MonitorEngine
+from attnmonitor.integrations.penalty import PenaltyTracker
+
+EVAL_PREFIX = "eval_"
+"""Prefix of evaluation scalars in the Trainer's logs (as its own ``eval_loss``): TensorBoard shows ``eval/attn_val/...``."""
+
+
+class TrainerPublisher:
+    """Scalars through ``Trainer.log`` (its ``log_history`` and every ``report_to`` integration, on every
+    process as the Trainer does); figures to the writer of its ``TensorBoardCallback`` on the main process.
+
+    Args:
+        trainer: the Trainer.
+        prefix: prepended to every scalar's key (:data:`EVAL_PREFIX` for evaluation scalars).
+    """
+
+    def __init__(self, trainer: Trainer, prefix: str = "") -> None:
+        self.trainer, self.prefix = trainer, prefix
+        self.device = trainer.args.device
+
+    @property
+    def tensorboard(self) -> TensorBoardCallback | None:
+        """The Trainer's ``TensorBoardCallback`` (``report_to`` includes ``"tensorboard"``), or None."""
+        return next((cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)), None)
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter`` of the ``TensorBoardCallback`` on the main process, else None."""
+        callback = self.tensorboard
+        return callback.tb_writer if callback is not None and self.trainer.state.is_world_process_zero else None
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """``Trainer.log`` (at ``state.global_step``, which is ``step``), leaving the Trainer's own
+        decision to log at this step (``control.should_log``) as it was."""
+        control = self.trainer.control
+        should_log = control.should_log
+        self.trainer.log({self.prefix + tag: value for tag, value in scalars.items()})
+        control.should_log = self.trainer.control.should_log = should_log
+
+
+class AttentionMonitorCallback(TrainerCallback):
+    """Log how every attention layer and head distributes its attention while a Hugging Face ``Trainer`` trains.
+
+    The same options, statistics and figures as :class:`attnmonitor.AttentionMonitor` (Lightning):
+    training captures every ``every_n_steps`` optimizer steps (all micro-batches of that step under
+    gradient accumulation), at the Trainer's steps ``every_n_steps, 2·every_n_steps, ...``
+    (``state.global_step``, the steps it logs with ``logging_steps=every_n_steps``); each evaluation
+    of the Trainer captures its first ``val_batches`` batches. Scalars go through ``Trainer.log``:
+    into ``state.log_history`` and every ``report_to`` integration (TensorBoard shows them as
+    ``train/attn_train/...`` and ``eval/attn_val/...``); atlases, heatmaps and tables go to the
+    writer of the Trainer's ``TensorBoardCallback``. Under distributed training the statistics are
+    reduced exactly across processes (sums and counts). Hooks exist only during ``train()``.
+
+    The callback needs its Trainer: use :class:`~attnmonitor.integrations.transformers.AttentionMonitorTrainer`
+    (or :class:`~attnmonitor.integrations.transformers.AttentionMonitorMixin` with your Trainer
+    class), which binds it and adds the regularizer's penalty to the loss; or call
+    :meth:`bind` on a plain ``Trainer`` (no regularizer then).
+
+    Args:
+        options: a :class:`~attnmonitor.config.MonitorOptions` (or None); keyword arguments set or
+            override its fields (``every_n_steps``, ``statistics``, ``heatmaps``, ``regularizer``, ``clip``, ...).
+
+    Raises:
+        ValueError: for an invalid option (named in the message); at the start of ``train()``, for
+            ``targets``/``layers`` options that match no module of the model.
+
+    Example:
+        >>> monitor = AttentionMonitorCallback(every_n_steps=10, statistics=["entropy", "sink_mass"])
+        >>> monitor.options.every_n_steps
+        10
+    """
+
+    def __init__(self, options: MonitorOptions | None = None, /, **kwargs: Any) -> None:
+        self.options = as_options(options, kwargs)
+        self.engine = MonitorEngine(self.options)
+        self.penalties = PenaltyTracker(self.engine.regularizer)
+        self.trainer: Trainer | None = None
+        self._publishers: dict[str, TrainerPublisher] = {}
+        self._hook: RemovableHandle | None = None
+        self._train_step: int | None = None  # optimizer step whose micro-batches are running
+        self._eval_index = 0  # batches of the evaluation running
+        self._eval_open = False  # an evaluation batch is being captured
+        self._eval_captured = False  # this evaluation captured something
+        self._warned: set[str] = set()
+
+    def bind(self, trainer: Trainer) -> AttentionMonitorCallback:
+        """Connect the monitor to ``trainer``; returns the monitor.
+
+        Adds it to the trainer's callbacks (right after ``DefaultFlowCallback``, before the reporting
+        callbacks, so that its figures are written before they close their writers), and logs
+        through ``trainer.log``.
+
+        Raises:
+            ValueError: if ``trainer`` is not a ``transformers.Trainer``, or the monitor has a
+                regularizer and the trainer cannot add its penalty to the loss (not an
+                :class:`~attnmonitor.integrations.transformers.AttentionMonitorMixin`).
+        """
+        if not isinstance(trainer, Trainer):
+            raise ValueError(f"`trainer` must be a transformers.Trainer, got {type(trainer).__name__}")
+        if self.penalties.enabled and not getattr(trainer, "adds_attention_penalty", False):
+            raise ValueError(
+                f"the monitor's regularizer needs a Trainer that adds its penalty to the loss, got {type(trainer).__name__}: "
+                "use attnmonitor.integrations.transformers.AttentionMonitorTrainer, or subclass your Trainer with "
+                "AttentionMonitorMixin (`class MyTrainer(AttentionMonitorMixin, Trainer)`)."
+            )
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        flow = next((i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), -1)
+        callbacks.insert(flow + 1, self)
+        self.trainer = trainer
+        return self
+
+    def penalty(self) -> Tensor:
+        """The regularizer's penalty for the attention computed since the last call (0-dim tensor).
+
+        :class:`~attnmonitor.integrations.transformers.AttentionMonitorMixin` adds it to the loss;
+        call it yourself only in a ``compute_loss`` of your own that does not call the mixin's.
+        """
+        return self.penalties.penalty()
+
+    def close(self) -> None:
+        """Wait for pending figures and remove every hook (idempotent; done at the end of ``train()``)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.engine.detach()
+        self._train_step, self._eval_open, self._eval_index, self._eval_captured = None, False, 0, False
+
+    # training events ----------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        if self.trainer is None:
+            raise RuntimeError(
+                "attnmonitor: AttentionMonitorCallback is not bound to its Trainer. Use AttentionMonitorTrainer (or "
+                "AttentionMonitorMixin) from attnmonitor.integrations.transformers, or call `monitor.bind(trainer)`."
+            )
+        if model is None:
+            raise RuntimeError("attnmonitor: the Trainer passed no model to its callbacks")
+        self.engine.attach(model)
+        if self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._publishers = {"train": TrainerPublisher(self.trainer), "val": TrainerPublisher(self.trainer, EVAL_PREFIX)}
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._train_step = state.global_step
+
+    def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._end_micro_batch(state)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        finished = self._end_micro_batch(state)
+        self._train_step = None
+        if finished is not None:  # published at the Trainer's step count now (finished + 1)
+            images, heatmaps = self.engine.train_images(finished)
+            self._publish("train", state.global_step, images, heatmaps)
+        if control.should_log and self.penalties.logs and self._publishers:
+            scalars = self.penalties.scalars()
+            if scalars:
+                self._publishers["train"].log_scalars(scalars, state.global_step)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.close()
+
+    # evaluation events --------------------------------------------------------------------
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._eval_open:
+            self.engine.end_eval_batch()
+            self._eval_open = False
+        self._eval_index += 1
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        captured = self._eval_captured and self.engine.capture is not None
+        self._eval_index, self._eval_captured = 0, False
+        if captured:
+            self._publish("val", state.global_step, True, self.options.heatmaps is not None)
+
+    def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._eval_index, self._eval_captured = 0, False  # not published: the next evaluation starts afresh
+
+    # helpers ------------------------------------------------------------------------------
+    def _before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of the model: the batch is the forward's keyword arguments (positional ones without)."""
+        batch = kwargs if kwargs else args
+        try:
+            if self._train_step is not None:
+                if module.training:
+                    self.engine.start_train_batch(self._train_step, batch)
+            elif not module.training and not self._eval_open and self._eval_index < self.options.val_batches:
+                self.engine.start_eval_batch(self._eval_index, batch)
+                self._eval_open = self._eval_captured = True
+        except Exception as err:  # the monitor never stops training
+            self._warn("forward", f"attnmonitor: preparing the capture of a batch failed: {err!r}")
+
+    def _end_micro_batch(self, state: TrainerState) -> int | None:
+        """After a training micro-batch: the finished captured step (0-based), or None."""
+        self.penalties.end_batch()
+        if self.engine.capture is None:
+            return None
+        return self.engine.end_train_batch(state.global_step)
+
+    def _publish(self, stage: str, step: int, images: bool, heatmaps: bool) -> None:
+        publisher = self._publishers[stage]
+        if (images or heatmaps) and publisher.tensorboard is None:
+            self._warn(
+                "no-tensorboard",
+                "attnmonitor: images skipped: the Trainer has no TensorBoardCallback (add 'tensorboard' to `report_to`).",
+            )
+        self.engine.publish(stage, step, publisher, images=images, heatmaps=heatmaps)
+
+    def _warn(self, key: str, message: str) -> None:
+        main = self.trainer is None or self.trainer.state.is_world_process_zero
+        if main and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)

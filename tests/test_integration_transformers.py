@@ -1,0 +1,224 @@
+"""The monitor under a real Hugging Face ``Trainer`` (tiny GPT-2 and BERT from configs, CPU), against
+float64 references from the models' own eager attentions, and gradients written out by hand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+transformers = pytest.importorskip("transformers")
+
+from attnmonitor.config import MonitorOptions  # noqa: E402
+from attnmonitor.integrations.transformers import AttentionMonitorCallback, AttentionMonitorTrainer  # noqa: E402
+from tests.helpers import hf_ddp_job  # noqa: E402
+from tests.helpers.events import read_events  # noqa: E402
+from tests.helpers.hf_trainer import (  # noqa: E402
+    REGULARIZER,
+    STATISTICS,
+    Recorder,
+    arguments,
+    build,
+    concat,
+    layer_names,
+    reference_gradients,
+    reference_statistics,
+    samples,
+    tensorboard_dir,
+)
+
+HEADS = 4
+
+
+def _head_values(events, stage: str, statistic: str, layer: str, step: int, prefix: str) -> torch.Tensor:
+    """Logged per-head values ``[H]`` of one statistic and layer at ``step`` (TensorBoard tags of the Trainer's logs)."""
+    values = []
+    for head in range(HEADS):
+        scalars = events.Scalars(f"{prefix}/attn_{stage}_heads/{statistic}/{layer}/head_{head}")
+        values.append(next(e.value for e in scalars if e.step == step))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _assert_logged_equal_reference(events, stage: str, name: str, step: int, expected: dict[str, torch.Tensor], prefix: str) -> None:
+    for statistic in STATISTICS:
+        for row, layer in enumerate(layer_names(name)):
+            logged = _head_values(events, stage, statistic, layer, step, prefix)
+            torch.testing.assert_close(logged, expected[statistic][row], rtol=1e-5, atol=1e-6, msg=f"{statistic} {layer} step {step}")
+
+
+def _all_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_gpt2_statistics_at_captured_steps_equal_eager_reference_under_gradient_accumulation(tmp_path):
+    model, recorder = build("gpt2"), Recorder()
+    monitor = AttentionMonitorCallback(
+        every_n_steps=2, statistics=STATISTICS, per_head=True, heatmaps={"every_n_steps": 4, "max_tokens": 12},
+        atlas_every_n_steps=4, analyses=False, val_batches=0,
+    )
+    args = arguments(tmp_path, max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-2)
+    trainer = AttentionMonitorTrainer(model=model, args=args, train_dataset=samples("gpt2", 24), callbacks=[monitor, recorder])
+    trainer.train()
+
+    events = read_events(tensorboard_dir(trainer))
+    for step in (2, 4):  # the Trainer's steps: captures of optimizer steps 1 and 3 (0-based), both micro-batches
+        assert len(recorder.batches[step]) == 2
+        expected = reference_statistics("gpt2", recorder.weights[step], concat(recorder.batches[step]))
+        _assert_logged_equal_reference(events, "train", "gpt2", step, expected, prefix="train")
+    assert recorder.weights[4]["transformer.h.0.attn.c_attn.weight"].ne(recorder.weights[2]["transformer.h.0.attn.c_attn.weight"]).any()
+    assert sorted(e.step for e in events.Scalars("train/attn_train/entropy")) == [2, 4]
+    # the Trainer's own log history holds them too, at its steps
+    history = [entry for entry in trainer.state.log_history if "attn_train/entropy" in entry]
+    assert [entry["step"] for entry in history] == [2, 4]
+    assert history[-1]["attn_train/entropy"] == pytest.approx(events.Scalars("train/attn_train/entropy")[-1].value, rel=1e-6)
+    # figures through the TensorBoardCallback's writer, at its step
+    assert [e.step for e in events.Images("attn_train/heatmap/transformer.h.0.attn")] == [4]
+    assert [e.step for e in events.Images("attn_train/atlas/entropy")] == [4]
+    # hooks removed after train(), the interceptor gone
+    assert _all_hooks(model) == 0 and monitor.engine.capture is None
+
+
+def test_bert_evaluation_probe_with_padding_equals_eager_reference(tmp_path):
+    model, recorder = build("bert"), Recorder()
+    monitor = AttentionMonitorCallback(
+        every_n_steps=1, statistics=STATISTICS, per_head=True, val_batches=1, heatmaps={"every_n_steps": None, "max_tokens": 12},
+        atlas_every_n_steps=100, analyses=False,
+    )
+    args = arguments(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, learning_rate=1e-2)
+    data = samples("bert", 12)
+    trainer = AttentionMonitorTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:6], callbacks=[monitor, recorder])
+    trainer.train()
+
+    events = read_events(tensorboard_dir(trainer))
+    batch = recorder.eval_batches[2]
+    assert batch["attention_mask"].sum(1).tolist() == [2, 7, 12]  # the first evaluation batch, padded on the right
+    expected = reference_statistics("bert", recorder.eval_weights[2], batch)
+    _assert_logged_equal_reference(events, "val", "bert", 2, expected, prefix="eval")
+    step1 = reference_statistics("bert", recorder.weights[1], concat(recorder.batches[1]))
+    _assert_logged_equal_reference(events, "train", "bert", 1, step1, prefix="train")
+    assert any("eval_attn_val/entropy" in entry and entry["step"] == 2 for entry in trainer.state.log_history)
+    images = events.Tags()["images"]
+    assert "attn_val/atlas/entropy" in images and "attn_val/heatmap/bert.encoder.layer.0.attention.self" in images
+    assert "attn_val/table/text_summary" in events.Tags()["tensors"]
+    assert _all_hooks(model) == 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_regularizer_gradients_equal_hand_written_task_plus_penalty(tmp_path, name):
+    # GPT-2: the Trainer normalises the task loss over the accumulated batch (num_items_in_batch) and does not
+    # divide it by the accumulation steps; BERT (loss_is_scaled_for_ga=False): a per-batch mean it divides.
+    model, recorder = build(name, dtype=torch.float64), Recorder()
+    monitor = AttentionMonitorCallback(every_n_steps=1, regularizer=REGULARIZER, heatmaps=None, analyses=False, val_batches=0)
+    args = arguments(tmp_path, max_steps=2, gradient_accumulation_steps=2, report_to=[])
+    trainer = AttentionMonitorTrainer(model=model, args=args, train_dataset=samples(name, 12), callbacks=[monitor, recorder])
+    if name == "bert":
+        trainer.loss_is_scaled_for_ga = False
+    trainer.train()
+
+    for step in (1, 2):
+        expected = reference_gradients(name, recorder.weights[step], recorder.batches[step])
+        task_only = reference_gradients(name, recorder.weights[step], recorder.batches[step], penalty=False)
+        assert set(recorder.grads[step]) == set(expected)
+        assert max(float((expected[p] - task_only[p]).abs().max()) for p in expected) > 1e-5  # the penalty matters (100x atol)
+        for param, grad in expected.items():  # (the Trainer's causal-LM loss upcasts logits to float32 only)
+            torch.testing.assert_close(recorder.grads[step][param], grad, rtol=1e-6, atol=1e-7, msg=param)
+    logged = [entry for entry in trainer.state.log_history if "attn_reg/penalty" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2] and all(entry["attn_reg/entropy"] > 0 for entry in logged)
+
+
+def test_clipping_applies_inside_the_trainer_forward(tmp_path):
+    model, recorder = build("bert"), Recorder()
+    with torch.no_grad():  # peaked attention: without clipping, rows put most of their weight on one key
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(20)
+            layer.attention.self.key.weight.mul_(20)
+    monitor = AttentionMonitorCallback(
+        every_n_steps=1, statistics=["max_weight"], clip={"max": 0.5}, heatmaps=None, analyses=False, val_batches=0
+    )
+    trainer = AttentionMonitorTrainer(
+        model=model, args=arguments(tmp_path, max_steps=1, report_to=[], learning_rate=0.0), train_dataset=samples("bert", 6),
+        callbacks=[monitor, recorder],
+    )
+    trainer.train()
+    unclipped = reference_statistics("bert", recorder.weights[1], concat(recorder.batches[1]))["max_weight"].mean()
+    entry = next(entry for entry in trainer.state.log_history if "attn_train/max_weight" in entry)
+    assert unclipped > 0.6 and entry["attn_train/max_weight"] <= 0.5 + 1e-6  # every row has >= 2 keys: the cap is feasible
+    clipped = next(entry for entry in trainer.state.log_history if "attn_reg/clip_fraction" in entry)
+    assert 0 < clipped["attn_reg/clip_fraction"] < 1
+
+
+def test_a_plain_trainer_binds_the_monitor_and_refuses_a_regularizer(tmp_path):
+    args = arguments(tmp_path, max_steps=1, report_to=[])
+    data = samples("gpt2", 6)
+    with pytest.raises(ValueError, match="AttentionMonitorMixin"):
+        AttentionMonitorCallback(regularizer=REGULARIZER).bind(transformers.Trainer(model=build("gpt2"), args=args, train_dataset=data))
+    with pytest.raises(ValueError, match="transformers.Trainer"):
+        AttentionMonitorCallback().bind(object())  # type: ignore[arg-type]
+
+    unbound = transformers.Trainer(model=build("gpt2"), args=args, train_dataset=data, callbacks=[AttentionMonitorCallback()])
+    with pytest.raises(RuntimeError, match="not bound"):
+        unbound.train()
+
+    model = build("gpt2")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    monitor = AttentionMonitorCallback(MonitorOptions(every_n_steps=1, heatmaps=None, analyses=False)).bind(trainer)
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.index("AttentionMonitorCallback") == names.index("DefaultFlowCallback") + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no images requested: no warning about TensorBoard
+        trainer.train()
+    assert any("attn_train/entropy" in entry for entry in trainer.state.log_history)
+    assert monitor.engine.capture is None and _all_hooks(model) == 0
+
+
+def test_hooks_are_removed_when_training_fails(tmp_path):
+    model = build("gpt2")
+
+    class Boom(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    monitor = AttentionMonitorCallback(every_n_steps=1, heatmaps=None, analyses=False)
+    trainer = AttentionMonitorTrainer(
+        model=model, args=arguments(tmp_path, max_steps=3, report_to=[]), train_dataset=samples("gpt2", 9), callbacks=[monitor, Boom()]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert monitor.engine.capture is None and _all_hooks(model) == 0
+
+
+def test_targets_matching_no_module_fail_before_the_first_step(tmp_path):
+    monitor = AttentionMonitorCallback(targets=r"nothing\.here")
+    trainer = AttentionMonitorTrainer(
+        model=build("gpt2"), args=arguments(tmp_path, max_steps=1, report_to=[]), train_dataset=samples("gpt2", 3), callbacks=[monitor]
+    )
+    with pytest.raises(ValueError, match="targets"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", hf_ddp_job.__file__, str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    assert len(runs) == 1, runs  # only the main process writes
+    events = read_events(runs.pop())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(rank["world_size"] == 2 for rank in ranks)
+    weights = build("gpt2").state_dict()  # step 1 starts from the initial weights on both ranks
+    train = concat([batch for rank in ranks for batch in rank["train"]])
+    assert len(train["input_ids"]) == 2 * hf_ddp_job.BATCH  # two different halves of the global batch
+    assert len({tuple(rank["train"][0]["input_ids"][0].tolist()) for rank in ranks}) == 2
+    _assert_logged_equal_reference(events, "train", "gpt2", 1, reference_statistics("gpt2", weights, train), prefix="train")
+    evaluation = concat([rank["eval"] for rank in ranks])
+    trained = ranks[0]["eval_weights"]
+    _assert_logged_equal_reference(events, "val", "gpt2", 1, reference_statistics("gpt2", trained, evaluation), prefix="eval")

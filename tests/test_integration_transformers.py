@@ -206,7 +206,7 @@ def test_targets_matching_no_module_fail_before_the_first_step(tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", hf_ddp_job.__file__, str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", hf_ddp_job.__file__, str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-4000:]
     runs = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
@@ -220,5 +220,6 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     assert len({tuple(rank["train"][0]["input_ids"][0].tolist()) for rank in ranks}) == 2
     _assert_logged_equal_reference(events, "train", "gpt2", 1, reference_statistics("gpt2", weights, train), prefix="train")
     evaluation = concat([rank["eval"] for rank in ranks])
+    assert not torch.equal(ranks[0]["eval"]["input_ids"], ranks[1]["eval"]["input_ids"])  # the evaluation set is sharded
     trained = ranks[0]["eval_weights"]
     _assert_logged_equal_reference(events, "val", "gpt2", 1, reference_statistics("gpt2", trained, evaluation), prefix="eval")

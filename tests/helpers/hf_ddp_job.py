@@ -32,7 +32,7 @@ def main(output: str) -> None:
     recorder = Recorder()
     args = arguments(
         output, max_steps=1, eval_strategy="steps", eval_steps=1, per_device_train_batch_size=BATCH,
-        per_device_eval_batch_size=BATCH, learning_rate=1e-2, ddp_backend="gloo",
+        per_device_eval_batch_size=BATCH, learning_rate=1e-2, ddp_backend="gloo", ddp_find_unused_parameters=False,
     )
     data = samples("gpt2", 24)
     trainer = AttentionMonitorTrainer(

@@ -3,6 +3,7 @@ float64 references from the models' own eager attentions, and gradients written 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -223,3 +224,13 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     assert not torch.equal(ranks[0]["eval"]["input_ids"], ranks[1]["eval"]["input_ids"])  # the evaluation set is sharded
     trained = ranks[0]["eval_weights"]
     _assert_logged_equal_reference(events, "val", "gpt2", 1, reference_statistics("gpt2", trained, evaluation), prefix="eval")
+
+
+def test_the_hf_trainer_example_runs(tmp_path):
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", Path(__file__).parents[1] / "examples" / "hf_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main(["--max-steps", "4", "--every-n-steps", "2", "--batch-size", "4", "--output-dir", str(tmp_path)])
+    assert [entry["step"] for entry in trainer.state.log_history if "attn_train/entropy" in entry] == [2, 4]
+    events = read_events(tensorboard_dir(trainer))
+    assert [e.step for e in events.Scalars("train/attn_train/entropy")] == [2, 4]

@@ -94,7 +94,6 @@ class AttentionMonitorCallback(TrainerCallback):
         self._train_step: int | None = None  # optimizer step whose micro-batches are running
         self._eval_index = 0  # batches of the evaluation running
         self._eval_open = False  # an evaluation batch is being captured
-        self._eval_captured = False  # this evaluation captured something
         self._warned: set[str] = set()
 
     def bind(self, trainer: Trainer) -> AttentionMonitorCallback:
@@ -139,7 +138,7 @@ class AttentionMonitorCallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         self.engine.detach()
-        self._train_step, self._eval_open, self._eval_index, self._eval_captured = None, False, 0, False
+        self._train_step, self._eval_open, self._eval_index = None, False, 0
 
     # training events ----------------------------------------------------------------------
     def on_train_begin(
@@ -185,13 +184,12 @@ class AttentionMonitorCallback(TrainerCallback):
         self._eval_index += 1
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        captured = self._eval_captured and self.engine.capture is not None
-        self._eval_index, self._eval_captured = 0, False
-        if captured:
+        self._eval_index = 0
+        if self.engine.capture is not None and self.options.val_batches:  # every process: the reduction is collective
             self._publish("val", state.global_step, True, self.options.heatmaps is not None)
 
     def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._eval_index, self._eval_captured = 0, False  # not published: the next evaluation starts afresh
+        self._eval_index = 0  # not published: the next evaluation starts afresh
 
     # helpers ------------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -203,7 +201,7 @@ class AttentionMonitorCallback(TrainerCallback):
                     self.engine.start_train_batch(self._train_step, batch)
             elif not module.training and not self._eval_open and self._eval_index < self.options.val_batches:
                 self.engine.start_eval_batch(self._eval_index, batch)
-                self._eval_open = self._eval_captured = True
+                self._eval_open = True
         except Exception as err:  # the monitor never stops training
             self._warn("forward", f"attnmonitor: preparing the capture of a batch failed: {err!r}")
 

@@ -12,18 +12,25 @@ WARMUP_STEPS = 20
 
 
 class StepTimer(L.Callback):
-    """Wall time from the start of step ``WARMUP_STEPS`` to the end of training."""
+    """Wall-clock start of every training batch, and the end of training."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
-        if trainer.global_step == WARMUP_STEPS and not hasattr(self, "start"):
-            self.start = time.perf_counter()
+        self.starts.append(time.perf_counter())
 
     def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
-        self.seconds = time.perf_counter() - self.start
+        self.starts.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        """Seconds of each step (from its start to the next one's: its callbacks included)."""
+        return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
 
 
-def seconds_per_step(model: L.LightningModule, datamodule: L.LightningDataModule, steps: int, callbacks: list) -> float:
-    """Train ``model`` for ``steps`` optimizer steps (TensorBoard logs in a temporary folder)."""
+def step_durations(model: L.LightningModule, datamodule: L.LightningDataModule, steps: int, callbacks: list) -> list[float]:
+    """Seconds of each optimizer step of ``model`` trained ``steps`` steps (TensorBoard logs in a
+    temporary folder)."""
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as logs:
         trainer = L.Trainer(
@@ -36,4 +43,10 @@ def seconds_per_step(model: L.LightningModule, datamodule: L.LightningDataModule
             enable_model_summary=False,
         )
         trainer.fit(model, datamodule=datamodule)
-    return timer.seconds / (steps - WARMUP_STEPS)
+    return timer.durations()
+
+
+def seconds_per_step(model: L.LightningModule, datamodule: L.LightningDataModule, steps: int, callbacks: list) -> float:
+    """Mean seconds per optimizer step after ``WARMUP_STEPS`` (see :func:`step_durations`)."""
+    durations = step_durations(model, datamodule, steps, callbacks)[WARMUP_STEPS:]
+    return sum(durations) / len(durations)

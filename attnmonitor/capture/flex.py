@@ -57,6 +57,9 @@ class FlexSite:
     namespace: dict[str, Any] = field(repr=False)
     name: str
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FlexSite:
+        return self  # a module's globals: shared, never copied (a deep copy of a hooked model reaches it)
+
     def bound(self) -> Any:
         value = self.namespace.get(self.name)
         if self.name == _HF_NAME or is_flex(value):

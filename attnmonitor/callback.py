@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -16,7 +17,7 @@ from attnmonitor.config import MonitorOptions, as_options
 from attnmonitor.engine import MonitorEngine
 from attnmonitor.regularization.lightning import LossInjection
 from attnmonitor.tensorboard import tags
-from attnmonitor.tensorboard.writer import write_hparams
+from attnmonitor.tensorboard.writer import write_hparams, write_scalars
 
 
 class AttentionMonitor(Callback):
@@ -164,7 +165,11 @@ class LightningPublisher:
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         for logger in self.trainer.loggers:
-            logger.log_metrics(scalars, step=step)
+            if isinstance(logger, TensorBoardLogger):  # one event for all of them (its prefix applied)
+                if self.trainer.is_global_zero:
+                    write_scalars(logger.experiment, _add_prefix(scalars, logger._prefix, logger.LOGGER_JOIN_CHAR), step)
+            else:
+                logger.log_metrics(scalars, step=step)
 
 
 class AttentionProgressBar(TQDMProgressBar):

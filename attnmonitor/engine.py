@@ -97,6 +97,8 @@ class MonitorEngine:
         self.options = options
         self.regularizer = AttentionRegularizer(options.regularizer, options.clip)
         self.capture: AttentionCapture | None = None
+        self._example_tokens = options.heatmaps.max_tokens if options.heatmaps is not None else 0
+        """Tokens of the examples kept on the captures that draw heatmaps or analyses (0: none)."""
         self.layers: list[str] = []
         """Layers captured so far (on any process), in forward order."""
         self.stages = {stage: StageData(StatisticsAccumulator(options.statistics)) for stage in STAGES}
@@ -108,6 +110,7 @@ class MonitorEngine:
         """Draws and writes figures off the training thread."""
         self._window_step: int | None = None  # optimizer step being captured
         self._roles: dict[str, Tensor] = {}
+        self._states: dict[str, AttentionStatistics] = {}  # per stage, reused while the layer grid keeps its shape
         self._warned: set[str] = set()
 
     # lifecycle ----------------------------------------------------------------------------
@@ -120,7 +123,7 @@ class MonitorEngine:
         options = self.options
         capture = AttentionCapture(
             model, options.targets, statistics=options.statistics,
-            example_tokens=options.heatmaps.max_tokens if options.heatmaps is not None else 0,
+            example_tokens=self._example_tokens,
             regularizer=self.regularizer if self.regularizer.active else None, pool_shared=options.pool_shared,
             memory_budget_mb=options.memory_budget_mb, sink_tokens=options.sink_tokens,
             sparsity_eps=options.sparsity_eps, sample_rows=options.sample_rows,
@@ -158,6 +161,8 @@ class MonitorEngine:
             capture.enabled = False  # the regularizer's state may have changed: a compiled model follows it
             return
         capture.accumulator = self.stages["train"].accumulator
+        atlases, heatmaps = self.train_images(step)
+        capture.example_tokens = self._example_tokens if heatmaps or (atlases and self.options.analyses) else 0
         if self._window_step != step:  # first micro-batch of this optimizer step
             capture.reset()
             self._window_step = step
@@ -185,6 +190,7 @@ class MonitorEngine:
             return
         capture = self._require_capture()
         capture.accumulator = self.stages["val"].accumulator
+        capture.example_tokens = self._example_tokens
         if index == 0:
             capture.reset()
             self.stages["val"].keep_ids(batch, self.options)
@@ -236,7 +242,10 @@ class MonitorEngine:
         if not any(heads.values()):
             return None
         sums, counts = accumulator.grid(heads, device=device)
-        state = AttentionStatistics(self.options.statistics, *counts.shape).to(device)
+        state = self._states.get(stage)
+        if state is None or state.counts.shape != counts.shape or state.counts.device != counts.device:
+            state = self._states[stage] = AttentionStatistics(self.options.statistics, *counts.shape).to(device)
+        state.reset()
         state.update(sums, counts)
         values, rows = state.synced()
         kinds = self._require_capture().kinds

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["import_time.py", "statistics_kernel.py", "throughput.py", "long_sequence.py", "regularizer.py"]
+SCRIPTS = ["import_time.py", "statistics_kernel.py", "throughput.py", "long_sequence.py", "regularizer.py", "flex.py"]
 
 
 def main() -> None:

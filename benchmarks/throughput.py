@@ -1,11 +1,13 @@
 """Training throughput of the demo GPT with and without the attention monitor, measured side by side.
 
-    python benchmarks/throughput.py [--steps 520] [--rounds 2] [--compiled-steps 260]
+    python benchmarks/throughput.py [--steps 150] [--rounds 5]
 
-Eager: no monitor, the monitor at its defaults, and capturing every step; the stall of the step that
-draws images (step 500: atlases, heatmaps, analyses) over the median step. Compiled
-(``Module.compile()``, inductor): no monitor, defaults, every step. Runs alternate within each round
-so that machine noise hits every configuration alike; the median per configuration is compared.
+Eager: no monitor, the monitor at its defaults (a capture every 50 steps), and capturing every step.
+Compiled (``Module.compile()``, inductor): the same three. Short runs alternate within each round so
+that machine noise (which drifts by ±10 % over seconds on a shared machine) hits every configuration
+alike; each run's mean step rate counts (captured steps included) and the median run per
+configuration is compared. Separately, the stall of a step that draws images (atlases, heatmaps,
+analyses) over the median step of its run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from common import WARMUP_STEPS, step_durations
 from attnmonitor import AttentionMonitor
 from attnmonitor.demo import CorpusDataModule, TinyGPT
 
-IMAGE_STEP = 499  # optimizer step 500 (counted from 1) publishes atlases and heatmaps at the defaults
+IMAGE_EVERY = 100  # the stall runs draw images at optimizer step 100 (index 99)
 
 Make = Callable[[], AttentionMonitor | None]
 CONFIGS: dict[str, tuple[bool, Make, float | None]] = {
@@ -45,24 +47,27 @@ def durations(steps: int, compiled: bool, make_monitor: Make, data: CorpusDataMo
     return step_durations(model, data, steps, [monitor] if monitor else [])
 
 
+def image_stall(data: CorpusDataModule) -> float:
+    """Seconds the step that draws images takes beyond the median step of its run."""
+    monitor = lambda: AttentionMonitor(atlas_every_n_steps=IMAGE_EVERY, heatmaps={"every_n_steps": IMAGE_EVERY})  # noqa: E731
+    times = durations(IMAGE_EVERY + 20, False, monitor, data)
+    return times[IMAGE_EVERY - 1] - statistics.median(times[WARMUP_STEPS:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=520)  # includes the image step 500
-    parser.add_argument("--compiled-steps", type=int, default=260)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     data = CorpusDataModule()
     rates: dict[str, list[float]] = {name: [] for name in CONFIGS}
     stalls: list[float] = []
     for _ in range(args.rounds):
         for name, (compiled, make, _) in CONFIGS.items():
-            times = durations(args.compiled_steps if compiled else args.steps, compiled, make, data)
-            timed = times[WARMUP_STEPS:]
+            timed = durations(args.steps, compiled, make, data)[WARMUP_STEPS:]
             rates[name].append(len(timed) / sum(timed))
-            if name == "monitor, defaults":
-                stalls.append(times[IMAGE_STEP] - statistics.median(timed))
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} eager / {args.compiled_steps} "
-          f"compiled steps x {args.rounds} rounds")
+        stalls.append(image_stall(data))
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds")
     print(f"{'configuration':<22} {'steps/s':>8} {'ratio':>6} {'target':>7}  result")
     for name, (compiled, _, target) in CONFIGS.items():
         rate = statistics.median(rates[name])

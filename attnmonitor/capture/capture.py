@@ -296,7 +296,7 @@ class AttentionCapture:
             record.call, statistics=statistics, sink_tokens=self.sink_tokens, sparsity_eps=self.sparsity_eps,
             budget_bytes=self.budget_bytes, rows=_sampled_rows(lq, self.sample_rows, self._row_generator), alignments=alignments,
         )
-        if not all(bool(torch.isfinite(s).all()) for s in result.sums.values()):
+        if result.sums and not bool(torch.isfinite(torch.stack(list(result.sums.values()))).all()):  # one sync
             self.report.skip(call.layer, "its attention contains NaN or inf")
             return
         if result.alignment is not None:

@@ -151,8 +151,9 @@ def qk_chunks(
     step = rows_per_chunk(index.numel(), q.shape[:-2].numel() * lk, budget_bytes)
     for start in range(0, index.numel(), step):
         stop = min(index.numel(), start + step)
-        logits = (q[..., start:stop, :].to(dtype) * scale) @ keys_t  # [B, H, r, Lk]
+        logits = q[..., start:stop, :].to(dtype) @ keys_t  # [B, H, r, Lk]
         in_place = not logits.requires_grad  # one full-size tensor fewer when no gradient is needed
+        logits = logits.mul_(scale) if in_place else logits * scale
         mask = _row_slice(additive, start, stop, -2)
         if mask is not None:
             logits = logits.add_(mask.to(dtype)) if in_place else logits + mask.to(dtype)
@@ -161,15 +162,14 @@ def qk_chunks(
             logits = score_mod(logits, index[start:stop]).to(dtype)
             modified = key_valid_from_logits(logits)
             valid = modified if valid is None else valid & modified
-        if valid is not None:
-            valid = valid.expand_as(logits)
-            # fully masked rows get finite logits: no NaN in values or gradients (the row never counts)
-            empty = ~valid.any(-1, keepdim=True)
-            if in_place:
-                logits = logits.masked_fill_(~valid, float("-inf")).masked_fill_(empty, 0.0)
-            else:
-                logits = logits.masked_fill(~valid, float("-inf")).masked_fill(empty, 0.0)
-        probs = logits.softmax(-1)
+        if valid is not None:  # as an additive bias at the mask's own size: far cheaper than masked_fill
+            # fully masked rows keep their finite logits: no NaN in values or gradients (the row never counts)
+            blocked = ~valid & valid.any(-1, keepdim=True)
+            bias = torch.zeros(blocked.shape, dtype=dtype, device=logits.device).masked_fill_(blocked, float("-inf"))
+            logits = logits.add_(bias) if in_place else logits + bias
+        # in place when no gradient is needed (the row-wise kernel reads a row before writing it): one
+        # full-size buffer fewer
+        probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if in_place else logits.softmax(-1)
         del logits  # not alive while the consumer computes statistics
         positions = index[start:stop] + (lk - lq)
         yield Chunk(probs, valid, _row_slice(query_valid, start, stop, -1), positions, owned=not probs.requires_grad, masked=True)

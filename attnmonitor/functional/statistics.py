@@ -131,19 +131,30 @@ class RowContext:
         return self.p.gather(-1, index).squeeze(-1) * exists
 
     @cached_property
+    def scratch(self) -> Tensor:
+        """A ``[B, H, Lq, Lk]`` float32 buffer shared by the statistics that need one full-size
+        temporary (a fresh large allocation per statistic costs page faults on CPU)."""
+        return torch.empty_like(self.p)
+
+    @cached_property
     def entropy(self) -> Tensor:
-        return safe_entropy(self.p)  # [B, H, Lq]
+        return safe_entropy(self.p, out=None if self.p.requires_grad else self.scratch)  # [B, H, Lq]
 
 
-def safe_entropy(p: Tensor) -> Tensor:
+def safe_entropy(p: Tensor, out: Tensor | None = None) -> Tensor:
     """``−Σ_j p_j log p_j`` over the last dim, ``0 · log 0 = 0``, with finite values and gradients.
+
+    ``out``: a buffer shaped like ``p`` for the temporary ``p log p`` (no gradient then).
 
     Example:
         >>> safe_entropy(torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
         tensor([0.0000, 0.6931])
     """
     if not (torch.is_grad_enabled() and p.requires_grad):
-        return torch.xlogy(p, p).sum(-1).neg_() + 0.0  # xlogy(0, 0) = 0, and faster than log at 0; -0.0 -> 0.0
+        # log of the smallest normal float instead of log(0): 0 · log(tiny) = 0, and CPU log (or xlogy)
+        # at 0 and denormals is several times slower; for p < tiny the change is below p · 90
+        terms = torch.clamp_min(p, torch.finfo(p.dtype).tiny, out=out).log_().mul_(p)
+        return terms.sum(-1).neg_() + 0.0  # -0.0 -> 0.0
     safe = torch.where(p > 0, p, torch.ones_like(p))  # log(1) = 0: finite gradient (not NaN through where)
     return (p * safe.log()).sum(-1).neg() + 0.0
 
@@ -159,7 +170,7 @@ def _normalized_entropy(ctx: RowContext) -> Tensor:
 
 def _sparsity(ctx: RowContext) -> Tensor:
     threshold = ctx.sparsity_eps / ctx.n.clamp_min(1)  # [B, H, Lq]
-    below = torch.lt(ctx.p, threshold.unsqueeze(-1), out=torch.empty_like(ctx.p)).sum(-1)  # invalid keys (p = 0) too
+    below = torch.lt(ctx.p, threshold.unsqueeze(-1), out=ctx.scratch).sum(-1)  # invalid keys (p = 0) too
     invalid = ctx.probs.shape[-1] - ctx.n
     return (below - invalid) / ctx.n.clamp_min(1)
 
@@ -239,8 +250,9 @@ def row_statistics(
         raise ValueError(f"`probs` must have shape [B, H, Lq, Lk], got {tuple(probs.shape)}")
     ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite, masked, sink_keys)
     valid = ctx.valid
-    values = {name: torch.where(valid, _ROW_FUNCTIONS[name](ctx), 0.0) for name in statistics}
-    return values, valid
+    names = list(statistics)
+    rows = torch.stack([_ROW_FUNCTIONS[name](ctx).expand(valid.shape) for name in names])  # [S, B, H, Lq]
+    return dict(zip(names, torch.where(valid, rows, 0.0).unbind(0), strict=True)), valid
 
 
 def head_sums(values: dict[str, Tensor], valid: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -254,7 +266,11 @@ def head_sums(values: dict[str, Tensor], valid: Tensor) -> tuple[dict[str, Tenso
         ``({name: [H] float32 sum}, [H] float32 count of valid rows)``.
     """
     count = valid.sum(dim=(0, 2), dtype=torch.float32)
-    return {name: (v * valid).sum(dim=(0, 2)) for name, v in values.items()}, count
+    if not values:
+        return {}, count
+    stacked = torch.stack([v.expand(valid.shape) for v in values.values()])  # [S, B, H, Lq]: one pass for all
+    sums = torch.where(valid, stacked, 0.0).sum(dim=(1, 3), dtype=torch.float32)  # [S, H]
+    return dict(zip(values, sums.unbind(0), strict=True)), count
 
 
 def attention_statistics(

@@ -15,6 +15,15 @@ from attnmonitor.tensorboard.example import ExampleAnalysis
 from attnmonitor.tensorboard.render import attention_heatmaps, head_atlas, role_atlas, statistics_table
 
 
+def write_scalars(writer: Any, scalars: Mapping[str, float], step: int) -> None:
+    """Write ``scalars`` at ``step`` as ONE event holding every value (readers see one series per
+    tag, as with ``add_scalar``, which writes an event per scalar at several times the cost)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()])
+    writer._get_file_writer().add_summary(summary, global_step=step)
+
+
 def statistic_scalars(
     stage: str, layers: Sequence[str], values: Mapping[str, Tensor], observed: Tensor, per_head: bool = False
 ) -> dict[str, float]:

@@ -234,8 +234,8 @@ class MonitorEngine:
         self.figures.close()
 
     def _compute(self, stage: str, device: torch.device) -> tuple[dict[str, Tensor], Tensor] | None:
-        """Synced ``{statistic: [L, H]}`` means (NaN where a layer does not define a statistic) and
-        bool ``[L, H]`` observed cells; None when no process captured anything."""
+        """Synced ``{statistic: [L, H]}`` means, or maxima for ``max_logit`` (NaN where a layer does not
+        define a statistic) and bool ``[L, H]`` observed cells; None when no process captured anything."""
         accumulator = self.stages[stage].accumulator
         heads = gather_layers(accumulator.heads(), self.layers)
         self.layers = list(heads)
@@ -246,7 +246,7 @@ class MonitorEngine:
         if state is None or state.counts.shape != counts.shape or state.counts.device != counts.device:
             state = self._states[stage] = AttentionStatistics(self.options.statistics, *counts.shape).to(device)
         state.reset()
-        state.update(sums, counts)
+        state.update(sums, counts, accumulator.max_grid(heads, device=device))  # max_logit: reduced with max
         values, rows = state.synced()
         kinds = self._require_capture().kinds
         cross = torch.tensor([kinds.get(layer) == CROSS for layer in self.layers], device=rows.device)

@@ -18,7 +18,7 @@ from attnmonitor import STATISTICS, AttentionMonitor
 from attnmonitor.demo import TinyGPT
 from tests.helpers.events import read_events
 from tests.helpers.models import layer_inputs
-from tests.helpers.reference import attention_probs, head_means
+from tests.helpers.reference import attention_probs, head_max_logit, head_means
 from tests.helpers.trainer import (
     ignore_few_batches,
     ignore_no_validation_data,
@@ -51,7 +51,7 @@ def _reference(model: TinyGPT, batches) -> dict[str, torch.Tensor]:
     attns = [block.attn for block in model.blocks]
     per_layer = []
     for i, attn in enumerate(attns):
-        probs, valid = [], []
+        probs, valid, maxima = [], [], []
         for ids, _ in batches:
             x = layer_inputs(model, attns, ids)[i].double()
             b, seq, c = x.shape
@@ -60,7 +60,8 @@ def _reference(model: TinyGPT, batches) -> dict[str, torch.Tensor]:
             causal = torch.ones(seq, seq, dtype=torch.bool).tril()
             probs.append(attention_probs(q, k, causal))
             valid.append(causal.expand(b, 1, seq, seq))
-        per_layer.append(head_means(torch.cat(probs), torch.cat(valid)))
+            maxima.append(head_max_logit(q, k, causal))
+        per_layer.append({**head_means(torch.cat(probs), torch.cat(valid)), "max_logit": torch.stack(maxima).amax(0)})
     return {name: torch.stack([d[name] for d in per_layer]) for name in STATISTICS}
 
 
@@ -97,9 +98,10 @@ def test_training_scalars_follow_optimizer_steps_under_accumulation_and_equal_th
     expected = _reference(snapshot.model.eval(), micro_batches)
     for name in STATISTICS:
         grid = expected[name]
-        assert _scalar(events, f"attn_train/{name}")[1] == pytest.approx(float(grid.mean()), rel=1e-5, abs=1e-6)
+        reduce = torch.amax if name == "max_logit" else torch.mean  # max_logit: maxima over heads and layers
+        assert _scalar(events, f"attn_train/{name}")[1] == pytest.approx(float(reduce(grid)), rel=1e-5, abs=1e-6)
         for row, layer in enumerate(layers):
-            assert _scalar(events, f"attn_train_layers/{name}/{layer}")[1] == pytest.approx(float(grid[row].mean()), rel=1e-5, abs=1e-6)
+            assert _scalar(events, f"attn_train_layers/{name}/{layer}")[1] == pytest.approx(float(reduce(grid[row])), rel=1e-5, abs=1e-6)
     # images at step 3 (atlas and heatmap intervals of 4: steps 3, 7, ...), one atlas per statistic, one heatmap per layer
     tags = events.Tags()
     assert {f"attn_train/atlas/{n}" for n in STATISTICS} - {"attn_train/atlas/next_token_weight"} <= set(tags["images"])
@@ -129,7 +131,8 @@ def test_validation_example_equals_reference_and_sanity_check_is_skipped(tmp_pat
     # logged at step 2, where Lightning logs the validation run's own metrics
     assert [e.step for e in events.Scalars("val/loss")] == [2]
     for name in STATISTICS:
-        assert _scalar(events, f"attn_val/{name}") == {2: pytest.approx(float(expected[name].mean()), rel=1e-5, abs=1e-6)}
+        reduce = torch.amax if name == "max_logit" else torch.mean
+        assert _scalar(events, f"attn_val/{name}") == {2: pytest.approx(float(reduce(expected[name])), rel=1e-5, abs=1e-6)}
     assert [e.step for e in events.Images("attn_val/heatmap/blocks.1.attn")] == [2]
     assert [e.step for e in events.Images("attn_val/atlas/sink_mass")] == [2]
 

@@ -11,7 +11,7 @@ from attnmonitor import AttentionCapture
 from attnmonitor.functional.fused import FUSED_STATISTICS
 from attnmonitor.functional.statistics import POSITION_STATISTICS
 from tests.helpers.models import EagerAttention, SdpaAttention, TinyTransformer, layer_inputs, qk64
-from tests.helpers.reference import assert_stats_close, attention_probs, head_means
+from tests.helpers.reference import assert_stats_close, attention_probs, head_max_logit, head_means
 
 
 def _padded_batch(vocab: int = 50, b: int = 4, seq: int = 8):
@@ -34,7 +34,8 @@ def _reference(model: TinyTransformer, ids, mask, causal: bool, scale=None):
     out = []
     for layer, x in zip(model.layers, inputs, strict=True):
         q, k = qk64(layer, x)
-        out.append(head_means(attention_probs(q, k, key_valid, scale), key_valid, query_valid))
+        means = head_means(attention_probs(q, k, key_valid, scale), key_valid, query_valid)
+        out.append({**means, "max_logit": head_max_logit(q, k, key_valid, query_valid, scale)})
     return out
 
 
@@ -78,6 +79,7 @@ def test_additive_float_mask_and_explicit_query_mask():
     q, k = qk64(layer, x)
     key_valid = keep[:, None, None, :]
     expected = head_means(attention_probs(q, k, key_valid), key_valid, keep[:, None, :])
+    expected["max_logit"] = head_max_logit(q, k, key_valid, keep[:, None, :])
     assert_stats_close({n: v[0] for n, v in cap.stats().items()}, expected)
 
 
@@ -110,7 +112,8 @@ def _mha_reference(mha: nn.MultiheadAttention, query, key, key_valid, query_vali
     e, h = mha.embed_dim, mha.num_heads
     q = (query.double() @ w[:e].T + bias[:e]).view(query.shape[0], -1, h, e // h).transpose(1, 2)
     k = (key.double() @ w[e : 2 * e].T + bias[e : 2 * e]).view(key.shape[0], -1, h, e // h).transpose(1, 2)
-    return head_means(attention_probs(q, k, key_valid), key_valid, query_valid)
+    means = head_means(attention_probs(q, k, key_valid), key_valid, query_valid)
+    return {**means, "max_logit": head_max_logit(q, k, key_valid, query_valid)}
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -304,7 +307,10 @@ def test_fused_path_statistics_of_an_sdpa_model_match_the_reference():
         model(ids)
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
     inputs = layer_inputs(model, list(model.layers), ids)
-    expected = [head_means(attention_probs(*qk64(layer, x), causal), causal) for layer, x in zip(model.layers, inputs, strict=True)]
+    expected = [
+        {**head_means(attention_probs(*qk64(layer, x), causal), causal), "max_logit": head_max_logit(*qk64(layer, x), causal)}
+        for layer, x in zip(model.layers, inputs, strict=True)
+    ]
     assert_stats_close(cap.stats(), {n: torch.stack([e[n] for e in expected]) for n in names}, rtol=1e-4, atol=1e-5)
 
 

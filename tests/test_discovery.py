@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from attnmonitor import AttentionCapture
 from tests.helpers.models import layer_inputs
-from tests.helpers.reference import assert_stats_close, attention_probs, head_means
+from tests.helpers.reference import assert_stats_close, attention_probs, head_max_logit, head_means
 
 
 class GQA(nn.Module):
@@ -96,7 +96,8 @@ def _reference(layer: GQA, x: Tensor, causal: bool) -> dict[str, Tensor]:
     valid = torch.ones(seq, seq, dtype=torch.bool)
     if causal:
         valid = valid.tril()
-    return head_means(attention_probs(q, k, valid[None, None]), valid[None, None])
+    means = head_means(attention_probs(q, k, valid[None, None]), valid[None, None])
+    return {**means, "max_logit": head_max_logit(q, k, valid[None, None])}
 
 
 def test_attention_modules_are_found_by_what_they_compute_not_by_their_names():
@@ -144,6 +145,7 @@ def test_a_shared_module_is_reported_per_call_position_or_pooled_on_request():
         model(x)
     assert pooled.layers == ["attn"]
     mean = {name: sum(r[name] for r in expected) / 3 for name in expected[0]}  # equal rows per call
+    mean["max_logit"] = torch.stack([r["max_logit"] for r in expected]).amax(0)  # a maximum, not a mean
     assert_stats_close(pooled.layer_stats()["attn"], mean)
 
 

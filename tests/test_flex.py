@@ -97,7 +97,9 @@ def reference(layer: FlexSelfAttention, x: Tensor, score: str, mask: str) -> dic
     logits = reference_scores(q @ k.transpose(-1, -2) / math.sqrt(layer.head_dim), score)
     key_valid, sink = reference_masks(mask)
     probs = logits.masked_fill(~key_valid[:, None], -math.inf).softmax(-1)
-    return means(*statistic_sums(RefLayer("flex", "self", probs, key_valid, key_valid.any(-1), sink)))
+    expected = means(*statistic_sums(RefLayer("flex", "self", probs, key_valid, key_valid.any(-1), sink)))
+    expected["max_logit"] = logits.masked_fill(~key_valid[:, None], -math.inf).amax(dim=(0, 2, 3))  # of the modified scores
+    return expected
 
 
 def assert_matches(cap: AttentionCapture, expected: dict[str, Tensor], layer: str = "FlexSelfAttention") -> None:

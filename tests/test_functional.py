@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attnmonitor.functional import (
+    ROW_STATISTICS,
     STATISTICS,
     attention_statistics,
     check_statistics,
@@ -35,7 +36,8 @@ def _masked_case(seed: int = 0):
 
 
 def test_names_match_reference():
-    assert STATISTICS == NAMES
+    assert ROW_STATISTICS == NAMES  # max_logit, from the logits, is tested in test_max_logit.py
+    assert STATISTICS == (*NAMES, "max_logit")
 
 
 def test_every_statistic_matches_float64_reference_under_masks():
@@ -76,7 +78,7 @@ def test_chunked_probabilities_equal_materialised():
     probs, key_valid, query_valid = _masked_case(3)
     full = chunked_head_sums(probability_chunks(probs, key_valid, query_valid, budget_bytes=1 << 30))
     small = chunked_head_sums(probability_chunks(probs, key_valid, query_valid, budget_bytes=1))  # 1 row a chunk
-    for name in STATISTICS:
+    for name in ROW_STATISTICS:
         torch.testing.assert_close(small[0][name], full[0][name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(small[1], full[1])
 
@@ -115,7 +117,7 @@ def test_rejects_wrong_rank():
 
 # the fused path ---------------------------------------------------------------------------------
 
-FUSED = sorted(FUSED_STATISTICS)
+FUSED = sorted(FUSED_STATISTICS - {"max_logit"})  # max_logit: a pass of chunked logit maxima (test_max_logit.py)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +167,7 @@ def test_sampled_rows_equal_the_full_evaluation_restricted_to_those_rows():
     restricted = chunked_head_sums(qk_chunks(q, k, None, True, None, only.view(1, 1, 12)))
     probs = attention_probs(q, k, torch.ones(12, 12, dtype=torch.bool).tril()).float()
     from_probs = chunked_head_sums(probability_chunks(probs, torch.ones(12, 12, dtype=torch.bool).tril(), rows=rows))
-    for name in STATISTICS:
+    for name in ROW_STATISTICS:
         torch.testing.assert_close(sampled[0][name], restricted[0][name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(from_probs[0][name], restricted[0][name], rtol=1e-5, atol=1e-5)
     assert sampled[1].tolist() == [8.0, 8.0, 8.0]

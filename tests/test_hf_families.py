@@ -30,7 +30,10 @@ from tests.helpers import hf_families as hf  # noqa: E402
 
 IMPLS = ("eager", "sdpa")
 RTOL, ATOL = 1e-5, 1e-6  # float32 capture vs float64 reference of float32 probabilities: no family (ALiBi ones included) needs more
-EXPECTED_STATISTICS = {"self": set(hf.ALL_STATISTICS), "cross": set(hf.CROSS_STATISTICS)}
+EXPECTED_STATISTICS = {"self": {*hf.ALL_STATISTICS, "max_logit"}, "cross": {*hf.CROSS_STATISTICS, "max_logit"}}
+"""``max_logit`` needs the logits, which the eager probabilities of the reference do not give: here it is
+only required finite on every head; ``test_max_logit_eager_equals_sdpa`` compares the two
+implementations' logits (eager: the softmax input; SDPA: recomputed from q, k and the mask)."""
 
 
 def family_params(names: Iterable[str], impls: Iterable[str] = IMPLS) -> list:
@@ -104,7 +107,9 @@ def capture_problems(cap: AttentionCapture, kinds: dict[str, str], reference: di
         wanted = EXPECTED_STATISTICS[kind]
         if set(got) != wanted:
             problems.append(f"{layer} ({kind}): statistics {sorted(got)}, expected {sorted(wanted)}")
-        for statistic in sorted(wanted & set(got)):
+        if "max_logit" in got and not bool(torch.isfinite(got["max_logit"]).all()):
+            problems.append(f"{layer} max_logit: got {_fmt(got['max_logit'])}, expected finite values")
+        for statistic in sorted(wanted & set(got) & set(reference[layer])):
             value, want = got[statistic].detach().double().cpu(), reference[layer][statistic]
             try:
                 torch.testing.assert_close(value, want, rtol=RTOL, atol=ATOL)
@@ -243,3 +248,23 @@ def test_capture_flex_attention_equals_the_eager_model(name, scenario):
     """``attn_implementation="flex_attention"``: padding (BlockMask), packed documents and grouped-query
     heads, against the same weights under eager attention."""
     check_capture(SCENARIOS[scenario](name, "flex_attention"))
+
+
+MAX_LOGIT_FAMILIES = ["bert", "modernbert", "gpt2", "llama-gqa", "mistral-window", "t5", "bart", "whisper", "vit", "clip"]
+"""Relative-position bias (T5), sliding windows, GQA, cross-attention, vision and two towers (Falcon is left
+out: its eager path adds ALiBi twice, so its two implementations' logits differ by design)."""
+
+
+@pytest.mark.parametrize("name", MAX_LOGIT_FAMILIES)
+def test_max_logit_eager_equals_sdpa(name):
+    """``max_logit`` of the eager implementation (the softmax's input, HF's additive masks and biases
+    included) equals that of SDPA (recomputed by the capture from q, k and the mask), head by head."""
+    results = []
+    for impl in IMPLS:
+        cap, _ = capture(hf.padded_case(name, impl))
+        results.append({layer: stats["max_logit"] for layer, stats in cap.layer_stats().items()})
+    eager, sdpa = results
+    assert list(eager) == list(sdpa)
+    for layer in eager:
+        assert bool(torch.isfinite(eager[layer]).all()), layer
+        torch.testing.assert_close(sdpa[layer], eager[layer], rtol=1e-4, atol=1e-4, msg=layer)

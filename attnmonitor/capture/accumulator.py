@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnmonitor.functional.statistics import mean_from_sums
+from attnmonitor.functional.statistics import MAX_STATISTICS, max_from_maxima, mean_from_sums
 
 
 @dataclass
@@ -35,7 +35,8 @@ class Example:
 
 
 class StatisticsAccumulator:
-    """Per-head sums and valid-row counts by layer, in the order layers were first seen.
+    """Per-head sums, maxima (statistics reduced with max: ``max_logit``) and valid-row counts by
+    layer, in the order layers were first seen.
 
     Args:
         statistics: the statistic names accumulated.
@@ -43,11 +44,17 @@ class StatisticsAccumulator:
 
     def __init__(self, statistics: Sequence[str]) -> None:
         self.statistics = tuple(statistics)
+        self.averaged = tuple(name for name in self.statistics if name not in MAX_STATISTICS)
+        """Statistics averaged over valid rows (the rows of :meth:`grid`)."""
+        self.maxed = tuple(name for name in self.statistics if name in MAX_STATISTICS)
+        """Statistics reduced with max (the rows of :meth:`max_grid`)."""
         self.reset()
 
     def reset(self) -> None:
         """Forget everything."""
         self.sums: dict[str, dict[str, Tensor]] = {}
+        self.maxima: dict[str, dict[str, Tensor]] = {}
+        """``{layer: {statistic: [H]}}`` running maxima (``-inf``: no value yet)."""
         self.counts: dict[str, Tensor] = {}
         self.examples: dict[str, Example] = {}
         """``{layer: Example}`` (see :class:`Example`)."""
@@ -67,44 +74,65 @@ class StatisticsAccumulator:
 
     def rename(self, old: str, new: str) -> None:
         """Rename layer ``old`` to ``new`` everywhere, keeping the order of layers."""
-        for attribute in ("sums", "counts", "examples", "alignment"):
+        for attribute in ("sums", "maxima", "counts", "examples", "alignment"):
             table = getattr(self, attribute)
             if old in table:
                 setattr(self, attribute, {new if k == old else k: v for k, v in table.items()})
 
-    def add(self, layer: str, sums: dict[str, Tensor], count: Tensor) -> str | None:
-        """Add one call's ``{statistic: [H]}`` sums and ``[H]`` count; returns why not, or None."""
-        if layer not in self.counts:
-            self.sums[layer], self.counts[layer] = sums, count
-            return None
-        if self.counts[layer].shape != count.shape:
+    def add(self, layer: str, sums: dict[str, Tensor], count: Tensor, maxima: dict[str, Tensor] | None = None) -> str | None:
+        """Add one call's ``{statistic: [H]}`` sums, ``[H]`` count and ``{statistic: [H]}`` maxima
+        (``-inf``: no value); returns why not, or None."""
+        if layer in self.counts and self.counts[layer].shape != count.shape:
             return f"it has {count.numel()} heads, earlier calls had {self.counts[layer].numel()}"
+        layer_maxima = self.maxima.setdefault(layer, {})
+        for name, m in (maxima or {}).items():
+            layer_maxima[name] = torch.maximum(layer_maxima[name], m) if name in layer_maxima else m
+        if layer not in self.counts:
+            self.sums[layer], self.counts[layer] = dict(sums), count
+            return None
         self.counts[layer] = self.counts[layer] + count
         for name, s in sums.items():
-            self.sums[layer][name] = self.sums[layer][name] + s
+            self.sums[layer][name] = self.sums[layer][name] + s if name in self.sums[layer] else s
         return None
 
     def layer_means(self) -> dict[str, dict[str, Tensor]]:
-        """``{layer: {statistic: [H]}}`` means."""
+        """``{layer: {statistic: [H]}}`` means, and maxima of the statistics reduced with max (NaN for a
+        head with no value: a call whose logits were unknown)."""
         return {
-            layer: {name: mean_from_sums(s, self.counts[layer]) for name, s in sums.items()}
+            layer: {
+                **{name: mean_from_sums(s, self.counts[layer]) for name, s in sums.items()},
+                **{name: max_from_maxima(m, self.counts[layer]) for name, m in self.maxima.get(layer, {}).items()},
+            }
             for layer, sums in self.sums.items()
         }
 
     def grid(self, heads: dict[str, int], device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-        """``[S, L, H]`` sums and ``[L, H]`` counts, rows in the order of ``heads`` (``{layer: H_l}``).
+        """``[S, L, H]`` sums of the averaged statistics (:attr:`averaged`) and ``[L, H]`` counts, rows
+        in the order of ``heads`` (``{layer: H_l}``).
 
         Layers not seen here (and heads a layer lacks) have count 0, so a process that captured
         nothing still takes part in a distributed reduction with the right shapes.
         """
         width = max(heads.values(), default=0)
-        sums = torch.zeros(len(self.statistics), len(heads), width, device=device)
+        sums = torch.zeros(len(self.averaged), len(heads), width, device=device)
         counts = torch.zeros(len(heads), width, device=device)
         for row, layer in enumerate(heads):
             if layer in self.counts:
                 h = self.counts[layer].numel()
                 counts[row, :h] = self.counts[layer]
-                for index, name in enumerate(self.statistics):
+                for index, name in enumerate(self.averaged):
                     if name in self.sums[layer]:  # a cross-attention layer lacks position statistics
                         sums[index, row, :h] = self.sums[layer][name]
         return sums, counts
+
+    def max_grid(self, heads: dict[str, int], device: torch.device | None = None) -> Tensor:
+        """``[M, L, H]`` maxima of the statistics reduced with max (:attr:`maxed`), ``-inf`` where
+        nothing was seen (layers and heads as :meth:`grid`)."""
+        width = max(heads.values(), default=0)
+        maxima = torch.full((len(self.maxed), len(heads), width), float("-inf"), device=device)
+        for row, layer in enumerate(heads):
+            for index, name in enumerate(self.maxed):
+                m = self.maxima.get(layer, {}).get(name)
+                if m is not None:
+                    maxima[index, row, : m.numel()] = m
+        return maxima

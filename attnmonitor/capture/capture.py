@@ -19,7 +19,7 @@ from attnmonitor.capture.records import AttentionRecord
 from attnmonitor.capture.report import CaptureReport
 from attnmonitor.config import check_capture_options, check_int
 from attnmonitor.functional.evaluation import call_head_sums
-from attnmonitor.functional.statistics import POSITION_STATISTICS, STATISTICS, check_statistics
+from attnmonitor.functional.statistics import MAX_STATISTICS, POSITION_STATISTICS, STATISTICS, check_statistics
 
 _MIB = 2**20
 
@@ -138,7 +138,7 @@ class AttentionCapture:
         named = {id(m) for m in self.targets.values() if not auto or is_named_attention(m)}
         interceptor = AttentionInterceptor(
             self._consume, lambda: bool(self._hooks.running), require_scores=lambda: id(self._hooks.running[-1].module) not in named,
-            flex_sites=flex_sites(self.targets.values()),
+            flex_sites=flex_sites(self.targets.values()), logit_max=lambda: bool(MAX_STATISTICS & set(self.statistics)),
         )
         tracker = CallTracker(pool_shared, on_shared=self._split_shared)
         intercepting = lambda: self.enabled or (self.regularizer is not None and self.regularizer.active)  # noqa: E731
@@ -274,8 +274,12 @@ class AttentionCapture:
                 probs, key_valid = record.probabilities()
                 used = regularizer.apply(call.name, probs, key_valid, record.query_valid, call.training)
                 replacement = record.output(used)
+                logit_max = None  # the logits the softmax saw, before clipping
+                if self.enabled and MAX_STATISTICS & set(self.statistics):
+                    logit_max = record.call.logit_row_max(self.budget_bytes)
                 record = AttentionRecord(
-                    probs=used.detach(), key_valid=key_valid, query_valid=record.query_valid, sink_keys=record.sink_keys
+                    probs=used.detach(), key_valid=key_valid, query_valid=record.query_valid, sink_keys=record.sink_keys,
+                    logit_max=logit_max,
                 )
             if self.enabled and not in_backward():  # a checkpointing recompute is not a new forward
                 self._collect(call, record)
@@ -296,12 +300,14 @@ class AttentionCapture:
             record.call, statistics=statistics, sink_tokens=self.sink_tokens, sparsity_eps=self.sparsity_eps,
             budget_bytes=self.budget_bytes, rows=_sampled_rows(lq, self.sample_rows, self._row_generator), alignments=alignments,
         )
-        if result.sums and not bool(torch.isfinite(torch.stack(list(result.sums.values()))).all()):  # one sync
+        # -inf is a maximum's "no valid row", not an error
+        checked = [*result.sums.values(), *(m.masked_fill(m == float("-inf"), 0.0) for m in result.maxima.values())]
+        if checked and not bool(torch.isfinite(torch.stack(checked)).all()):  # one sync
             self.report.skip(call.layer, "its attention contains NaN or inf")
             return
         if result.alignment is not None:
             self.accumulator.add_alignment(call.layer, result.alignment)
-        refused = self.accumulator.add(call.layer, result.sums, result.count)
+        refused = self.accumulator.add(call.layer, result.sums, result.count, result.maxima)
         if refused:
             self.report.skip(call.layer, refused)
         elif self.example_tokens:

@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode, _pop_
 from attnmonitor.capture.flex import FlexPatch, FlexSite, flex_record
 from attnmonitor.capture.records import AttentionRecord, as_heads
 from attnmonitor.functional.chunked import key_valid_from_logits
+from attnmonitor.functional.statistics import logit_row_max
 
 _SDPA = F.scaled_dot_product_attention
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
@@ -73,10 +74,14 @@ def _sdpa_arguments(
     )
 
 
-def _softmax_record(logits: Tensor, dim: int | None, probs: Tensor, heads: int = 0) -> AttentionRecord | None:
+def _softmax_record(
+    logits: Tensor, dim: int | None, probs: Tensor, heads: int = 0, logit_max: bool = True
+) -> AttentionRecord | None:
     """A record for a softmax over the last dim of ``[B, H, Lq, Lk]`` or ``[B, Lq, Lk]``, else None.
 
     ``heads > 0`` splits a ``[B * heads, Lq, Lk]`` input (``nn.MultiheadAttention``) into heads.
+    ``logit_max``: also record each row's largest input over its valid keys (the softmax's logits,
+    biases and masks included: what ``max_logit`` reports).
     """
     if dim is None or probs.dim() not in (3, 4) or dim not in (-1, probs.dim() - 1):
         return None
@@ -85,7 +90,10 @@ def _softmax_record(logits: Tensor, dim: int | None, probs: Tensor, heads: int =
         logits = logits.reshape(-1, heads, *logits.shape[1:])
         probs = probs.reshape(-1, heads, *probs.shape[1:])
     logits, probs = as_heads(logits), as_heads(probs)
-    return AttentionRecord(probs=probs, key_valid=key_valid_from_logits(logits), out_shape=out_shape, out_dtype=out_dtype)
+    row_max = logit_row_max(logits.detach()) if logit_max else None  # [B, H, Lq]
+    return AttentionRecord(
+        probs=probs, key_valid=key_valid_from_logits(logits), out_shape=out_shape, out_dtype=out_dtype, logit_max=row_max
+    )
 
 
 def _softmax_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -120,6 +128,7 @@ class AttentionInterceptor(TorchFunctionMode):
         require_scores: whether, in the module running now, only a softmax over ``q·kᵀ``-shaped
             scores is attention (see the module's notes).
         flex_sites: the names flex attention is called through in the target modules.
+        logit_max: whether softmax records carry their rows' largest logits now (for ``max_logit``).
     """
 
     def __init__(
@@ -128,8 +137,10 @@ class AttentionInterceptor(TorchFunctionMode):
         is_recording: Callable[[], bool],
         require_scores: Callable[[], bool] = lambda: False,
         flex_sites: list[FlexSite] | None = None,
+        logit_max: Callable[[], bool] = lambda: True,
     ) -> None:
         super().__init__()
+        self._logit_max = logit_max
         self._emit = emit
         self._is_recording = is_recording
         self._require_scores = require_scores
@@ -178,7 +189,7 @@ class AttentionInterceptor(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _softmax(self, probs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], heads: int = 0) -> Tensor:
-        record = _softmax_record(args[0], _softmax_dim(args, kwargs), probs, heads)
+        record = _softmax_record(args[0], _softmax_dim(args, kwargs), probs, heads, self._logit_max())
         if record is None:
             return probs
         replaced = self._emit(record)

@@ -34,6 +34,8 @@ class AttentionRecord:
         score_mod: a flex call's score modification (its ``mask_mod`` is in ``attn_mask``).
         out_shape: shape of the intercepted call's output (SDPA output or softmax result).
         out_dtype: dtype of that output.
+        logit_max: for ``probs``: ``[B, H, Lq]`` float32 largest softmax input of each row over its
+            valid keys (``-inf``: none), for ``max_logit``; None when not recorded.
     """
 
     probs: Tensor | None = None
@@ -50,6 +52,7 @@ class AttentionRecord:
     score_mod: ScoreMod | None = None
     out_shape: tuple[int, ...] = ()
     out_dtype: torch.dtype = torch.float32
+    logit_max: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -79,7 +82,7 @@ class AttentionRecord:
         """What the statistics need of this record (see :func:`attnmonitor.functional.call_head_sums`)."""
         return AttentionCall(
             self.probs, self.key_valid, self.q, self.k, self.attn_mask, self.is_causal, self.scale,
-            self.query_valid, self.sink_keys, self.score_mod,
+            self.query_valid, self.sink_keys, self.score_mod, self.logit_max,
         )
 
     def key_mask(self) -> Tensor | None:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from attnmonitor.functional.statistics import STATISTICS, head_sums, row_statistics
+from attnmonitor.functional.statistics import ROW_STATISTICS, head_sums, row_statistics
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
 ScoreMod = Callable[[Tensor, Tensor], Tensor]
@@ -31,11 +31,12 @@ class Chunk(NamedTuple):
     positions: Tensor  # [r] key position of each row
     owned: bool = False  # probs were made here: consumers may overwrite them
     masked: bool = False  # probs are exactly 0 on invalid keys of rows with a valid key
+    logit_max: Tensor | None = None  # [B, H, r] float32 largest logit over valid keys (-inf: none)
 
 
-def rows_per_chunk(rows: int, row_elements: int, budget_bytes: int) -> int:
-    """Query rows per chunk so that ``_LIVE_COPIES`` float32 copies of a chunk fit ``budget_bytes``."""
-    per_row = max(1, row_elements) * 4 * _LIVE_COPIES
+def rows_per_chunk(rows: int, row_elements: int, budget_bytes: int, live_copies: int = _LIVE_COPIES) -> int:
+    """Query rows per chunk so that ``live_copies`` float32 copies of a chunk fit ``budget_bytes``."""
+    per_row = max(1, row_elements) * 4 * live_copies
     return max(1, min(rows, budget_bytes // per_row))
 
 
@@ -117,6 +118,7 @@ def qk_chunks(
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     rows: Tensor | None = None,
     score_mod: ScoreMod | None = None,
+    logit_max: bool = False,
 ) -> Iterator[Chunk]:
     """Recompute the probabilities of ``scaled_dot_product_attention(q, k, ...)`` by row chunks.
 
@@ -132,10 +134,83 @@ def qk_chunks(
         rows: only these query rows (``[r]`` indices), e.g. a random sample.
         score_mod: modifies the scaled logits before the mask (flex attention); keys it sets to
             ``-inf`` are invalid.
+        logit_max: also give each chunk's ``[B, H, r]`` largest logit over valid keys
+            (:attr:`Chunk.logit_max`, one more reduction of the logits before the softmax).
 
     Raises:
         ValueError: if the head counts are incompatible.
     """
+    lq, lk = q.shape[-2], k.shape[-2]
+    for logits, valid, index, chunk_query_valid in _logit_chunks(
+        q, k, attn_mask, is_causal, scale, query_valid, budget_bytes=budget_bytes, rows=rows, score_mod=score_mod
+    ):
+        in_place = not logits.requires_grad
+        # the largest logit over valid keys: blocked keys are -inf in a row with a valid key
+        row_max = _row_max(logits, valid) if logit_max else None
+        # in place when no gradient is needed (the row-wise kernel reads a row before writing it): one
+        # full-size buffer fewer
+        probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if in_place else logits.softmax(-1)
+        del logits  # not alive while the consumer computes statistics
+        positions = index + (lk - lq)
+        yield Chunk(probs, valid, chunk_query_valid, positions, owned=not probs.requires_grad, masked=True, logit_max=row_max)
+
+
+def qk_logit_max(
+    q: Tensor,
+    k: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    rows: Tensor | None = None,
+    score_mod: ScoreMod | None = None,
+) -> Tensor:
+    """Largest logit over valid keys of each query row of ``scaled_dot_product_attention(q, k, ...)``,
+    by row chunks within ``budget_bytes`` and without any softmax (arguments as :func:`qk_chunks`).
+
+    Returns:
+        ``[B, H, r]`` float32 (``r``: every query row, or ``rows``); ``-inf`` for a row with no valid key.
+
+    Example:
+        >>> q, k = torch.eye(2).view(1, 1, 2, 2), torch.eye(2).view(1, 1, 2, 2)
+        >>> qk_logit_max(q, k, is_causal=True, scale=1.0)
+        tensor([[[1., 1.]]])
+    """
+    parts = [
+        _row_max(logits, valid)
+        for logits, valid, _, _ in _logit_chunks(
+            q, k, attn_mask, is_causal, scale, None, budget_bytes=budget_bytes, rows=rows, score_mod=score_mod, live_copies=2
+        )
+    ]
+    return torch.cat(parts, -1)
+
+
+def _row_max(logits: Tensor, valid: Tensor | None) -> Tensor:
+    """``[B, H, r]`` float32 row maxima of blocked logits (see :func:`_logit_chunks`); ``-inf`` where a
+    row has no valid key (its logits were left finite)."""
+    row_max = logits.detach().amax(-1).float()  # [B, H, r]
+    if valid is None:
+        return row_max
+    return row_max.masked_fill(~valid.any(-1).expand(row_max.shape), float("-inf"))
+
+
+def _logit_chunks(
+    q: Tensor,
+    k: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    query_valid: Tensor | None,
+    *,
+    budget_bytes: int,
+    rows: Tensor | None,
+    score_mod: ScoreMod | None,
+    live_copies: int = _LIVE_COPIES,
+) -> Iterator[tuple[Tensor, Tensor | None, Tensor, Tensor | None]]:
+    """``(logits [B, H, r, Lk], key_valid, row indices [r], query_valid)`` by row chunks: the logits the
+    softmax sees (scaled, plus the additive mask and the score modification), ``-inf`` on invalid keys of
+    rows that have a valid key (fully masked rows keep finite logits: no NaN after the softmax)."""
     lq, lk, dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if q.shape[-3] != k.shape[-3]:
         if q.shape[-3] % k.shape[-3]:
@@ -148,7 +223,7 @@ def qk_chunks(
     additive = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
     dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays
     keys_t = k.to(dtype).transpose(-2, -1)  # [B, H, D, Lk]
-    step = rows_per_chunk(index.numel(), q.shape[:-2].numel() * lk, budget_bytes)
+    step = rows_per_chunk(index.numel(), q.shape[:-2].numel() * lk, budget_bytes, live_copies)
     for start in range(0, index.numel(), step):
         stop = min(index.numel(), start + step)
         logits = q[..., start:stop, :].to(dtype) @ keys_t  # [B, H, r, Lk]
@@ -167,18 +242,13 @@ def qk_chunks(
             blocked = ~valid & valid.any(-1, keepdim=True)
             bias = torch.zeros(blocked.shape, dtype=dtype, device=logits.device).masked_fill_(blocked, float("-inf"))
             logits = logits.add_(bias) if in_place else logits + bias
-        # in place when no gradient is needed (the row-wise kernel reads a row before writing it): one
-        # full-size buffer fewer
-        probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits) if in_place else logits.softmax(-1)
-        del logits  # not alive while the consumer computes statistics
-        positions = index[start:stop] + (lk - lq)
-        yield Chunk(probs, valid, _row_slice(query_valid, start, stop, -1), positions, owned=not probs.requires_grad, masked=True)
+        yield logits, valid, index[start:stop], _row_slice(query_valid, start, stop, -1)
 
 
 def chunk_head_sums(
     chunk: Chunk,
     *,
-    statistics: Sequence[str] = STATISTICS,
+    statistics: Sequence[str] = ROW_STATISTICS,
     sink_tokens: int = 1,
     sparsity_eps: float = 0.1,
     sink_keys: Tensor | None = None,

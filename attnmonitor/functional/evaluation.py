@@ -4,20 +4,25 @@ An SDPA call (``q``/``k``) whose statistics allow it takes the fused path (one e
 no probabilities: :mod:`attnmonitor.functional.fused`); every other call is evaluated from
 probabilities in chunks of query rows within a memory budget (:mod:`attnmonitor.functional.chunked`).
 Alignment counts, when asked for, come from the same chunks.
+
+``max_logit`` (reduced with max, see :data:`attnmonitor.functional.statistics.MAX_STATISTICS`) comes
+from the logits: the row maxima an eager softmax's interception recorded (every row), the chunks'
+logits before their softmax (chunked path), or one extra pass of chunked maxima of ``scale · q · kᵀ``
+without probabilities (fused path, or when it is the only statistic asked for).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from attnmonitor.functional.analyses import alignment_counts
-from attnmonitor.functional.chunked import Chunk, ScoreMod, chunk_head_sums, probability_chunks, qk_chunks
+from attnmonitor.functional.chunked import Chunk, ScoreMod, chunk_head_sums, probability_chunks, qk_chunks, qk_logit_max
 from attnmonitor.functional.fused import fused_row_statistics
-from attnmonitor.functional.statistics import head_sums
+from attnmonitor.functional.statistics import MAX_STATISTICS, head_max, head_sums, max_row_counts
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class AttentionCall:
         sink_keys: bool ``[B or 1, Lk]`` (None: the first ``sink_tokens`` keys).
         score_mod: a modification of the scaled logits (flex attention; see
             :data:`attnmonitor.functional.chunked.ScoreMod`).
+        logit_max: ``[B, H, Lq]`` float32 largest logit over the valid keys of each row of ``probs``
+            (``-inf``: no valid key), from the softmax input; None when unknown (no ``max_logit``).
     """
 
     probs: Tensor | None = None
@@ -44,9 +51,11 @@ class AttentionCall:
     query_valid: Tensor | None = None
     sink_keys: Tensor | None = None
     score_mod: ScoreMod | None = None
+    logit_max: Tensor | None = None
 
-    def chunks(self, budget_bytes: int, rows: Tensor | None = None) -> Iterator[Chunk]:
-        """Row chunks (of ``rows`` only, if given) whose temporaries fit ``budget_bytes``."""
+    def chunks(self, budget_bytes: int, rows: Tensor | None = None, logit_max: bool = False) -> Iterator[Chunk]:
+        """Row chunks (of ``rows`` only, if given) whose temporaries fit ``budget_bytes``; ``logit_max``:
+        chunks of ``q``/``k`` also carry their rows' largest logits."""
         if self.probs is not None:
             return probability_chunks(
                 self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes, masked=True, rows=rows
@@ -54,18 +63,31 @@ class AttentionCall:
         assert self.q is not None and self.k is not None
         return qk_chunks(
             self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes, rows=rows,
+            score_mod=self.score_mod, logit_max=logit_max,
+        )
+
+    def logit_row_max(self, budget_bytes: int, rows: Tensor | None = None) -> Tensor | None:
+        """``[B, H, r]`` largest logit of each row (of ``rows``, if given) over its valid keys (``-inf``:
+        none): recorded for probabilities (every row), a pass of chunked maxima for ``q``/``k``."""
+        if self.probs is not None:
+            return self.logit_max
+        assert self.q is not None and self.k is not None
+        return qk_logit_max(
+            self.q, self.k, self.attn_mask, self.is_causal, self.scale, budget_bytes=budget_bytes, rows=rows,
             score_mod=self.score_mod,
         )
 
 
 @dataclass
 class CallSums:
-    """``{statistic: [H]}`` sums over valid rows, their ``[H]`` count, and ``[correct, counted]`` alignment."""
+    """``{statistic: [H]}`` sums over valid rows, their ``[H]`` count, ``[correct, counted]`` alignment,
+    and ``{statistic: [H]}`` maxima of the statistics reduced with max (``-inf``: no valid row)."""
 
     sums: dict[str, Tensor]
     count: Tensor
     alignment: Tensor | None = None
     fused: bool = False
+    maxima: dict[str, Tensor] = field(default_factory=dict)
 
 
 def call_head_sums(
@@ -90,30 +112,68 @@ def call_head_sums(
             :func:`attnmonitor.functional.analyses.alignment_counts`.
     """
     with torch.no_grad():
+        maxed = [name for name in statistics if name in MAX_STATISTICS]
+        averaged = [name for name in statistics if name not in MAX_STATISTICS]
+        qk = call.q is not None and call.k is not None
+        if not averaged and (qk or call.logit_max is not None):  # the maxima alone: no probabilities at all
+            row_max = call.logit_row_max(budget_bytes, None if call.probs is not None else rows)
+            assert row_max is not None
+            query_valid = call.query_valid if rows is None or call.probs is not None else _rows_of(call.query_valid, rows)
+            maxima = dict.fromkeys(maxed, head_max(row_max, query_valid))
+            alignment = None
+            if alignments is not None:
+                alignment = sum(_alignment(chunk, alignments) for chunk in call.chunks(budget_bytes, rows))
+            return CallSums({}, max_row_counts(row_max, query_valid), alignment, fused=qk, maxima=maxima)
+        if not averaged:  # probabilities whose logits are unknown: their valid rows, no maximum
+            assert call.probs is not None
+            if call.key_valid is None:
+                has_key = torch.ones(call.probs.shape[:-1], dtype=torch.bool, device=call.probs.device)
+            else:
+                has_key = call.key_valid.expand_as(call.probs).any(-1)  # [B, H, Lq]
+            return CallSums({}, max_row_counts(torch.where(has_key, 0.0, float("-inf")), call.query_valid))
+        # probabilities: the maxima of the rows their softmax's input recorded (every row, even when sampled)
+        maxima = {}
+        if maxed and call.probs is not None and call.logit_max is not None:
+            maxima = dict.fromkeys(maxed, head_max(call.logit_max, call.query_valid))
         fused = None
-        if call.q is not None and call.k is not None and call.score_mod is None and rows is None:
+        if qk and call.score_mod is None and rows is None:
             fused = fused_row_statistics(
                 call.q, call.k, call.attn_mask, call.is_causal, call.scale, call.query_valid,
                 statistics=statistics, sink_tokens=sink_tokens, sink_keys=call.sink_keys, budget_bytes=budget_bytes,
             )
         if fused is not None:
             sums, count = head_sums(*fused)
+            if maxed:  # one extra pass of chunked maxima of the logits, no probabilities
+                row_max = call.logit_row_max(budget_bytes)
+                assert row_max is not None
+                maxima = dict.fromkeys(maxed, head_max(row_max, call.query_valid))
             alignment = None
             if alignments is not None:  # no probabilities on the fused path: one pass for the argmax
                 alignment = sum(_alignment(chunk, alignments) for chunk in call.chunks(budget_bytes))
-            return CallSums(sums, count, alignment, fused=True)
+            return CallSums(sums, count, alignment, fused=True, maxima=maxima)
         total: dict[str, Tensor] = {}
         count = torch.zeros(())
         alignment = torch.zeros(2) if alignments is not None else None
-        for chunk in call.chunks(budget_bytes, rows):
+        chunk_max = bool(maxed) and call.probs is None
+        for chunk in call.chunks(budget_bytes, rows, logit_max=chunk_max):
             if alignment is not None:  # before the statistics, which may overwrite the chunk
                 alignment = alignment + _alignment(chunk, alignments)
+            if chunk_max and chunk.logit_max is not None:
+                part_max = head_max(chunk.logit_max, chunk.query_valid)
+                maxima = {name: torch.maximum(maxima[name], part_max) if name in maxima else part_max for name in maxed}
             part, n = chunk_head_sums(
-                chunk, statistics=statistics, sink_tokens=sink_tokens, sparsity_eps=sparsity_eps, sink_keys=call.sink_keys
+                chunk, statistics=averaged, sink_tokens=sink_tokens, sparsity_eps=sparsity_eps, sink_keys=call.sink_keys
             )
             count = count + n
             total = {name: total.get(name, 0) + s for name, s in part.items()}
-        return CallSums(total, count, alignment)
+        return CallSums(total, count, alignment, maxima=maxima)
+
+
+def _rows_of(query_valid: Tensor | None, rows: Tensor) -> Tensor | None:
+    """Query rows ``rows`` of a mask broadcastable to ``[B, H, Lq]`` (size 1 stays)."""
+    if query_valid is None or query_valid.shape[-1] == 1:
+        return query_valid
+    return query_valid.index_select(-1, rows.to(query_valid.device))
 
 
 def _alignment(chunk: Chunk, alignments: Tensor) -> Tensor:

@@ -24,9 +24,14 @@ from attnmonitor.functional.chunked import key_valid_from_logits
 from attnmonitor.functional.statistics import _normalized_entropy_from
 
 FUSED_STATISTICS = frozenset(
-    {"entropy", "normalized_entropy", "effective_support", "sink_mass", "self_weight", "prev_token_weight", "next_token_weight", "distance"}
+    {
+        "entropy", "normalized_entropy", "effective_support", "sink_mass", "self_weight", "prev_token_weight",
+        "next_token_weight", "distance", "max_logit",
+    }
 )
-"""Statistics the fused path computes; ``max_weight`` and ``sparsity`` need the probabilities."""
+"""Statistics of the fused path; ``max_weight`` and ``sparsity`` need the probabilities. ``max_logit``
+is not computed here but by a pass of chunked maxima of the logits, without probabilities
+(:func:`attnmonitor.functional.chunked.qk_logit_max`)."""
 
 
 def fused_path_refusal(
@@ -82,7 +87,8 @@ def fused_row_statistics(
     Args:
         q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``; the rest as SDPA, plus ``query_valid``
             (bool, broadcastable to ``[B, H, Lq]``).
-        statistics: names, a subset of :data:`FUSED_STATISTICS`.
+        statistics: names, a subset of :data:`FUSED_STATISTICS` (``max_logit`` is left out of the result:
+            see :func:`attnmonitor.functional.chunked.qk_logit_max`).
         sink_keys: bool ``[B or 1, Lk]`` sink keys of each sequence (default: the first ``sink_tokens``).
         budget_bytes: a boolean mask is turned into an additive float mask only if it fits.
 
@@ -118,7 +124,7 @@ def fused_row_statistics(
         "prev_token_weight": lambda: weights.at(-1),
         "next_token_weight": lambda: weights.at(1),
     }
-    values = {name: torch.where(row_valid, compute[name](), 0.0) for name in statistics}
+    values = {name: torch.where(row_valid, compute[name](), 0.0) for name in statistics if name in compute}
     return values, row_valid
 
 

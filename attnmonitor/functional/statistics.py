@@ -31,8 +31,19 @@ STATISTICS: tuple[str, ...] = (
     "prev_token_weight",
     "next_token_weight",
     "sink_mass",
+    "max_logit",
 )
 """Names of every statistic, in the order they are reported."""
+
+MAX_STATISTICS: frozenset[str] = frozenset({"max_logit"})
+"""Statistics reduced with max (per head, over valid rows, micro-batches and processes), not averaged.
+
+``max_logit`` is the largest pre-softmax score the softmax sees (``scale · q · kᵀ`` plus any additive
+bias or score modification) over valid query rows and valid keys: it needs the logits, not the
+probabilities (see :func:`logit_row_max` and :func:`head_max`)."""
+
+ROW_STATISTICS: tuple[str, ...] = tuple(name for name in STATISTICS if name not in MAX_STATISTICS)
+"""Statistics computed per row from probabilities and averaged over valid rows."""
 
 
 def check_statistics(statistics: str | Sequence[str], *, option: str = "statistics") -> tuple[str, ...]:
@@ -212,7 +223,7 @@ def row_statistics(
     key_valid: Tensor | None = None,
     query_valid: Tensor | None = None,
     *,
-    statistics: Sequence[str] = STATISTICS,
+    statistics: Sequence[str] = ROW_STATISTICS,
     query_positions: Tensor | None = None,
     sink_tokens: int = 1,
     sparsity_eps: float = 0.1,
@@ -226,7 +237,8 @@ def row_statistics(
         probs: ``[B, H, Lq, Lk]`` attention probabilities.
         key_valid: bool, broadcastable to ``[B, H, Lq, Lk]``; True where a key may be attended.
         query_valid: bool, broadcastable to ``[B, H, Lq]``; False for padded query rows.
-        statistics: names from :data:`STATISTICS`.
+        statistics: names from :data:`ROW_STATISTICS` (``max_logit`` needs the logits: see
+            :func:`logit_row_max`).
         query_positions: ``[Lq]`` key position of each query row (default ``i + Lk - Lq``).
         sink_tokens: leading keys counted by ``sink_mass``.
         sparsity_eps: threshold factor of ``sparsity`` (weight ``< eps / n_i``).
@@ -237,6 +249,9 @@ def row_statistics(
     Returns:
         ``({name: [B, H, Lq] float32}, valid [B, H, Lq] bool)``; invalid rows hold 0.
 
+    Raises:
+        ValueError: for an unknown name, or a statistic that needs the logits (``max_logit``).
+
     Example:
         >>> probs = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])  # [1, 1, 2, 2]
         >>> values, valid = row_statistics(probs, statistics=["entropy", "self_weight"])
@@ -246,6 +261,9 @@ def row_statistics(
         tensor([[[1.0000, 0.5000]]])
     """
     check_statistics(statistics)
+    from_logits = sorted(set(statistics) & MAX_STATISTICS)
+    if from_logits:
+        raise ValueError(f"{from_logits} need the logits, not probabilities: use `logit_row_max` and `head_max`")
     if probs.dim() != 4:
         raise ValueError(f"`probs` must have shape [B, H, Lq, Lk], got {tuple(probs.shape)}")
     ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite, masked, sink_keys)
@@ -298,14 +316,79 @@ def mean_from_sums(sums: Tensor, counts: Tensor) -> Tensor:
     return sums / counts.clamp_min(1)
 
 
+def logit_row_max(logits: Tensor, key_valid: Tensor | None = None) -> Tensor:
+    """Largest logit of each row over its valid keys, float32; ``-inf`` for a row with no valid key.
+
+    Args:
+        logits: ``[..., Lk]`` what the softmax sees (scaled scores plus biases or score modifications).
+        key_valid: bool, broadcastable to ``logits``; None: the keys that are not masked out of the
+            softmax input (``-inf`` or ``<= finfo.min / 2``, as an additive mask leaves them).
+
+    NaN logits give a NaN maximum (non-finite attention is detected, not hidden).
+
+    Example:
+        >>> logit_row_max(torch.tensor([[1.0, 3.0, float("-inf")], [float("-inf")] * 3]))
+        tensor([3., -inf])
+        >>> logit_row_max(torch.tensor([[1.0, 3.0]]), torch.tensor([True, False]))
+        tensor([1.])
+    """
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid, float("-inf"))
+    row_max = logits.amax(-1)
+    blocked = torch.finfo(logits.dtype).min / 2 if logits.is_floating_point() else float("-inf")
+    return row_max.float().masked_fill(row_max <= blocked, float("-inf"))
+
+
+def head_max(row_max: Tensor, query_valid: Tensor | None = None) -> Tensor:
+    """Per-head maximum ``[H]`` of row maxima ``[B, H, Lq]`` over valid query rows (``-inf``: none).
+
+    Args:
+        row_max: from :func:`logit_row_max` (``-inf`` for rows with no valid key).
+        query_valid: bool, broadcastable to ``row_max``; False for padded query rows.
+
+    Example:
+        >>> head_max(torch.tensor([[[1.0, 5.0], [2.0, float("-inf")]]]), torch.tensor([[[True, False]]]))
+        tensor([1., 2.])
+    """
+    if query_valid is not None:
+        row_max = row_max.masked_fill(~query_valid.to(torch.bool), float("-inf"))
+    return row_max.amax(dim=(0, 2))
+
+
+def max_row_counts(row_max: Tensor, query_valid: Tensor | None = None) -> Tensor:
+    """``[H]`` float32 number of valid rows (a valid key, and ``query_valid``) of row maxima ``[B, H, Lq]``.
+
+    A NaN row counts (its NaN reaches the maximum, which is then detected as non-finite).
+    """
+    valid = row_max != float("-inf")
+    if query_valid is not None:
+        valid = valid & query_valid.to(torch.bool)
+    return valid.sum(dim=(0, 2), dtype=torch.float32)
+
+
+def max_from_maxima(maxima: Tensor, counts: Tensor | None = None) -> Tensor:
+    """Maxima where a value was seen, else NaN (``-inf``, "no value", never leaves; nor does a maximum
+    of cells that ``counts`` says saw no row)."""
+    unseen = maxima == float("-inf")
+    if counts is not None:
+        unseen = unseen | (counts <= 0)
+    return maxima.masked_fill(unseen, float("nan"))
+
+
 
 __all__ = [
+    "MAX_STATISTICS",
     "POSITION_STATISTICS",
+    "ROW_STATISTICS",
     "STATISTICS",
     "RowContext",
     "attention_statistics",
     "check_statistics",
+    "head_max",
     "head_sums",
+    "logit_row_max",
+    "max_from_maxima",
+    "max_row_counts",
     "mean_from_sums",
     "row_statistics",
     "safe_entropy",

@@ -1,10 +1,11 @@
-"""torchmetrics ``Metric`` classes over :mod:`attnmonitor.functional`: per-(layer, head) sums and counts."""
+"""torchmetrics ``Metric`` classes over :mod:`attnmonitor.functional`: per-(layer, head) sums (maxima) and counts."""
 
 from attnmonitor.metrics.state import AttentionStatistics, gather_layers
 from attnmonitor.metrics.statistic import (
     AttentionDistance,
     AttentionEffectiveSupport,
     AttentionEntropy,
+    AttentionMaxLogit,
     AttentionMaxWeight,
     AttentionNextTokenWeight,
     AttentionNormalizedEntropy,
@@ -19,6 +20,7 @@ __all__ = [
     "AttentionDistance",
     "AttentionEffectiveSupport",
     "AttentionEntropy",
+    "AttentionMaxLogit",
     "AttentionMaxWeight",
     "AttentionNextTokenWeight",
     "AttentionNormalizedEntropy",

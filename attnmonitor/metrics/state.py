@@ -1,7 +1,8 @@
 """The monitor's statistic state: one torchmetrics ``Metric`` of every statistic per (layer, head).
 
 ``sums [S, L, H]`` and ``counts [L, H]`` are reduced with ``"sum"`` across processes (exact under
-DDP: sums and counts, never means of means). Layers appear while the model runs (shared modules,
+DDP: sums and counts, never means of means); ``maxima [M, L, H]`` of the statistics reduced with max
+(``max_logit``) with ``"max"``. Layers appear while the model runs (shared modules,
 discovery by behaviour), so before a reduction the processes agree on the layer list and head counts
 (:func:`gather_layers`).
 """
@@ -16,22 +17,24 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from attnmonitor.functional.statistics import mean_from_sums
+from attnmonitor.functional.statistics import MAX_STATISTICS, max_from_maxima, mean_from_sums
 
 
 class AttentionStatistics(Metric):
-    """Sums of several statistics and their valid-row counts per (layer, head).
+    """Sums of the averaged statistics, maxima of those reduced with max (``max_logit``), and valid-row
+    counts per (layer, head).
 
     Args:
-        statistics: the ``S`` statistic names, in state order.
+        statistics: the statistic names; the ``S`` averaged ones (in this order) are the rows of
+            :attr:`sums`, the ``M`` reduced with max those of :attr:`maxima`.
         num_layers: ``L``. num_heads: ``H``.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Example:
-        >>> state = AttentionStatistics(["entropy", "sink_mass"], num_layers=1, num_heads=2)
-        >>> state.update(torch.tensor([[[2.0, 4.0]], [[1.0, 0.5]]]), torch.tensor([[4.0, 2.0]]))
-        >>> state.compute()["entropy"]
-        tensor([[0.5000, 2.0000]])
+        >>> state = AttentionStatistics(["entropy", "sink_mass", "max_logit"], num_layers=1, num_heads=2)
+        >>> state.update(torch.tensor([[[2.0, 4.0]], [[1.0, 0.5]]]), torch.tensor([[4.0, 2.0]]), torch.tensor([[[3.0, 7.5]]]))
+        >>> state.compute()["entropy"], state.compute()["max_logit"]
+        (tensor([[0.5000, 2.0000]]), tensor([[3.0000, 7.5000]]))
     """
 
     full_state_update = False
@@ -40,30 +43,40 @@ class AttentionStatistics(Metric):
 
     sums: Tensor
     counts: Tensor
+    maxima: Tensor
 
     def __init__(self, statistics: Sequence[str], num_layers: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.statistics = tuple(statistics)
-        self.add_state("sums", torch.zeros(len(self.statistics), num_layers, num_heads), dist_reduce_fx="sum")
+        self.averaged = tuple(name for name in self.statistics if name not in MAX_STATISTICS)
+        self.maxed = tuple(name for name in self.statistics if name in MAX_STATISTICS)
+        self.add_state("sums", torch.zeros(len(self.averaged), num_layers, num_heads), dist_reduce_fx="sum")
         self.add_state("counts", torch.zeros(num_layers, num_heads), dist_reduce_fx="sum")
+        self.add_state("maxima", torch.full((len(self.maxed), num_layers, num_heads), float("-inf")), dist_reduce_fx="max")
 
-    def update(self, sums: Tensor, counts: Tensor) -> None:
-        """Add ``[S, L, H]`` per-head sums and their ``[L, H]`` valid-row counts."""
+    def update(self, sums: Tensor, counts: Tensor, maxima: Tensor | None = None) -> None:
+        """Add ``[S, L, H]`` per-head sums and their ``[L, H]`` valid-row counts; take the maximum with
+        ``[M, L, H]`` per-head maxima (``-inf``: none)."""
         self.sums += sums.to(self.sums)
         self.counts += counts.to(self.counts)
+        if maxima is not None:
+            self.maxima = torch.maximum(self.maxima, maxima.to(self.maxima))
 
     def compute(self) -> dict[str, Tensor]:
-        """``{statistic: [L, H]}`` means (0 where no row was seen: check :attr:`counts`)."""
-        return self._means(self.sums, self.counts)
+        """``{statistic: [L, H]}`` means (0 where no row was seen: check :attr:`counts`), and maxima
+        (NaN where none was seen)."""
+        return self._values(self.sums, self.counts, self.maxima)
 
     def synced(self) -> tuple[dict[str, Tensor], Tensor]:
-        """``({statistic: [L, H]} means, [L, H] counts)`` over every process (all must call it)."""
+        """``({statistic: [L, H]} means and maxima, [L, H] counts)`` over every process (all must call it)."""
         with self.sync_context():
-            sums, counts = self.sums.clone(), self.counts.clone()
-        return self._means(sums, counts), counts
+            sums, counts, maxima = self.sums.clone(), self.counts.clone(), self.maxima.clone()
+        return self._values(sums, counts, maxima), counts
 
-    def _means(self, sums: Tensor, counts: Tensor) -> dict[str, Tensor]:
-        return {name: mean_from_sums(sums[i], counts) for i, name in enumerate(self.statistics)}
+    def _values(self, sums: Tensor, counts: Tensor, maxima: Tensor) -> dict[str, Tensor]:
+        values = {name: mean_from_sums(sums[i], counts) for i, name in enumerate(self.averaged)}
+        values.update({name: max_from_maxima(maxima[i], counts) for i, name in enumerate(self.maxed)})
+        return {name: values[name] for name in self.statistics}
 
 
 def gather_layers(local: Mapping[str, int], known: Sequence[str] = ()) -> dict[str, int]:

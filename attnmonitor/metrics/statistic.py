@@ -1,8 +1,9 @@
 """torchmetrics ``Metric`` classes for your own loops: per-(layer, head) means of one attention statistic.
 
 The classes only hold state (``[num_layers, num_heads]`` sums and valid-row counts, reduced with
-``"sum"`` so DDP results are exact); :func:`attnmonitor.functional.row_statistics` does the
-arithmetic (as torchmetrics' ``MeanSquaredError`` over its functional twin).
+``"sum"`` so DDP results are exact; for ``max_logit``, maxima reduced with ``"max"``);
+:func:`attnmonitor.functional.row_statistics` does the arithmetic (as torchmetrics'
+``MeanSquaredError`` over its functional twin).
 """
 
 from __future__ import annotations
@@ -13,11 +14,22 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from attnmonitor.functional.statistics import check_statistics, head_sums, mean_from_sums, row_statistics
+from attnmonitor.functional.statistics import (
+    MAX_STATISTICS,
+    check_statistics,
+    head_max,
+    head_sums,
+    logit_row_max,
+    max_row_counts,
+    mean_from_sums,
+    row_statistics,
+)
 
 
 class AttentionStatistic(Metric):
-    """Mean of one statistic per (layer, head) over every valid query row seen since ``reset``.
+    """Mean of one statistic per (layer, head) over every valid query row seen since ``reset``; for
+    ``max_logit``, the maximum (its state ``maxima`` is reduced with ``"max"`` across processes, and
+    :meth:`update` takes the logits, the softmax's input, instead of probabilities).
 
     Args:
         statistic: a name from :data:`attnmonitor.functional.STATISTICS`.
@@ -36,6 +48,11 @@ class AttentionStatistic(Metric):
         >>> metric.counts
         tensor([[0.],
                 [2.]])
+        >>> logits = torch.tensor([[[[2.0, float("-inf")], [0.5, -1.0]], [[-3.0, -1.0], [4.0, 9.0]]]])  # [1, 2, 2, 2]
+        >>> peak = AttentionStatistic("max_logit", num_heads=2)  # update takes the softmax's input
+        >>> peak.update(logits, query_valid=torch.tensor([True, False]))
+        >>> peak.compute()
+        tensor([[ 2., -1.]])
     """
 
     full_state_update = False
@@ -43,6 +60,7 @@ class AttentionStatistic(Metric):
     higher_is_better = None
 
     sums: Tensor
+    maxima: Tensor
     counts: Tensor
 
     def __init__(
@@ -60,18 +78,28 @@ class AttentionStatistic(Metric):
         if num_layers < 1 or num_heads < 1:
             raise ValueError(f"`num_layers` and `num_heads` must be >= 1, got {num_layers} and {num_heads}")
         self.sink_tokens, self.sparsity_eps = sink_tokens, sparsity_eps
-        self.add_state("sums", torch.zeros(num_layers, num_heads), dist_reduce_fx="sum")
+        self.maximum = self.statistic in MAX_STATISTICS
+        if self.maximum:
+            self.add_state("maxima", torch.full((num_layers, num_heads), float("-inf")), dist_reduce_fx="max")
+        else:
+            self.add_state("sums", torch.zeros(num_layers, num_heads), dist_reduce_fx="sum")
         self.add_state("counts", torch.zeros(num_layers, num_heads), dist_reduce_fx="sum")
 
     def update(self, probs: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None, *, layer: int = 0) -> None:
         """Add the valid rows of one attention tensor of layer ``layer``.
 
         Args:
-            probs: ``[B, H, Lq, Lk]`` probabilities.
+            probs: ``[B, H, Lq, Lk]`` probabilities; for ``max_logit``, the logits the softmax sees
+                (scaled scores plus biases; masked keys ``-inf`` or ``<= finfo.min / 2``).
             key_valid: bool, broadcastable to ``probs``; True where a key may be attended.
             query_valid: bool, broadcastable to ``[B, H, Lq]``; False for padded query rows.
             layer: row of the state that ``probs`` belongs to.
         """
+        if self.maximum:
+            row_max = logit_row_max(probs.detach(), key_valid)  # [B, H, Lq]
+            self.maxima[layer] = torch.maximum(self.maxima[layer], head_max(row_max, query_valid).to(self.maxima))
+            self.counts[layer] += max_row_counts(row_max, query_valid)
+            return
         values, valid = row_statistics(
             probs, key_valid, query_valid, statistics=[self.statistic], sink_tokens=self.sink_tokens, sparsity_eps=self.sparsity_eps
         )
@@ -80,7 +108,9 @@ class AttentionStatistic(Metric):
         self.counts[layer] += head_count
 
     def compute(self) -> Tensor:
-        """``[num_layers, num_heads]`` means (0 where no row was seen: check :attr:`counts`)."""
+        """``[num_layers, num_heads]`` means, or maxima (0 where no row was seen: check :attr:`counts`)."""
+        if self.maximum:
+            return self.maxima.masked_fill(self.counts <= 0, 0.0)
         return mean_from_sums(self.sums, self.counts)
 
 
@@ -102,3 +132,6 @@ AttentionSelfWeight = _statistic_class("self_weight", "Weight on the query's own
 AttentionPrevTokenWeight = _statistic_class("prev_token_weight", "Weight on the previous token ``A_i,i-1``.")
 AttentionNextTokenWeight = _statistic_class("next_token_weight", "Weight on the next token ``A_i,i+1``.")
 AttentionSinkMass = _statistic_class("sink_mass", "Mass on the first ``sink_tokens`` keys.")
+AttentionMaxLogit = _statistic_class(
+    "max_logit", "Largest pre-softmax logit over valid rows and keys (reduced with max; ``update`` takes logits)."
+)

@@ -27,7 +27,7 @@ from attnmonitor.functional.analyses import (
     token_classes,
     top_k_attended,
 )
-from attnmonitor.functional.statistics import POSITION_STATISTICS, STATISTICS, attention_statistics, safe_entropy
+from attnmonitor.functional.statistics import POSITION_STATISTICS, ROW_STATISTICS, attention_statistics, safe_entropy
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _analyse_layer(result: ExampleAnalysis, layer: str, example: Example, cross:
     probs = example.probs.unsqueeze(0)  # [1, H, Tq, Tk]
     keys = None if example.key_valid is None else example.key_valid.unsqueeze(0)
     tq, tk = probs.shape[-2:]
-    names = [n for n in STATISTICS if not (cross and n in POSITION_STATISTICS)]
+    names = [n for n in ROW_STATISTICS if not (cross and n in POSITION_STATISTICS)]
     stats = attention_statistics(probs, keys, statistics=names, sink_tokens=options.sink_tokens)
     if cross:
         roles = head_roles(stats)

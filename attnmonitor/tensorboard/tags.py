@@ -2,8 +2,10 @@
 
 TensorBoard groups charts by the first path component, so each kind of chart has its own group:
 
-- ``attn_<stage>/``: per statistic, the mean over layers and heads; atlases, heatmaps, the table;
-- ``attn_<stage>_layers/``: per statistic and layer (``attn_<stage>_heads/``: per head;
+- ``attn_<stage>/``: per statistic, the mean over layers and heads (``max_logit``: the maximum);
+  atlases, heatmaps, the table;
+- ``attn_<stage>_layers/``: per statistic and layer, mean (``max_logit``: maximum) over its heads
+  (``attn_<stage>_heads/``: per head;
   ``attn_<stage>_hist/``: histograms of a layer's heads);
 - ``attn_<stage>_example/``: analyses of the example (batch element 0);
 - ``attn_reg/``: the regularizer's terms and clipping; ``attn_health/``: skipped captures.
@@ -18,7 +20,8 @@ from collections.abc import Sequence
 
 
 def statistic(stage: str, name: str, layer: str | None = None, head: int | None = None) -> str:
-    """Mean over layers and heads (``attn_<stage>/<statistic>``), a layer's, or a head's."""
+    """Mean over layers and heads (``attn_<stage>/<statistic>``; maximum for ``max_logit``), a layer's
+    (over its heads), or a head's."""
     if layer is None:
         return f"attn_{stage}/{name}"
     if head is None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from attnmonitor.functional.analyses import ROLES
+from attnmonitor.functional.statistics import MAX_STATISTICS
 from attnmonitor.tensorboard import tags
 from attnmonitor.tensorboard.example import ExampleAnalysis
 from attnmonitor.tensorboard.render import attention_heatmaps, head_atlas, role_atlas, statistics_table
@@ -27,10 +28,12 @@ def write_scalars(writer: Any, scalars: Mapping[str, float], step: int) -> None:
 def statistic_scalars(
     stage: str, layers: Sequence[str], values: Mapping[str, Tensor], observed: Tensor, per_head: bool = False
 ) -> dict[str, float]:
-    """Means over layers and heads, per layer, and (``per_head``) per head, of every statistic.
+    """Means over layers and heads, per layer, and (``per_head``) per head, of every statistic; for
+    the statistics reduced with max (``max_logit``), maxima over layers and heads and per layer.
 
     Args:
-        values: ``{statistic: [L, H]}`` means, NaN where a layer does not define the statistic.
+        values: ``{statistic: [L, H]}`` means (maxima), NaN where a layer does not define the statistic
+            or saw no value.
         observed: bool ``[L, H]`` cells with data.
     """
     scalars: dict[str, float] = {}
@@ -38,11 +41,12 @@ def statistic_scalars(
         defined = observed & ~grid.isnan()
         if not defined.any():
             continue
-        scalars[tags.statistic(stage, name)] = float(grid[defined].mean())
+        reduce = torch.amax if name in MAX_STATISTICS else torch.mean
+        scalars[tags.statistic(stage, name)] = float(reduce(grid[defined]))
         for row, layer in enumerate(layers):
             heads = defined[row]
             if heads.any():
-                scalars[tags.statistic(stage, name, layer)] = float(grid[row][heads].mean())
+                scalars[tags.statistic(stage, name, layer)] = float(reduce(grid[row][heads]))
                 if per_head:
                     for h in heads.nonzero().flatten().tolist():
                         scalars[tags.statistic(stage, name, layer, h)] = float(grid[row, h])
@@ -73,7 +77,8 @@ WEIGHTS = frozenset({"self_weight", "prev_token_weight", "next_token_weight", "s
 def write_atlases(writer: Any, stage: str, step: int, layers: Sequence[str], values: Mapping[str, Tensor], observed: Tensor) -> None:
     """One layers x heads atlas image per statistic, a histogram per layer, and the per-head table.
 
-    Statistics in [0, 1] are drawn on a fixed [0, 1] scale; a weight that is exactly 0 in every cell
+    Statistics in [0, 1] are drawn on a fixed [0, 1] scale, the others (``max_logit``: logits) on a
+    scale fitted to the step's values; a weight that is exactly 0 in every cell
     (masked by construction: the next-token weight of causal attention) gets no atlas, and the table
     says so.
 

@@ -41,6 +41,33 @@ def attention_probs(q: Tensor, k: Tensor, key_valid: Tensor, scale: float | None
     return probs
 
 
+def head_max_logit(
+    q: Tensor,
+    k: Tensor,
+    key_valid: Tensor,
+    query_valid: Tensor | None = None,
+    scale: float | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Float64 ``[H]`` ``max_logit``: per head, the largest ``scale · q · kᵀ (+ bias)`` over valid query
+    rows (``query_valid`` broadcastable to ``[B, H, Lq]``) and valid keys; NaN for a head with none.
+
+    ``k`` may have fewer heads (grouped-query attention).
+    """
+    q, k = q.detach().double(), k.detach().double()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = q @ k.transpose(-1, -2) * scale  # [B, H, Lq, Lk]
+    if bias is not None:
+        logits = logits + bias.double()
+    valid = key_valid.expand_as(logits)
+    if query_valid is not None:
+        valid = valid & query_valid.expand(logits.shape[:-1]).unsqueeze(-1)
+    best = logits.masked_fill(~valid, -math.inf).amax(dim=(0, 2, 3))
+    return best.masked_fill(best == -math.inf, math.nan)
+
+
 def row_values(row: list[float], valid: list[bool], pos: int, sink: int, eps: float) -> dict[str, float]:
     """Every statistic of one query row at key position ``pos``."""
     keys = [j for j, v in enumerate(valid) if v]

@@ -204,25 +204,34 @@ def test_fused_path_takes_an_extra_pass_of_chunked_maxima(statistics, budget_mb,
     assert bool((counts == expected_rows).all())
 
 
-def test_qk_logit_max_equals_the_chunked_maxima_and_a_reference():
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("lq", [9, 5, 13], ids=["square", "fewer-queries", "more-queries"])
+def test_qk_logit_max_equals_the_chunked_maxima_and_a_reference(causal, mask_kind, lq):
     g = torch.Generator().manual_seed(4)
-    q, k = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g)
-    mask = torch.rand(2, 1, 9, 11, generator=g) > 0.3
-    mask[0, 0, 2] = False  # a row with no valid key: -inf
-    expected = []
+    lk = 9
+    q, k = torch.randn(2, 4, lq, 8, generator=g), torch.randn(2, 2, lk, 8, generator=g)
+    keep = torch.rand(2, 1, lq, lk, generator=g) > 0.3
+    keep[0, 0, 2] = False  # a row with no valid key: -inf
+    bias = torch.randn(2, 1, lq, lk, generator=g)
+    mask = {"none": None, "bool": keep, "float": bias.masked_fill(~keep, -math.inf)}[mask_kind]
+    valid = torch.ones(2, 1, lq, lk, dtype=torch.bool) if mask is None else keep
+    if causal:
+        valid = valid & (torch.arange(lk) <= torch.arange(lq)[:, None])  # top-left, as SDPA
     kk = k.double().repeat_interleave(2, dim=1)
-    logits = q.double() @ kk.transpose(-1, -2) * 0.3
+    logits = q.double() @ kk.transpose(-1, -2) * 0.3 + (bias.double() if mask_kind == "float" else 0.0)
+    expected = []
     for b in range(2):
         for h in range(4):
-            for i in range(9):
-                keys = [float(logits[b, h, i, j]) for j in range(11) if mask[b, 0, i, j]]
+            for i in range(lq):
+                keys = [float(logits[b, h, i, j]) for j in range(lk) if valid[b, 0, i, j]]
                 expected.append(max(keys) if keys else -math.inf)
-    expected = torch.tensor(expected, dtype=torch.float64).view(2, 4, 9)
-    for budget in (1 << 30, 600):
-        got = qk_logit_max(q, k, mask, scale=0.3, budget_bytes=budget)
+    expected = torch.tensor(expected, dtype=torch.float64).view(2, 4, lq)
+    for budget in (1 << 30, 600, 1):  # one block, a few rows per block, one row per block
+        got = qk_logit_max(q, k, mask, causal, scale=0.3, budget_bytes=budget)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-        rows = torch.cat([c.logit_max for c in chunked.qk_chunks(q, k, mask, scale=0.3, budget_bytes=budget, logit_max=True)], -1)
-        torch.testing.assert_close(rows, got)
+        chunks = chunked.qk_chunks(q, k, mask, causal, scale=0.3, budget_bytes=budget, logit_max=True)
+        torch.testing.assert_close(torch.cat([c.logit_max for c in chunks], -1), got, rtol=1e-6, atol=1e-6)
 
 
 # FlexAttention --------------------------------------------------------------------------------

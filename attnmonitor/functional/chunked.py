@@ -21,6 +21,9 @@ ScoreMod = Callable[[Tensor, Tensor], Tensor]
 """``(scores [B, H, r, Lk], rows [r]) -> scores``: a score modification applied to the scaled logits
 of query rows ``rows`` before masking (FlexAttention's ``score_mod``; ``-inf`` blocks a key)."""
 _LIVE_COPIES = 8  # float32 tensors of a chunk's size alive at once while its statistics are computed
+MAX_PASS_BLOCK_BYTES = 4 * 2**20
+"""Logits per block of the pass of logit maxima (:func:`qk_logit_max`): small blocks stay in cache and,
+under a causal mask, skip the keys after the block's last row (about 5x faster than one large block)."""
 
 class Chunk(NamedTuple):
     """``r`` query rows of one attention call."""
@@ -80,6 +83,13 @@ def _row_slice(t: Tensor | None, start: int, stop: int, dim: int) -> Tensor | No
     if t is None or t.dim() < -dim or t.shape[dim] == 1:
         return t
     return t.narrow(t.dim() + dim, start, stop - start)
+
+
+def _key_slice(t: Tensor | None, width: int) -> Tensor | None:
+    """The first ``width`` keys of a mask broadcastable along its last dim (size 1 stays)."""
+    if t is None or t.shape[-1] == 1 or t.shape[-1] == width:
+        return t
+    return t[..., :width]
 
 
 def probability_chunks(
@@ -177,10 +187,19 @@ def qk_logit_max(
         >>> qk_logit_max(q, k, is_causal=True, scale=1.0)
         tensor([[[1., 1.]]])
     """
+    with torch.no_grad():  # maxima only: no graph, in-place arithmetic
+        return _qk_logit_max(q, k, attn_mask, is_causal, scale, budget_bytes=budget_bytes, rows=rows, score_mod=score_mod)
+
+
+def _qk_logit_max(
+    q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None, *, budget_bytes: int,
+    rows: Tensor | None, score_mod: ScoreMod | None,
+) -> Tensor:
     parts = [
         _row_max(logits, valid)
         for logits, valid, _, _ in _logit_chunks(
-            q, k, attn_mask, is_causal, scale, None, budget_bytes=budget_bytes, rows=rows, score_mod=score_mod, live_copies=2
+            q, k, attn_mask, is_causal, scale, None, budget_bytes=min(budget_bytes, MAX_PASS_BLOCK_BYTES), rows=rows,
+            score_mod=score_mod, live_copies=1, causal_prefix=True,
         )
     ]
     return torch.cat(parts, -1)
@@ -207,10 +226,14 @@ def _logit_chunks(
     rows: Tensor | None,
     score_mod: ScoreMod | None,
     live_copies: int = _LIVE_COPIES,
+    causal_prefix: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor | None, Tensor, Tensor | None]]:
     """``(logits [B, H, r, Lk], key_valid, row indices [r], query_valid)`` by row chunks: the logits the
     softmax sees (scaled, plus the additive mask and the score modification), ``-inf`` on invalid keys of
-    rows that have a valid key (fully masked rows keep finite logits: no NaN after the softmax)."""
+    rows that have a valid key (fully masked rows keep finite logits: no NaN after the softmax).
+
+    ``causal_prefix``: under ``is_causal`` (every row, no ``score_mod``), a chunk's logits stop at the key
+    of its last row (the keys after it are masked for every row of the chunk): ``[B, H, r, Lk']``."""
     lq, lk, dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if q.shape[-3] != k.shape[-3]:
         if q.shape[-3] % k.shape[-3]:
@@ -224,15 +247,21 @@ def _logit_chunks(
     dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays
     keys_t = k.to(dtype).transpose(-2, -1)  # [B, H, D, Lk]
     step = rows_per_chunk(index.numel(), q.shape[:-2].numel() * lk, budget_bytes, live_copies)
+    prefix = causal_prefix and is_causal and rows is None and score_mod is None
     for start in range(0, index.numel(), step):
         stop = min(index.numel(), start + step)
-        logits = q[..., start:stop, :].to(dtype) @ keys_t  # [B, H, r, Lk]
+        width = min(lk, stop) if prefix else lk  # top-left causal: row i sees keys j <= i
+        if causal_prefix:  # the pass of maxima: scale the queries ([r, D]), not the logits ([r, Lk])
+            logits = (q[..., start:stop, :].to(dtype) * scale) @ keys_t[..., :width]  # [B, H, r, Lk]
+        else:
+            logits = q[..., start:stop, :].to(dtype) @ keys_t[..., :width]  # [B, H, r, Lk]
         in_place = not logits.requires_grad  # one full-size tensor fewer when no gradient is needed
-        logits = logits.mul_(scale) if in_place else logits * scale
-        mask = _row_slice(additive, start, stop, -2)
+        if not causal_prefix:
+            logits = logits.mul_(scale) if in_place else logits * scale
+        mask = _key_slice(_row_slice(additive, start, stop, -2), width)
         if mask is not None:
             logits = logits.add_(mask.to(dtype)) if in_place else logits + mask.to(dtype)
-        valid = sdpa_key_valid(_row_slice(attn_mask, start, stop, -2), is_causal, lk, index[start:stop])
+        valid = sdpa_key_valid(_key_slice(_row_slice(attn_mask, start, stop, -2), width), is_causal, width, index[start:stop])
         if score_mod is not None:
             logits = score_mod(logits, index[start:stop]).to(dtype)
             modified = key_valid_from_logits(logits)
@@ -240,8 +269,14 @@ def _logit_chunks(
         if valid is not None:  # as an additive bias at the mask's own size: far cheaper than masked_fill
             # fully masked rows keep their finite logits: no NaN in values or gradients (the row never counts)
             blocked = ~valid & valid.any(-1, keepdim=True)
-            bias = torch.zeros(blocked.shape, dtype=dtype, device=logits.device).masked_fill_(blocked, float("-inf"))
-            logits = logits.add_(bias) if in_place else logits + bias
+            # only a causal mask on a prefix: keys before the chunk's first row are valid for all its rows
+            first = start if prefix and attn_mask is None else 0
+            bias = torch.zeros(blocked[..., first:].shape, dtype=dtype, device=logits.device)
+            bias = bias.masked_fill_(blocked[..., first:], float("-inf"))
+            if first:
+                logits[..., first:].add_(bias)
+            else:
+                logits = logits.add_(bias) if in_place else logits + bias
         yield logits, valid, index[start:stop], _row_slice(query_valid, start, stop, -1)
 
 

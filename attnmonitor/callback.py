@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.fabric.utilities.logger import _add_prefix
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -85,11 +86,14 @@ class AttentionMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_train_step": self.engine.last_train_step}
+        alarms = self.engine.alarms
+        return {"last_train_step": self.engine.last_train_step, **({"alarms": alarms.state_dict()} if alarms else {})}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.last_train_step = int(state_dict["last_train_step"])
+        if self.engine.alarms is not None and "alarms" in state_dict:
+            self.engine.alarms.load_state_dict(state_dict["alarms"])
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -117,6 +121,8 @@ class AttentionMonitor(Callback):
         self._injection.log(pl_module)
         if finished is not None:
             self._publish("train", finished, *self.engine.train_images(finished))
+            if self.engine.firings:
+                self._act_on_alarms(trainer, finished)
 
     @override
     def on_validation_batch_start(
@@ -135,6 +141,22 @@ class AttentionMonitor(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and self.options.val_batches:
             self._publish("val", _log_step(trainer), True, self.options.heatmaps is not None)
+
+    def _act_on_alarms(self, trainer: pl.Trainer, step: int) -> None:
+        """Warn about every firing; call the callables; save a checkpoint for ``"checkpoint"`` and
+        ``"stop"``, then stop for ``"stop"``. Every process takes the same decisions (synced statistics)."""
+        firings = self.engine.firings
+        rank_zero_warn("\n".join(f.message() for f in firings), category=RuntimeWarning)
+        for action in {id(f.action): f.action for f in firings if callable(f.action)}.values():
+            action([f for f in firings if f.action is action])
+        actions = {f.action for f in firings if isinstance(f.action, str)}
+        if actions & {"checkpoint", "stop"}:
+            path = Path(trainer.log_dir or trainer.default_root_dir) / "alarm_checkpoints" / f"step={step}.ckpt"
+            trainer.save_checkpoint(path)
+            rank_zero_warn(f"attnmonitor: alarm checkpoint saved to {path}", category=RuntimeWarning)
+        if "stop" in actions:
+            trainer.should_stop = True
+            rank_zero_warn(f"attnmonitor: an alarm with action 'stop' fired at step {step}: training stops.", category=RuntimeWarning)
 
     def _publish(self, stage: str, step: int, images: bool, heatmaps: bool) -> None:
         publisher = self._publisher

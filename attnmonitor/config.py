@@ -139,6 +139,123 @@ class ClipConfig:
         return self.min > 0 or self.max < 1
 
 
+ALARM_ACTIONS = ("warn", "checkpoint", "stop")
+
+
+def _check_rule(rule: str, window: Any, warmup: Any, action: Any) -> None:
+    check_int(f"alarms.{rule}.window", window, 1)
+    check_int(f"alarms.{rule}.warmup", warmup, 1)
+    if warmup > window:
+        raise ValueError(f"`alarms.{rule}.warmup` ({warmup}) must be <= its `window` ({window}): the history holds `window` captures")
+    if not (callable(action) or action in ALARM_ACTIONS):
+        raise ValueError(f"`alarms.{rule}.action` must be one of {list(ALARM_ACTIONS)} or a callable, got {action!r}")
+
+
+def _check_number(option: str, value: Any, low: float, high: float = float("inf"), optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
+        raise ValueError(f"`{option}` must be a number in [{low}, {high}]{' or None' if optional else ''}, got {value!r}")
+
+
+@dataclass
+class EntropyCollapseConfig:
+    """Fires for a head whose normalised entropy falls below ``(1 − drop)`` × its mean over the last
+    ``window`` captures, by at least ``min_drop``.
+
+    Attributes:
+        drop: relative fall, in (0, 1).
+        min_drop: smallest absolute fall (normalised entropy is in [0, 1]).
+        window: captures of history; warmup: captures needed before it may fire.
+        action: ``"warn"``, ``"checkpoint"`` (save one at that step), ``"stop"`` (save, then stop
+            training cleanly), or a callable receiving the list of firings.
+    """
+
+    drop: float = 0.5
+    min_drop: float = 0.1
+    window: int = 10
+    warmup: int = 5
+    action: Any = "warn"
+
+    def __post_init__(self) -> None:
+        _check_number("alarms.entropy_collapse.drop", self.drop, 0.0, 1.0)
+        _check_number("alarms.entropy_collapse.min_drop", self.min_drop, 0.0, 1.0)
+        _check_rule("entropy_collapse", self.window, self.warmup, self.action)
+
+
+@dataclass
+class LogitGrowthConfig:
+    """Fires for a head whose ``max_logit`` exceeds ``ceiling``, or exceeds ``rate`` × its minimum over
+    the last ``window`` captures while above ``floor``.
+
+    Attributes:
+        ceiling: absolute limit (Kimi K2's QK-Clip caps logits at 100); None: no ceiling.
+        rate: growth factor over the window; None: no growth rule.
+        floor: the growth rule applies above this value (small logits double harmlessly).
+        window, warmup, action: as :class:`EntropyCollapseConfig`.
+    """
+
+    ceiling: float | None = 100.0
+    rate: float | None = 2.0
+    floor: float = 10.0
+    window: int = 10
+    warmup: int = 5
+    action: Any = "warn"
+
+    def __post_init__(self) -> None:
+        _check_number("alarms.logit_growth.ceiling", self.ceiling, 0.0, optional=True)
+        _check_number("alarms.logit_growth.rate", self.rate, 1.0, optional=True)
+        _check_number("alarms.logit_growth.floor", self.floor, 0.0)
+        _check_rule("logit_growth", self.window, self.warmup, self.action)
+
+
+@dataclass
+class SinkJumpConfig:
+    """Fires for a head whose ``sink_mass`` moves by more than ``jump`` from its mean over the last
+    ``window`` captures.
+
+    Attributes:
+        jump: absolute change, in (0, 1].
+        window, warmup, action: as :class:`EntropyCollapseConfig`.
+    """
+
+    jump: float = 0.3
+    window: int = 10
+    warmup: int = 5
+    action: Any = "warn"
+
+    def __post_init__(self) -> None:
+        _check_number("alarms.sink_jump.jump", self.jump, 0.0, 1.0)
+        _check_rule("sink_jump", self.window, self.warmup, self.action)
+
+
+@dataclass
+class AlarmsConfig:
+    """Training-health alarms over the per-head statistics of training captures (see
+    :mod:`attnmonitor.alarms`); a rule set to None is off.
+
+    Attributes:
+        entropy_collapse: :class:`EntropyCollapseConfig` (or mapping).
+        logit_growth: :class:`LogitGrowthConfig` (or mapping); needs ``max_logit`` among the statistics.
+        sink_jump: :class:`SinkJumpConfig` (or mapping).
+        every_n_steps: extra captures for the alarms alone, of only the statistics the rules read
+            (fused path where possible, nothing logged but the alarms); None: the alarms look at the
+            monitor's regular captures only.
+    """
+
+    entropy_collapse: EntropyCollapseConfig | None = field(default_factory=EntropyCollapseConfig)
+    logit_growth: LogitGrowthConfig | None = field(default_factory=LogitGrowthConfig)
+    sink_jump: SinkJumpConfig | None = field(default_factory=SinkJumpConfig)
+    every_n_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        self.entropy_collapse = as_config(self.entropy_collapse, EntropyCollapseConfig, "alarms.entropy_collapse")
+        self.logit_growth = as_config(self.logit_growth, LogitGrowthConfig, "alarms.logit_growth")
+        self.sink_jump = as_config(self.sink_jump, SinkJumpConfig, "alarms.sink_jump")
+        if self.every_n_steps is not None:
+            check_int("alarms.every_n_steps", self.every_n_steps, 1)
+
+
 @dataclass
 class MonitorOptions:
     """Every option of the attention monitor, checked at once; shared by every training-loop adapter.
@@ -169,6 +286,7 @@ class MonitorOptions:
         alignment_key: batch key of ``[B, Lq]`` ground-truth key positions (negative: none).
         top_k: keys listed per query in the interpretation table.
         token_classes: ``{class: [tokens]}`` for attention shares (default: function vs content words).
+        alarms: :class:`AlarmsConfig` (or mapping): per-head training-health alarms; None: off.
 
     Raises:
         ValueError: naming the first invalid option, the accepted values and the value received.
@@ -196,6 +314,7 @@ class MonitorOptions:
     alignment_key: str = "alignments"
     top_k: int = 5
     token_classes: dict[str, list[str]] | None = None
+    alarms: AlarmsConfig | None = None
 
     def __post_init__(self) -> None:
         from attnmonitor.functional.statistics import check_statistics
@@ -219,6 +338,16 @@ class MonitorOptions:
         self.regularizer = as_config(self.regularizer, RegularizerConfig, "regularizer")
         self.clip = as_config(self.clip, ClipConfig, "clip")
         self.token_classes = _check_token_classes(self.token_classes)
+        self.alarms = as_config(self.alarms, AlarmsConfig, "alarms")
+        if self.alarms is not None:
+            from attnmonitor.alarms import RULES
+
+            for rule, (statistic, _) in RULES.items():
+                if getattr(self.alarms, rule) is not None and statistic not in self.statistics:
+                    raise ValueError(
+                        f"`alarms.{rule}` reads the statistic {statistic!r}, which is not among `statistics` {self.statistics}: "
+                        f"add it, or set `alarms.{rule}` to None"
+                    )
 
 
     def loggable(self) -> dict[str, Any]:
@@ -314,3 +443,4 @@ def register_configs() -> None:
     store.store(group="attnmonitor", name="heatmaps", node=HeatmapConfig)
     store.store(group="attnmonitor", name="regularizer", node=RegularizerConfig)
     store.store(group="attnmonitor", name="clip", node=ClipConfig)
+    store.store(group="attnmonitor", name="alarms", node=AlarmsConfig)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from attnmonitor.alarms import AttentionAlarms, Firing, alarm_tag
 from attnmonitor.batch import batch_tensor, example_ids, token_strings
 from attnmonitor.capture import AttentionCapture
 from attnmonitor.capture.accumulator import StatisticsAccumulator
@@ -102,6 +103,13 @@ class MonitorEngine:
         self.layers: list[str] = []
         """Layers captured so far (on any process), in forward order."""
         self.stages = {stage: StageData(StatisticsAccumulator(options.statistics)) for stage in STAGES}
+        self.alarms = AttentionAlarms(options.alarms) if options.alarms is not None else None
+        """The training-health rules and their history (None: alarms off)."""
+        if self.alarms is not None:
+            self.stages["alarm"] = StageData(StatisticsAccumulator(self.alarms.statistics))
+        self.firings: list[Firing] = []
+        """The alarms that fired at the last training publication (an adapter acts on them)."""
+        self._alarm_steps: set[int] = set()  # captured steps that only the alarms asked for
         self.last_train_step = -1
         """Last optimizer step whose training capture was published (saved in checkpoints)."""
         self.latest: dict[str, float] = {}
@@ -157,16 +165,23 @@ class MonitorEngine:
         capture = self._require_capture()
         self.regularizer.begin_step(step)
         self._prepare(capture, batch)
-        if not due(step, self.options.every_n_steps) or step <= self.last_train_step:
+        regular = due(step, self.options.every_n_steps)
+        alarm_every = self.options.alarms.every_n_steps if self.options.alarms is not None else None
+        if not (regular or (alarm_every is not None and due(step, alarm_every))) or step <= self.last_train_step:
             capture.enabled = False  # the regularizer's state may have changed: a compiled model follows it
             return
-        capture.accumulator = self.stages["train"].accumulator
+        stage = "train" if regular else "alarm"  # an alarm-only capture: only the statistics the rules read
+        capture.accumulator = self.stages[stage].accumulator
+        capture.statistics = capture.accumulator.statistics
         atlases, heatmaps = self.train_images(step)
-        capture.example_tokens = self._example_tokens if heatmaps or (atlases and self.options.analyses) else 0
+        capture.example_tokens = self._example_tokens if regular and (heatmaps or (atlases and self.options.analyses)) else 0
         if self._window_step != step:  # first micro-batch of this optimizer step
             capture.reset()
             self._window_step = step
-            self.stages["train"].keep_ids(batch, self.options)
+            if regular:
+                self.stages["train"].keep_ids(batch, self.options)
+            else:
+                self._alarm_steps.add(step)
         capture.enabled = True
 
     def end_train_batch(self, step: int) -> int | None:
@@ -190,6 +205,7 @@ class MonitorEngine:
             return
         capture = self._require_capture()
         capture.accumulator = self.stages["val"].accumulator
+        capture.statistics = capture.accumulator.statistics
         capture.example_tokens = self._example_tokens
         if index == 0:
             capture.reset()
@@ -209,13 +225,20 @@ class MonitorEngine:
         Scalars are logged now; figures are drawn and written by a background worker from data
         already on the CPU, so the step goes on (:meth:`finish` waits for them).
         """
+        self.firings = []
         try:
+            if stage == "train" and step in self._alarm_steps:
+                self._alarm_steps.discard(step)
+                self._publish_alarms(step, publisher)
+                return
             computed = self._compute(stage, publisher.device)
             if computed is None:
                 self._warn(f"nothing-{stage}", f"attnmonitor: no attention was captured at {stage} step {step}; nothing logged.")
                 return
             values, observed = computed
             scalars = statistic_scalars(stage, self.layers, values, observed, self.options.per_head)
+            if stage == "train":
+                scalars.update(self._check_alarms(step, values, publisher))
             scalars.update(alignment_scalars(stage, self.stages[stage].accumulator.alignment))
             skipped = sum(self._require_capture().skipped.values())
             if skipped:  # captures skipped since the start (non-finite attention, ...), each warned once per layer
@@ -228,6 +251,23 @@ class MonitorEngine:
                 self.figures.submit(job, f"{stage} step {step}")
         except Exception as err:  # the monitor never stops training
             self._warn(f"publish-{type(err).__name__}", f"attnmonitor: logging {stage} attention failed at step {step}: {err!r}")
+
+    def _publish_alarms(self, step: int, publisher: Publisher) -> None:
+        """An alarm-only capture: the rules and their scalars, nothing else."""
+        computed = self._compute("alarm", publisher.device)
+        if computed is not None:
+            publisher.log_scalars(self._check_alarms(step, computed[0], publisher), step)
+
+    def _check_alarms(self, step: int, values: dict[str, Tensor], publisher: Publisher) -> dict[str, float]:
+        """Apply the rules (the same decisions on every process); their scalars, and text on rank zero."""
+        if self.alarms is None:
+            return {}
+        self.firings = self.alarms.check(step, self.layers, values)
+        if publisher.writer is not None:
+            for rule in dict.fromkeys(f.rule for f in self.firings):
+                lines = [f"- {f.message()}" for f in self.firings if f.rule == rule]
+                publisher.writer.add_text(alarm_tag(rule), "\n".join(lines), step)
+        return self.alarms.counts(self.firings)
 
     def finish(self) -> None:
         """Wait until every figure is drawn and written (end of training)."""
@@ -244,7 +284,7 @@ class MonitorEngine:
         sums, counts = accumulator.grid(heads, device=device)
         state = self._states.get(stage)
         if state is None or state.counts.shape != counts.shape or state.counts.device != counts.device:
-            state = self._states[stage] = AttentionStatistics(self.options.statistics, *counts.shape).to(device)
+            state = self._states[stage] = AttentionStatistics(accumulator.statistics, *counts.shape).to(device)
         state.reset()
         state.update(sums, counts, accumulator.max_grid(heads, device=device))  # max_logit: reduced with max
         values, rows = state.synced()

@@ -3,7 +3,7 @@
     python benchmarks/all.py
 
 Each benchmark runs in its own process (see its file for what it measures); this collects the lines
-that state a ratio and its target. Takes about 8 minutes on 2 CPU cores.
+that state a ratio and its target. Takes about 20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from attnmonitor import AttentionCapture
+from attnmonitor import STATISTICS, AttentionCapture
 from attnmonitor.functional.fused import FUSED_STATISTICS
 
 HEADS, HEAD_DIM, LAYERS, BATCH, WINDOW = 8, 64, 4, 2, 256
@@ -85,7 +85,8 @@ def main() -> None:
           f"L={args.length}, {HEADS} heads of {HEAD_DIM}; sliding-window ({WINDOW}) document mask")
     print(f"{'flex call':<10} {'score_mod':<10} {'statistics':<22} {'forward ms':>10} {'monitored ms':>12} {'ratio':>6}")
     for name, flex in (("eager", flex_attention), ("compiled", torch.compile(flex_attention))):
-        for score_mod, stats, label in ((softcap, None, "all 10 (chunked)"), (None, sorted(FUSED_STATISTICS), "fused-path 8")):
+        for score_mod, stats, label in ((softcap, None, f"all {len(STATISTICS)} (chunked)"),
+                                        (None, sorted(FUSED_STATISTICS), f"fused-path {len(FUSED_STATISTICS)}")):
             torch.manual_seed(0)
             model = FlexModel(flex, score_mod)
             plain = seconds(model, x, block_mask, args.repeats, None)

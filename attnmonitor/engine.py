@@ -172,7 +172,6 @@ class MonitorEngine:
             return
         stage = "train" if regular else "alarm"  # an alarm-only capture: only the statistics the rules read
         capture.accumulator = self.stages[stage].accumulator
-        capture.statistics = capture.accumulator.statistics
         atlases, heatmaps = self.train_images(step)
         capture.example_tokens = self._example_tokens if regular and (heatmaps or (atlases and self.options.analyses)) else 0
         if self._window_step != step:  # first micro-batch of this optimizer step
@@ -205,7 +204,6 @@ class MonitorEngine:
             return
         capture = self._require_capture()
         capture.accumulator = self.stages["val"].accumulator
-        capture.statistics = capture.accumulator.statistics
         capture.example_tokens = self._example_tokens
         if index == 0:
             capture.reset()

@@ -112,7 +112,7 @@ class AttentionCapture:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        self.statistics = check_statistics(statistics)
+        statistics = check_statistics(statistics)
         check_capture_options(memory_budget_mb, sink_tokens, sparsity_eps, sample_rows)
         check_int("example_tokens", example_tokens, 0)
         if not isinstance(pool_shared, bool):
@@ -125,8 +125,9 @@ class AttentionCapture:
         self.sink_tokens, self.sparsity_eps = sink_tokens, sparsity_eps
         self.example_tokens, self.sample_rows = example_tokens, sample_rows
         self.regularizer = regularizer
-        self.accumulator = StatisticsAccumulator(self.statistics)
-        """Where statistics go; swap it to keep separate sets (the monitor's train and val)."""
+        self.accumulator = StatisticsAccumulator(statistics)
+        """Where statistics go, and which (its ``statistics``); swap it to keep separate sets (the
+        monitor's train, val and alarm captures)."""
         self.alignments: Tensor | None = None
         """``[B, Lq]`` ground-truth key of each query row (negative: none), for alignment accuracy."""
         self._enabled = True
@@ -161,6 +162,11 @@ class AttentionCapture:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.remove()
+
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        """The statistics collected now: those of the current :attr:`accumulator`."""
+        return self.accumulator.statistics
 
     @property
     def enabled(self) -> bool:

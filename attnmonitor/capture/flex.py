@@ -41,6 +41,11 @@ def _flex_function() -> Callable[..., Any]:
     return _flex_module().flex_attention
 
 
+@functools.cache
+def _flex_signature() -> inspect.Signature:
+    return inspect.signature(_flex_function())
+
+
 def is_flex(obj: Any) -> bool:
     """Whether ``obj`` is ``flex_attention`` or a ``torch.compile``d ``flex_attention``."""
     flex = _flex_function()
@@ -91,7 +96,7 @@ def flex_record(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AttentionRecor
 
     flex = _flex_module()
     kwargs = {name: value for name, value in kwargs.items() if name != "training"}
-    bound = inspect.signature(_flex_function()).bind(*args, **kwargs)
+    bound = _flex_signature().bind(*args, **kwargs)
     bound.apply_defaults()
     arguments = bound.arguments
     q, k, v = arguments["query"], arguments["key"], arguments["value"]

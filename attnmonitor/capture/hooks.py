@@ -85,10 +85,11 @@ class CallHooks:
         may have changed."""
         if not (self._attached and self._compiled):
             return
-        if self._intercepting() and not self._handles:
+        intercepting = self._intercepting()
+        if intercepting and not self._handles:
             self._eager_stance = torch.compiler.set_stance("force_eager")
             self._register()
-        elif not self._intercepting() and self._handles:
+        elif not intercepting and self._handles:
             self._unregister()
 
     def _register(self) -> None:

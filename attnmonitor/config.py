@@ -258,6 +258,50 @@ class AlarmsConfig:
             check_int("alarms.every_n_steps", self.every_n_steps, 1)
 
 
+def _is_rows(value: Any) -> bool:
+    """A slice, a range, a tensor or a ``[start, stop]`` pair of ints."""
+    if isinstance(value, (slice, range)) or hasattr(value, "long"):
+        return True
+    return isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+@dataclass
+class QKClipConfig:
+    """QK-clip (Kimi K2): after every optimizer step, each head whose ``max_logit`` of that step exceeded
+    ``tau`` has its query and key projections multiplied by ``√(tau / max_logit)`` (see
+    :mod:`attnmonitor.regularization.qk_clip`). Every training step is then captured for ``max_logit``.
+
+    Attributes:
+        tau: the largest logit allowed, > 0 (Kimi K2 uses 100); None: QK-clip is off.
+        projections: ``{qualified name of a fused projection: [query rows, key rows]}`` for layouts not
+            recognised (each a ``[start, stop]`` pair, a slice or a tensor of row indices, head by head
+            along the output features); empty: recognised layouts only.
+        layers: regexes (full match) of the layers clipped; None for all.
+    """
+
+    tau: float | None = None
+    projections: dict[str, Any] = field(default_factory=dict)
+    layers: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _check_number("qk_clip.tau", self.tau, 0.0, optional=True)
+        if self.tau is not None and self.tau <= 0:
+            raise ValueError(f"`qk_clip.tau` must be > 0, got {self.tau!r}")
+        if self.projections is None:
+            self.projections = {}
+        else:
+            if not (isinstance(self.projections, Mapping) and all(isinstance(k, str) for k in self.projections)):
+                raise ValueError(f"`qk_clip.projections` must map module names to [query rows, key rows], got {self.projections!r}")
+            for name, rows in self.projections.items():
+                if isinstance(rows, str) or not isinstance(rows, Sequence) or len(rows) != 2 or not all(map(_is_rows, rows)):
+                    raise ValueError(
+                        f"`qk_clip.projections['{name}']` must be [query rows, key rows], each a [start, stop] pair, a slice, "
+                        f"a range or a tensor of row indices, got {rows!r}"
+                    )
+            self.projections = {name: tuple(rows) for name, rows in self.projections.items()}
+        self.layers = _check_layers("qk_clip.layers", self.layers)
+
+
 @dataclass
 class MonitorOptions:
     """Every option of the attention monitor, checked at once; shared by every training-loop adapter.
@@ -289,6 +333,9 @@ class MonitorOptions:
         top_k: keys listed per query in the interpretation table.
         token_classes: ``{class: [tokens]}`` for attention shares (default: function vs content words).
         alarms: :class:`AlarmsConfig` (or mapping): per-head training-health alarms; None: off.
+        qk_clip: :class:`QKClipConfig` (or mapping, e.g. ``{"tau": 100}``): rescale the query and key
+            projections of heads whose ``max_logit`` exceeds ``tau`` after each optimizer step; None
+            (or ``tau`` None): off.
 
     Raises:
         ValueError: naming the first invalid option, the accepted values and the value received.
@@ -317,6 +364,7 @@ class MonitorOptions:
     top_k: int = 5
     token_classes: dict[str, list[str]] | None = None
     alarms: AlarmsConfig | None = None
+    qk_clip: QKClipConfig | None = None
 
     def __post_init__(self) -> None:
         from attnmonitor.functional.statistics import check_statistics
@@ -350,6 +398,11 @@ class MonitorOptions:
                         f"`alarms.{rule}` reads the statistic {statistic!r}, which is not among `statistics` {self.statistics}: "
                         f"add it, or set `alarms.{rule}` to None"
                     )
+        self.qk_clip = as_config(self.qk_clip, QKClipConfig, "qk_clip")
+        if self.qk_clip is not None and self.qk_clip.tau is None:
+            self.qk_clip = None  # off
+        if self.qk_clip is not None and "max_logit" not in self.statistics:
+            raise ValueError(f"`qk_clip` reads the statistic 'max_logit', which is not among `statistics` {self.statistics}: add it")
 
 
     def loggable(self) -> dict[str, Any]:
@@ -446,3 +499,4 @@ def register_configs() -> None:
     store.store(group="attnmonitor", name="regularizer", node=RegularizerConfig)
     store.store(group="attnmonitor", name="clip", node=ClipConfig)
     store.store(group="attnmonitor", name="alarms", node=AlarmsConfig)
+    store.store(group="attnmonitor", name="qk_clip", node=QKClipConfig)

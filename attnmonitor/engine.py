@@ -33,6 +33,7 @@ from attnmonitor.capture.calls import CROSS
 from attnmonitor.config import MonitorOptions, layer_selected
 from attnmonitor.functional.statistics import POSITION_STATISTICS
 from attnmonitor.metrics.state import AttentionStatistics, gather_layers
+from attnmonitor.regularization.qk_clip import QKClip
 from attnmonitor.regularization.regularizer import AttentionRegularizer
 from attnmonitor.tensorboard import ExampleAnalysis, analyse_example, role_changes, tags
 from attnmonitor.tensorboard.worker import FigureWorker
@@ -105,11 +106,14 @@ class MonitorEngine:
         self.stages = {stage: StageData(StatisticsAccumulator(options.statistics)) for stage in STAGES}
         self.alarms = AttentionAlarms(options.alarms) if options.alarms is not None else None
         """The training-health rules and their history (None: alarms off)."""
-        if self.alarms is not None:
-            self.stages["alarm"] = StageData(StatisticsAccumulator(self.alarms.statistics))
+        self.qk_clip: QKClip | None = None
+        """The QK-clip of the attached model (None: off)."""
+        light = (*(self.alarms.statistics if self.alarms is not None else ()), *(("max_logit",) if options.qk_clip else ()))
+        if light:  # light captures: only the statistics the alarms and QK-clip read
+            self.stages["light"] = StageData(StatisticsAccumulator(tuple(dict.fromkeys(light))))
         self.firings: list[Firing] = []
         """The alarms that fired at the last training publication (an adapter acts on them)."""
-        self._alarm_steps: set[int] = set()  # captured steps that only the alarms asked for
+        self._light_steps: set[int] = set()  # captured steps that only the alarms or QK-clip asked for
         self.last_train_step = -1
         """Last optimizer step whose training capture was published (saved in checkpoints)."""
         self.latest: dict[str, float] = {}
@@ -118,6 +122,7 @@ class MonitorEngine:
         """Draws and writes figures off the training thread."""
         self._window_step: int | None = None  # optimizer step being captured
         self._roles: dict[str, Tensor] = {}
+        self._heads: dict[str, int] = {}  # {layer: heads} of the last computed capture, on every process
         self._states: dict[str, AttentionStatistics] = {}  # per stage, reused while the layer grid keeps its shape
         self._warned: set[str] = set()
 
@@ -146,6 +151,8 @@ class MonitorEngine:
         """Hook ``model`` (idempotent; see :meth:`check` for the errors)."""
         if self.capture is None:
             capture = self.check(model)
+            if self.options.qk_clip is not None:
+                self.qk_clip = QKClip(self.options.qk_clip, model, capture.targets)
             capture.enabled = False
             self.capture = capture.attach()
         self.regularizer.regularizing = False
@@ -166,11 +173,10 @@ class MonitorEngine:
         self.regularizer.begin_step(step)
         self._prepare(capture, batch)
         regular = due(step, self.options.every_n_steps)
-        alarm_every = self.options.alarms.every_n_steps if self.options.alarms is not None else None
-        if not (regular or (alarm_every is not None and due(step, alarm_every))) or step <= self.last_train_step:
+        if not (regular or self._alarms_due(step) or self.qk_clip is not None) or step <= self.last_train_step:
             capture.enabled = False  # the regularizer's state may have changed: a compiled model follows it
             return
-        stage = "train" if regular else "alarm"  # an alarm-only capture: only the statistics the rules read
+        stage = "train" if regular else "light"  # only the statistics the alarms and QK-clip read
         capture.accumulator = self.stages[stage].accumulator
         atlases, heatmaps = self.train_images(step)
         capture.example_tokens = self._example_tokens if regular and (heatmaps or (atlases and self.options.analyses)) else 0
@@ -180,7 +186,7 @@ class MonitorEngine:
             if regular:
                 self.stages["train"].keep_ids(batch, self.options)
             else:
-                self._alarm_steps.add(step)
+                self._light_steps.add(step)
         capture.enabled = True
 
     def end_train_batch(self, step: int) -> int | None:
@@ -192,6 +198,13 @@ class MonitorEngine:
         finished, self._window_step = self._window_step, None
         self.last_train_step = finished
         return finished
+
+    def _alarms_due(self, step: int) -> bool:
+        """Whether the alarms look at step ``step``: every regular capture, and every ``alarms.every_n_steps``."""
+        if self.alarms is None:
+            return False
+        every = self.alarms.config.every_n_steps
+        return due(step, self.options.every_n_steps) or (every is not None and due(step, every))
 
     def train_images(self, step: int) -> tuple[bool, bool]:
         """Whether a finished training capture at ``step`` draws atlases, and heatmaps."""
@@ -225,9 +238,9 @@ class MonitorEngine:
         """
         self.firings = []
         try:
-            if stage == "train" and step in self._alarm_steps:
-                self._alarm_steps.discard(step)
-                self._publish_alarms(step, publisher)
+            if stage == "train" and step in self._light_steps:
+                self._light_steps.discard(step)
+                self._publish_light(step, publisher)
                 return
             computed = self._compute(stage, publisher.device)
             if computed is None:
@@ -237,6 +250,7 @@ class MonitorEngine:
             scalars = statistic_scalars(stage, self.layers, values, observed, self.options.per_head)
             if stage == "train":
                 scalars.update(self._check_alarms(step, values, publisher))
+                scalars.update(self._clip(values))
             scalars.update(alignment_scalars(stage, self.stages[stage].accumulator.alignment))
             skipped = sum(self._require_capture().skipped.values())
             if skipped:  # captures skipped since the start (non-finite attention, ...), each warned once per layer
@@ -250,11 +264,19 @@ class MonitorEngine:
         except Exception as err:  # the monitor never stops training
             self._warn(f"publish-{type(err).__name__}", f"attnmonitor: logging {stage} attention failed at step {step}: {err!r}")
 
-    def _publish_alarms(self, step: int, publisher: Publisher) -> None:
-        """An alarm-only capture: the rules and their scalars, nothing else."""
-        computed = self._compute("alarm", publisher.device)
+    def _publish_light(self, step: int, publisher: Publisher) -> None:
+        """A light capture: the alarms (when due) and QK-clip, and their scalars, nothing else."""
+        computed = self._compute("light", publisher.device)
         if computed is not None:
-            publisher.log_scalars(self._check_alarms(step, computed[0], publisher), step)
+            scalars = self._check_alarms(step, computed[0], publisher) if self._alarms_due(step) else {}
+            publisher.log_scalars({**scalars, **self._clip(computed[0])}, step)
+
+    def _clip(self, values: dict[str, Tensor]) -> dict[str, float]:
+        """QK-clip from the step's synced ``max_logit`` (the same on every process); its scalar."""
+        if self.qk_clip is None:
+            return {}
+        maxima = {layer: values["max_logit"][row, :heads] for row, (layer, heads) in enumerate(self._heads.items())}
+        return {tags.regularization("qk_clipped_heads"): float(self.qk_clip.apply(maxima))}
 
     def _check_alarms(self, step: int, values: dict[str, Tensor], publisher: Publisher) -> dict[str, float]:
         """Apply the rules (the same decisions on every process); their scalars, and text on rank zero."""
@@ -276,7 +298,7 @@ class MonitorEngine:
         define a statistic) and bool ``[L, H]`` observed cells; None when no process captured anything."""
         accumulator = self.stages[stage].accumulator
         heads = gather_layers(accumulator.heads(), self.layers)
-        self.layers = list(heads)
+        self.layers, self._heads = list(heads), heads
         if not any(heads.values()):
             return None
         sums, counts = accumulator.grid(heads, device=device)

@@ -2,7 +2,12 @@
 exactly tau), the other heads and every other parameter are untouched, on many architectures."""
 
 import inspect
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +279,19 @@ def test_clipping_holds_logits_down_while_training(tmp_path):
     clipped = _train_max_logit(tmp_path / "clipped", {"tau": 5.0})
     assert max(free) > 4 * 5.0, free
     assert max(clipped) < 2 * 5.0 and all(math.isfinite(v) for v in clipped), clipped
+
+
+@pytest.mark.slow
+def test_ddp_ranks_clip_and_alarm_alike(tmp_path):
+    """Two processes with different data: the same heads clipped by the same factors (identical weights
+    at the end) and the same alarms acted on at the same steps."""
+    job = Path(__file__).parent / "helpers" / "health_ddp_job.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
+    result = subprocess.run([sys.executable, str(job), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    firings = [json.loads((tmp_path / f"firings_rank{r}.json").read_text()) for r in (0, 1)]
+    assert firings[0] and firings[0] == firings[1]
+    weights = [torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    clipped = read_events(tmp_path / "tb" / "version_0").Scalars("attn_reg/qk_clipped_heads")
+    assert len(clipped) == 8 and sum(e.value for e in clipped) > 0

@@ -131,7 +131,8 @@ class MonitorEngine:
         """A capture of ``model``, not attached yet, with every option that needs the model checked.
 
         Raises:
-            ValueError: if ``targets`` selects no module, or a ``layers`` option matches none.
+            ValueError: if ``targets`` selects no module, a ``layers`` option matches none, or QK-clip
+                cannot tell the query and key projections of an attention module.
         """
         options = self.options
         capture = AttentionCapture(
@@ -141,6 +142,8 @@ class MonitorEngine:
             memory_budget_mb=options.memory_budget_mb, sink_tokens=options.sink_tokens,
             sparsity_eps=options.sparsity_eps, sample_rows=options.sample_rows,
         )
+        if options.qk_clip is not None:
+            QKClip(options.qk_clip, model, capture.targets)  # projections it cannot tell: an error now
         for option, config in (("heatmaps", options.heatmaps), ("regularizer", options.regularizer), ("clip", options.clip)):
             patterns = getattr(config, "layers", None)
             if patterns is not None and not any(layer_selected(name, patterns) for name in capture.target_names):

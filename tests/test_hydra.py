@@ -23,7 +23,7 @@ from attnmonitor.config import AttentionMonitorConfig, MonitorOptions, register_
 from attnmonitor.regularization import RegularizerConfig
 from tests.helpers.events import read_events, read_hparams
 
-EXPERIMENTS = [None, "reverse", "minilm", "regularized"]
+EXPERIMENTS = [None, "reverse", "minilm", "regularized", "unstable"]
 FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0"]
 
 
@@ -65,6 +65,28 @@ def test_every_preset_composes_and_instantiates_plain_python(experiment):
     assert restored.options == monitor.options
     if experiment == "regularized":
         assert monitor.engine.regularizer.regularizing and monitor.engine.regularizer.clip.max == 0.6
+    if experiment == "unstable":
+        assert monitor.options.alarms.every_n_steps == 10 and monitor.options.qk_clip is None
+
+
+def test_qk_clip_is_switched_on_by_its_tau_from_the_command_line():
+    assert instantiate(_compose().callbacks.attention_monitor).options.qk_clip is None
+    cfg = _compose(["callbacks.attention_monitor.qk_clip.tau=100", "callbacks.attention_monitor.qk_clip.layers=[blocks\\.0\\..*]"])
+    options = instantiate(cfg.callbacks.attention_monitor, _convert_="all").options
+    assert (options.qk_clip.tau, options.qk_clip.layers, options.qk_clip.projections) == (100.0, ["blocks\\.0\\..*"], {})
+
+
+def test_unstable_preset_warms_the_learning_rate_up_to_its_peak():
+    cfg = _compose(["experiment=unstable"])
+    model = instantiate(cfg.model, vocab_size=10)
+    optimizers = model.configure_optimizers()
+    optimizer, ramp = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(cfg.model.warmup_steps + 2):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        ramp.step()
+    assert rates[0] == pytest.approx(0.3 / 200) and rates[99] == pytest.approx(0.15) and rates[199:] == pytest.approx([0.3] * 3)
 
 
 @pytest.mark.parametrize(

@@ -49,10 +49,20 @@ class TinyGPT(L.LightningModule):
         heads: attention heads per block.
         dropout: dropout of attention and MLP.
         lr: AdamW learning rate.
+        warmup_steps: the learning rate ramps linearly from ``lr / warmup_steps`` to ``lr`` over this many
+            optimizer steps (0: constant).
     """
 
     def __init__(
-        self, vocab_size: int, seq_len: int = 64, dim: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.0, lr: float = 3e-3
+        self,
+        vocab_size: int,
+        seq_len: int = 64,
+        dim: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
+        lr: float = 3e-3,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -83,5 +93,10 @@ class TinyGPT(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.log("val/loss", self._loss(batch), prog_bar=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        warmup = self.hparams.warmup_steps
+        if not warmup:
+            return optimizer
+        ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": ramp, "interval": "step"}}

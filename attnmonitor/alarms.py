@@ -79,6 +79,17 @@ def _sink_jump(config: SinkJumpConfig, current: Tensor, history: Tensor) -> Tens
     return (current - history.nanmean(0)).abs() > config.jump
 
 
+def act(firings: Sequence[Firing], warn: Callable[[str], None]) -> set[str]:
+    """Warn about every firing (one message) and call each callable action once with its firings;
+    returns the other actions requested (``"checkpoint"``, ``"stop"``), for the adapter to carry out."""
+    if not firings:
+        return set()
+    warn("\n".join(f.message() for f in firings))
+    for action in {id(f.action): f.action for f in firings if callable(f.action)}.values():
+        action([f for f in firings if f.action is action])
+    return {f.action for f in firings if isinstance(f.action, str)} - {"warn"}
+
+
 RULES: dict[str, tuple[str, Rule]] = {
     "entropy_collapse": ("normalized_entropy", _entropy_collapse),
     "logit_growth": ("max_logit", _logit_growth),

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from attnmonitor.alarms import act
 from attnmonitor.config import MonitorOptions, as_options
 from attnmonitor.engine import MonitorEngine
 from attnmonitor.regularization.lightning import LossInjection
@@ -145,12 +146,8 @@ class AttentionMonitor(Callback):
     def _act_on_alarms(self, trainer: pl.Trainer, step: int) -> None:
         """Warn about every firing; call the callables; save a checkpoint for ``"checkpoint"`` and
         ``"stop"``, then stop for ``"stop"``. Every process takes the same decisions (synced statistics)."""
-        firings = self.engine.firings
-        rank_zero_warn("\n".join(f.message() for f in firings), category=RuntimeWarning)
-        for action in {id(f.action): f.action for f in firings if callable(f.action)}.values():
-            action([f for f in firings if f.action is action])
-        actions = {f.action for f in firings if isinstance(f.action, str)}
-        if actions & {"checkpoint", "stop"}:
+        actions = act(self.engine.firings, lambda message: rank_zero_warn(message, category=RuntimeWarning))
+        if actions:
             path = Path(trainer.log_dir or trainer.default_root_dir) / "alarm_checkpoints" / f"step={step}.ckpt"
             trainer.save_checkpoint(path)
             rank_zero_warn(f"attnmonitor: alarm checkpoint saved to {path}", category=RuntimeWarning)

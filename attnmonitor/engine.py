@@ -113,7 +113,8 @@ class MonitorEngine:
             self.stages["light"] = StageData(StatisticsAccumulator(tuple(dict.fromkeys(light))))
         self.firings: list[Firing] = []
         """The alarms that fired at the last training publication (an adapter acts on them)."""
-        self._light_steps: set[int] = set()  # captured steps that only the alarms or QK-clip asked for
+        self._window_light = False  # the step being captured is a light one (only the alarms or QK-clip asked for it)
+        self._light_finished: int | None = None  # the finished step to publish, when it was a light capture
         self.last_train_step = -1
         """Last optimizer step whose training capture was published (saved in checkpoints)."""
         self.latest: dict[str, float] = {}
@@ -186,10 +187,9 @@ class MonitorEngine:
         if self._window_step != step:  # first micro-batch of this optimizer step
             capture.reset()
             self._window_step = step
+            self._window_light = not regular
             if regular:
                 self.stages["train"].keep_ids(batch, self.options)
-            else:
-                self._light_steps.add(step)
         capture.enabled = True
 
     def end_train_batch(self, step: int) -> int | None:
@@ -199,6 +199,7 @@ class MonitorEngine:
         if self._window_step is None or step == self._window_step:
             return None
         finished, self._window_step = self._window_step, None
+        self._light_finished = finished if self._window_light else None
         self.last_train_step = finished
         return finished
 
@@ -241,9 +242,9 @@ class MonitorEngine:
         """
         self.firings = []
         try:
-            if stage == "train" and step in self._light_steps:
-                self._light_steps.discard(step)
-                self._publish_light(step, publisher)
+            if stage == "train" and self._light_finished is not None:
+                captured, self._light_finished = self._light_finished, None
+                self._publish_light(step, captured, publisher)
                 return
             computed = self._compute(stage, publisher.device)
             if computed is None:
@@ -267,11 +268,12 @@ class MonitorEngine:
         except Exception as err:  # the monitor never stops training
             self._warn(f"publish-{type(err).__name__}", f"attnmonitor: logging {stage} attention failed at step {step}: {err!r}")
 
-    def _publish_light(self, step: int, publisher: Publisher) -> None:
-        """A light capture: the alarms (when due) and QK-clip, and their scalars, nothing else."""
+    def _publish_light(self, step: int, captured: int, publisher: Publisher) -> None:
+        """A light capture of optimizer step ``captured``, logged at ``step``: the alarms (when due) and
+        QK-clip, and their scalars, nothing else."""
         computed = self._compute("light", publisher.device)
         if computed is not None:
-            scalars = self._check_alarms(step, computed[0], publisher) if self._alarms_due(step) else {}
+            scalars = self._check_alarms(step, computed[0], publisher) if self._alarms_due(captured) else {}
             publisher.log_scalars({**scalars, **self._clip(computed[0])}, step)
 
     def _clip(self, values: dict[str, Tensor]) -> dict[str, float]:

@@ -234,3 +234,29 @@ def test_the_hf_trainer_example_runs(tmp_path):
     assert [entry["step"] for entry in trainer.state.log_history if "attn_train/entropy" in entry] == [2, 4]
     events = read_events(tensorboard_dir(trainer))
     assert [e.step for e in events.Scalars("train/attn_train/entropy")] == [2, 4]
+
+
+def test_an_alarm_with_action_stop_saves_and_stops_the_trainer_and_qk_clip_rescales(tmp_path):
+    """Every head's max_logit is above a ceiling of 0: the rule fires at its second capture (warm-up 1),
+    the Trainer saves a checkpoint there and stops; QK-clip (tau below every head at first) runs after every step."""
+    model = build("gpt2")
+    query_before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    growth = {"ceiling": 0.0, "rate": None, "warmup": 1, "window": 1, "action": "stop"}
+    monitor = AttentionMonitorCallback(
+        every_n_steps=5, heatmaps=None, analyses=False, val_batches=0, qk_clip={"tau": 1e-3},
+        alarms={"entropy_collapse": None, "sink_jump": None, "logit_growth": growth, "every_n_steps": 1},
+    )
+    trainer = AttentionMonitorTrainer(
+        model=model, args=arguments(tmp_path, max_steps=6, report_to=[], learning_rate=0.0, save_strategy="steps", save_steps=100),
+        train_dataset=samples("gpt2", 30), callbacks=[monitor],
+    )
+    with pytest.warns(RuntimeWarning, match=r"alarm \[logit_growth\] at step 2: layer 'transformer.h.0.attn' head 0"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # stopped after the step the alarm fired at (logged at the Trainer's step 2)
+    assert (tmp_path / "checkpoint-2").is_dir()
+    clipped = [entry["attn_reg/qk_clipped_heads"] for entry in trainer.state.log_history if "attn_reg/qk_clipped_heads" in entry]
+    assert len(clipped) == 2 and clipped[0] == 8.0  # after each step; the first: 2 layers x 4 heads
+    d = 32
+    query_after = model.transformer.h[0].attn.c_attn.weight.detach()
+    assert (query_after[:, : 2 * d].abs() < query_before[:, : 2 * d].abs() * 0.5).all()  # queries and keys shrunk
+    assert torch.equal(query_after[:, 2 * d :], query_before[:, 2 * d :])  # values untouched

@@ -160,3 +160,24 @@ def test_the_plain_loop_example_runs(tmp_path):
     assert [e.step for e in events.Scalars("attn_val/entropy")] == [3]
     assert [e.step for e in events.Scalars("attn_reg/penalty")] == [1, 3]
     assert "attn_val/heatmap/blocks.0.attn" in events.Tags()["images"]
+
+
+def test_alarms_warn_call_back_and_ask_the_loop_to_save_and_stop():
+    model = _model()
+    calls = []
+    growth = {"ceiling": 0.0, "rate": None, "warmup": 1, "window": 1}
+    alarms = {"entropy_collapse": None, "sink_jump": {"jump": 1e-9, "warmup": 1, "window": 1, "action": calls.append},
+              "logit_growth": {**growth, "action": "stop"}, "every_n_steps": 1}
+    requests = []
+    with AttentionMonitorLoop(model, every_n_steps=10, heatmaps=None, analyses=False, val_batches=0, alarms=alarms) as monitor:
+        for step, batch in enumerate((_micro_batches(0) + _micro_batches(1))[:3]):
+            with monitor.step(step, batch):
+                model(batch["input_ids"], attention_mask=batch["attention_mask"]).square().mean().backward()
+            if step == 0:
+                monitor.log()
+            else:
+                with pytest.warns(RuntimeWarning, match=rf"alarm \[logit_growth\] at step {step}: layer 'layers.0' head 0"):
+                    monitor.log()
+            requests.append((monitor.should_checkpoint, monitor.should_stop))
+    assert requests == [(False, False), (True, True), (True, True)]
+    assert [{f.rule for f in firings} for firings in calls] == [{"sink_jump"}, {"sink_jump"}]  # once per step, its own rule only

@@ -7,6 +7,7 @@ an optimizer step runs (:meth:`AttentionMonitorLoop.step`) and when the step is 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnmonitor.alarms import act
 from attnmonitor.config import MonitorOptions, as_options, check_int
 from attnmonitor.engine import MonitorEngine, due
 from attnmonitor.integrations.penalty import PenaltyTracker
@@ -92,6 +94,10 @@ class AttentionMonitorLoop:
         self.device = torch.device(device) if device is not None else None
         self.engine.attach(model)
         self._step: int | None = None  # optimizer step of the micro-batches run since the last log
+        self.should_checkpoint = False
+        """Whether an alarm with action ``"checkpoint"`` or ``"stop"`` fired at the last :meth:`log`: save one."""
+        self.should_stop = False
+        """Whether an alarm with action ``"stop"`` has fired: save, then end the loop."""
         self._writer: Any = None
 
     # training -----------------------------------------------------------------------------
@@ -129,7 +135,8 @@ class AttentionMonitorLoop:
 
     def log(self, writer: Any = None) -> dict[str, float]:
         """After the optimizer step: write the step's statistics when it was captured, and the
-        regularizer's means (``attn_reg/*``) on capture steps.
+        regularizer's means (``attn_reg/*``) on capture steps; apply QK-clip; act on the alarms (warn,
+        call the callables, and set :attr:`should_checkpoint` / :attr:`should_stop` for the loop to act on).
 
         Args:
             writer: a ``SummaryWriter`` (scalars, and on atlas/heatmap steps figures); None: nothing
@@ -190,9 +197,14 @@ class AttentionMonitorLoop:
     # helpers ------------------------------------------------------------------------------
     def _publish_train(self, next_step: int, publisher: WriterPublisher | None = None) -> None:
         finished = self.engine.end_train_batch(next_step)
+        self.should_checkpoint = False
         if finished is not None:
             images, heatmaps = self.engine.train_images(finished)
             self.engine.publish("train", finished, publisher or self._publisher(), images=images, heatmaps=heatmaps)
+            warn = (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=4)) if _global_rank() == 0 else (lambda m: None)
+            actions = act(self.engine.firings, warn)
+            self.should_checkpoint = bool(actions)
+            self.should_stop |= "stop" in actions
 
     def _publisher(self, writer: Any = None) -> WriterPublisher:
         if self.device is None:

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
+from attnmonitor.alarms import act
 from attnmonitor.config import MonitorOptions, as_options
 from attnmonitor.engine import MonitorEngine
 from attnmonitor.integrations.penalty import PenaltyTracker
@@ -168,6 +169,7 @@ class AttentionMonitorCallback(TrainerCallback):
         if finished is not None:  # published at the Trainer's step count now (finished + 1)
             images, heatmaps = self.engine.train_images(finished)
             self._publish("train", state.global_step, images, heatmaps)
+            self._act_on_alarms(state, control)
         if control.should_log and self.penalties.logs and self._publishers:
             scalars = self.penalties.scalars()
             if scalars:
@@ -211,6 +213,17 @@ class AttentionMonitorCallback(TrainerCallback):
         if self.engine.capture is None:
             return None
         return self.engine.end_train_batch(state.global_step)
+
+    def _act_on_alarms(self, state: TrainerState, control: TrainerControl) -> None:
+        """Warn (main process) and call the callables; ``"checkpoint"`` asks the Trainer to save now,
+        ``"stop"`` to save and stop. Every process takes the same decisions (synced statistics)."""
+        warn = (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=2)) if state.is_world_process_zero else (lambda m: None)
+        actions = act(self.engine.firings, warn)
+        if actions:
+            control.should_save = True
+        if "stop" in actions:
+            control.should_training_stop = True
+            warn(f"attnmonitor: an alarm with action 'stop' fired at step {state.global_step}: training stops after saving.")
 
     def _publish(self, stage: str, step: int, images: bool, heatmaps: bool) -> None:
         publisher = self._publishers[stage]

@@ -38,7 +38,7 @@ from attnmonitor.engine import due
 from attnmonitor.train import build, quiet
 
 SPIKE_FACTOR, SPIKE_AFTER = 2.0, 50
-COMMON = ["logger=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+COMMON = ["~logger", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
           "callbacks.attention_monitor.alarms.every_n_steps=10", "callbacks.attention_monitor.heatmaps=null",
           "callbacks.attention_monitor.analyses=false"]
 

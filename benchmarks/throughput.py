@@ -2,8 +2,9 @@
 
     python benchmarks/throughput.py [--steps 150] [--rounds 5]
 
-Eager: no monitor, the monitor at its defaults (a capture every 50 steps), and capturing every step.
-Compiled (``Module.compile()``, inductor): the same three. Short runs alternate within each round so
+Eager: no monitor, the monitor at its defaults (a capture every 50 steps), capturing every step, the
+defaults with light alarm captures every 10 steps, and with QK-clip (``max_logit`` captured every
+step). Compiled (``Module.compile()``, inductor): no monitor, defaults, every step. Short runs alternate within each round so
 that machine noise (which drifts by ±10 % over seconds on a shared machine) hits every configuration
 alike; each run's mean step rate counts (captured steps included) and the median run per
 configuration is compared. Separately, the stall of a step that draws images (atlases, heatmaps,
@@ -30,6 +31,8 @@ CONFIGS: dict[str, tuple[bool, Make, float | None]] = {
     "no monitor": (False, lambda: None, None),
     "monitor, defaults": (False, AttentionMonitor, 0.98),
     "monitor, every step": (False, lambda: AttentionMonitor(every_n_steps=1), 0.90),
+    "alarms every 10": (False, lambda: AttentionMonitor(alarms={"every_n_steps": 10}), None),
+    "qk_clip": (False, lambda: AttentionMonitor(qk_clip={"tau": 100.0}), None),
     "compiled, no monitor": (True, lambda: None, None),
     "compiled, defaults": (True, AttentionMonitor, 0.97),
     "compiled, every step": (True, lambda: AttentionMonitor(every_n_steps=1), None),
@@ -58,18 +61,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", nargs="*", default=None, help="configurations to run (their baselines are added)")
     args = parser.parse_args()
     data = CorpusDataModule()
-    rates: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    names = list(CONFIGS) if args.only is None else [n for n in CONFIGS if n in args.only or n in BASELINES.values()]
+    configs = {name: CONFIGS[name] for name in names if BASELINES[CONFIGS[name][0]] in names}
+    rates: dict[str, list[float]] = {name: [] for name in configs}
     stalls: list[float] = []
     for _ in range(args.rounds):
-        for name, (compiled, make, _) in CONFIGS.items():
+        for name, (compiled, make, _) in configs.items():
             timed = durations(args.steps, compiled, make, data)[WARMUP_STEPS:]
             rates[name].append(len(timed) / sum(timed))
         stalls.append(image_stall(data))
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds")
     print(f"{'configuration':<22} {'steps/s':>8} {'ratio':>6} {'target':>7}  result")
-    for name, (compiled, _, target) in CONFIGS.items():
+    for name, (compiled, _, target) in configs.items():
         rate = statistics.median(rates[name])
         ratio = rate / statistics.median(rates[BASELINES[compiled]])
         verdict = "" if target is None else ("PASS" if ratio >= target else "FAIL")

@@ -247,7 +247,7 @@ def test_an_alarm_with_action_stop_saves_and_stops_the_trainer_and_qk_clip_resca
         alarms={"entropy_collapse": None, "sink_jump": None, "logit_growth": growth, "every_n_steps": 1},
     )
     trainer = AttentionMonitorTrainer(
-        model=model, args=arguments(tmp_path, max_steps=6, report_to=[], learning_rate=0.0, save_strategy="steps", save_steps=100),
+        model=model, args=arguments(tmp_path, max_steps=6, report_to=[], learning_rate=0.0),  # save_strategy "no"
         train_dataset=samples("gpt2", 30), callbacks=[monitor],
     )
     with pytest.warns(RuntimeWarning, match=r"alarm \[logit_growth\] at step 2: layer 'transformer.h.0.attn' head 0"):

@@ -186,10 +186,9 @@ class QKClip:
         if config.tau is None:
             raise ValueError("`qk_clip.tau` is None: QK-clip is off")
         self.tau = float(config.tau)
-        self.layers = config.layers
         named = {name or type(m).__name__: m for name, m in targets.items()}  # as the capture names layers
         self._modules = {name: m for name, m in named.items() if layer_selected(name, config.layers)}
-        self._projections: dict[str, Projections] = {}
+        self._projections: dict[str, Projections | None] = {}  # None: not recognised (warned once, not clipped)
         modules = dict(model.named_modules())
         errors = [
             f"`qk_clip.projections` names '{fused}', which is no module inside the attention modules clipped {sorted(self._modules)}"
@@ -218,11 +217,9 @@ class QKClip:
                 by_module[name] = values if seen is None else torch.fmax(seen, values)
         clipped = 0
         for name, values in by_module.items():
-            projections = self._projections.get(name)
+            projections = self._projections[name] if name in self._projections else self._late_projections(name)
             if projections is None:
-                projections = self._late_projections(name)
-                if projections is None:
-                    continue
+                continue
             kv_heads = self._kv_heads(name, projections, values.numel())
             if kv_heads is None:
                 continue
@@ -239,8 +236,8 @@ class QKClip:
         try:
             self._projections[name] = find_projections(name, self._modules[name], {}, nn.Module())
         except ValueError as err:
+            self._projections[name] = None
             self._warn(name, f"attnmonitor: {err}; this layer is not clipped.")
-            return None
         return self._projections[name]
 
     def _kv_heads(self, name: str, projections: Projections, heads: int) -> int | None:

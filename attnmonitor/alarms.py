@@ -56,16 +56,20 @@ class Firing:
         )
 
 
-Rule = Callable[[Any, Tensor, Tensor], Tensor]
-"""``(rule config, current [H], history [n, H]) -> bool [H]``: heads for which the rule fires."""
+Rule = Callable[[Any, Tensor, Tensor, Mapping[str, Tensor]], Tensor]
+"""``(rule config, current [H], history [n, H], {statistic: current [H]} of the layer) -> bool [H]``:
+heads for which the rule fires."""
 
 
-def _entropy_collapse(config: EntropyCollapseConfig, current: Tensor, history: Tensor) -> Tensor:
+def _entropy_collapse(config: EntropyCollapseConfig, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
     mean = history.nanmean(0)
-    return (current < (1 - config.drop) * mean) & (mean - current >= config.min_drop)
+    fired = (current < (1 - config.drop) * mean) & (mean - current >= config.min_drop)
+    if config.logit_floor is not None:
+        fired &= row["max_logit"] > config.logit_floor
+    return fired
 
 
-def _logit_growth(config: LogitGrowthConfig, current: Tensor, history: Tensor) -> Tensor:
+def _logit_growth(config: LogitGrowthConfig, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
     fired = torch.zeros_like(current, dtype=torch.bool)
     if config.ceiling is not None:
         fired |= current > config.ceiling
@@ -75,7 +79,7 @@ def _logit_growth(config: LogitGrowthConfig, current: Tensor, history: Tensor) -
     return fired
 
 
-def _sink_jump(config: SinkJumpConfig, current: Tensor, history: Tensor) -> Tensor:
+def _sink_jump(config: SinkJumpConfig, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
     return (current - history.nanmean(0)).abs() > config.jump
 
 
@@ -95,7 +99,18 @@ RULES: dict[str, tuple[str, Rule]] = {
     "logit_growth": ("max_logit", _logit_growth),
     "sink_jump": ("sink_mass", _sink_jump),
 }
-"""``{rule: (statistic it reads, rule)}``."""
+"""``{rule: (statistic it watches, rule)}``."""
+
+
+def rule_statistics(config: AlarmsConfig) -> dict[str, tuple[str, ...]]:
+    """``{rule: statistics it reads}`` of the rules that are on."""
+    needs = {}
+    for name, (statistic, _) in RULES.items():
+        rule_config = getattr(config, name)
+        if rule_config is not None:
+            extra = ("max_logit",) if getattr(rule_config, "logit_floor", None) is not None else ()
+            needs[name] = (statistic, *extra)
+    return needs
 
 
 class AttentionAlarms:
@@ -117,23 +132,23 @@ class AttentionAlarms:
     @property
     def statistics(self) -> tuple[str, ...]:
         """The statistics the rules read."""
-        return tuple(dict.fromkeys(statistic for statistic, _, _ in self._rules.values()))
+        return tuple(dict.fromkeys(s for statistics in rule_statistics(self.config).values() for s in statistics))
 
     def check(self, step: int, layers: Sequence[str], values: Mapping[str, Tensor]) -> list[Firing]:
         """Apply every rule to the ``{statistic: [L, H]}`` of a capture (NaN: not observed), then add
         the capture to the history. Returns the firings, by rule, layer and head."""
         firings = []
+        grids = {statistic: grid.detach().float().cpu() for statistic, grid in values.items() if statistic in self.statistics}
         for name, (statistic, fires, rule_config) in self._rules.items():
-            grid = values.get(statistic)
+            grid = grids.get(statistic)
             if grid is None:
                 continue
-            grid = grid.detach().float().cpu()
             for row, layer in enumerate(layers):
                 current = grid[row]
                 history = self._history.setdefault((name, layer), deque(maxlen=rule_config.window))
                 if len(history) >= rule_config.warmup and len(history[0]) == len(current):
                     past = torch.stack(list(history))  # [n, H]
-                    fired = fires(rule_config, current, past) & ~current.isnan()
+                    fired = fires(rule_config, current, past, {s: g[row] for s, g in grids.items()}) & ~current.isnan()
                     for head in fired.nonzero().flatten().tolist():
                         firings.append(Firing(
                             name, statistic, layer, head, float(current[head]), tuple(past[:, head].tolist()), step, rule_config.action

@@ -161,11 +161,15 @@ def _check_number(option: str, value: Any, low: float, high: float = float("inf"
 @dataclass
 class EntropyCollapseConfig:
     """Fires for a head whose normalised entropy falls below ``(1 − drop)`` × its mean over the last
-    ``window`` captures, by at least ``min_drop``.
+    ``window`` captures, by at least ``min_drop``, while its ``max_logit`` is above ``logit_floor``.
 
     Attributes:
         drop: relative fall, in (0, 1).
         min_drop: smallest absolute fall (normalised entropy is in [0, 1]).
+        logit_floor: the head's ``max_logit`` must also exceed this; None: entropy alone. A head that
+            learns a sharp pattern sharpens with moderate logits (the ``reverse`` preset's
+            cross-attention falls from 0.99 to 0.06 with ``max_logit`` below 23), a runaway collapse
+            with growing ones (``experiment=unstable``: above 100 within 30 steps).
         window: captures of history; warmup: captures needed before it may fire.
         action: ``"warn"``, ``"checkpoint"`` (save one at that step), ``"stop"`` (save, then stop
             training cleanly), or a callable receiving the list of firings.
@@ -173,6 +177,7 @@ class EntropyCollapseConfig:
 
     drop: float = 0.5
     min_drop: float = 0.1
+    logit_floor: float | None = 30.0
     window: int = 10
     warmup: int = 5
     action: Any = "warn"
@@ -180,6 +185,7 @@ class EntropyCollapseConfig:
     def __post_init__(self) -> None:
         _check_number("alarms.entropy_collapse.drop", self.drop, 0.0, 1.0)
         _check_number("alarms.entropy_collapse.min_drop", self.min_drop, 0.0, 1.0)
+        _check_number("alarms.entropy_collapse.logit_floor", self.logit_floor, float("-inf"), optional=True)
         _check_rule("entropy_collapse", self.window, self.warmup, self.action)
 
 
@@ -390,14 +396,15 @@ class MonitorOptions:
         self.token_classes = _check_token_classes(self.token_classes)
         self.alarms = as_config(self.alarms, AlarmsConfig, "alarms")
         if self.alarms is not None:
-            from attnmonitor.alarms import RULES
+            from attnmonitor.alarms import rule_statistics
 
-            for rule, (statistic, _) in RULES.items():
-                if getattr(self.alarms, rule) is not None and statistic not in self.statistics:
-                    raise ValueError(
-                        f"`alarms.{rule}` reads the statistic {statistic!r}, which is not among `statistics` {self.statistics}: "
-                        f"add it, or set `alarms.{rule}` to None"
-                    )
+            for rule, statistics in rule_statistics(self.alarms).items():
+                for statistic in statistics:
+                    if statistic not in self.statistics:
+                        raise ValueError(
+                            f"`alarms.{rule}` reads the statistic {statistic!r}, which is not among `statistics` {self.statistics}: "
+                            f"add it, or set `alarms.{rule}` to None"
+                        )
         self.qk_clip = as_config(self.qk_clip, QKClipConfig, "qk_clip")
         if self.qk_clip is not None and self.qk_clip.tau is None:
             self.qk_clip = None  # off

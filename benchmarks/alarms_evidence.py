@@ -9,7 +9,8 @@ alarms at their defaults from ``callbacks/attention_monitor.yaml``), with the al
 steps (``alarms.every_n_steps=10``) and no logger:
 
 - ``experiment=unstable`` on each seed: the first step an alarm fired, the first loss spike (loss above
-  twice its running minimum after 50 steps, or not finite), and the lead time in steps;
+  twice its running minimum and that minimum + 1 nat, after 50 steps, or not finite), and the lead
+  time in steps;
 - the same with ``qk_clip.tau=100``: whether the loss spikes, and its final loss (mean of the last 20
   steps) against the unstable run's; and both at a peak learning rate of 0.2 on the first seed (the
   attention collapses, the loss does not spike: final losses only, "info");
@@ -37,7 +38,7 @@ from attnmonitor.config import register_configs
 from attnmonitor.engine import due
 from attnmonitor.train import build, quiet
 
-SPIKE_FACTOR, SPIKE_AFTER = 2.0, 50
+SPIKE_FACTOR, SPIKE_RISE, SPIKE_AFTER = 2.0, 1.0, 50
 COMMON = ["~logger", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
           "callbacks.attention_monitor.alarms.every_n_steps=10", "callbacks.attention_monitor.heatmaps=null",
           "callbacks.attention_monitor.analyses=false"]
@@ -59,10 +60,11 @@ class Run:
 
     @property
     def spike(self) -> int | None:
-        """First step whose loss exceeds twice the running minimum (after ``SPIKE_AFTER`` steps) or is not finite."""
+        """First step whose loss exceeds twice the running minimum and that minimum + 1 nat (after
+        ``SPIKE_AFTER`` steps; a loss near 0 doubles harmlessly), or is not finite."""
         low = math.inf
         for step, loss in enumerate(self.losses):
-            if not math.isfinite(loss) or (step >= SPIKE_AFTER and loss > SPIKE_FACTOR * low):
+            if not math.isfinite(loss) or (step >= SPIKE_AFTER and loss > max(SPIKE_FACTOR * low, low + SPIKE_RISE)):
                 return step
             low = min(low, loss)
         return None

@@ -30,7 +30,7 @@ def _feed(alarms: AttentionAlarms, statistic: str, series: list[list[float]]) ->
 
 
 def test_entropy_collapse_fires_on_a_fall_relative_to_the_head_history_only():
-    alarms = _alarms(entropy_collapse={"drop": 0.5, "min_drop": 0.1, "window": 4, "warmup": 3})
+    alarms = _alarms(entropy_collapse={"drop": 0.5, "min_drop": 0.1, "window": 4, "warmup": 3, "logit_floor": None})
     # head 0: steady at 0.8 then falls to 0.2; head 1: focused by design (0.12), wobbling down to 0.07
     series = [[0.8, 0.12], [0.8, 0.1], [0.8, 0.12], [0.8, 0.11], [0.2, 0.07]]
     fired = _feed(alarms, "normalized_entropy", series)
@@ -41,8 +41,21 @@ def test_entropy_collapse_fires_on_a_fall_relative_to_the_head_history_only():
     assert "layer 'a' head 0" in firing.message() and "normalized_entropy = 0.2" in firing.message()
 
 
+def test_entropy_collapse_with_a_logit_floor_needs_large_logits_too():
+    """Two heads fall alike; only the one whose max_logit is above the floor (a runaway, not a learnt
+    sharpening) fires."""
+    alarms = _alarms(entropy_collapse={"window": 3, "warmup": 2})  # logit_floor 30 by default
+    assert alarms.statistics == ("normalized_entropy", "max_logit")
+    entropy = [[0.9, 0.9], [0.9, 0.9], [0.2, 0.2]]
+    logits = [[5.0, 5.0], [6.0, 6.0], [12.0, 150.0]]
+    fired = [alarms.check(step, ["a"], {"normalized_entropy": torch.tensor([e]), "max_logit": torch.tensor([m])})
+             for step, (e, m) in enumerate(zip(entropy, logits, strict=True))]
+    assert not fired[0] and not fired[1]
+    assert [(f.head, f.value) for f in fired[2]] == [(1, pytest.approx(0.2))]
+
+
 def test_no_rule_fires_before_its_warmup():
-    alarms = _alarms(entropy_collapse={"window": 5, "warmup": 5})
+    alarms = _alarms(entropy_collapse={"window": 5, "warmup": 5, "logit_floor": None})
     fired = _feed(alarms, "normalized_entropy", [[0.9, 0.9], [0.9, 0.9], [0.1, 0.1]])
     assert not any(fired)
 
@@ -66,7 +79,7 @@ def test_sink_jump_and_heads_not_observed():
 
 def test_history_survives_a_state_dict_round_trip():
     series = [[0.8, 0.8]] * 3 + [[0.2, 0.8]]
-    config = {"entropy_collapse": {"window": 3, "warmup": 3}}
+    config = {"entropy_collapse": {"window": 3, "warmup": 3, "logit_floor": None}}
     first = _alarms(**config)
     _feed(first, "normalized_entropy", series[:3])
     resumed = _alarms(**config)
@@ -91,7 +104,10 @@ def test_invalid_alarm_options_are_rejected(alarms, match):
 
 def test_a_rule_needs_its_statistic():
     with pytest.raises(ValueError, match=r"`alarms.sink_jump` reads the statistic 'sink_mass', which is not among `statistics`"):
-        MonitorOptions(statistics=["entropy", "normalized_entropy"], alarms={"logit_growth": None})
+        alarms = {"logit_growth": None, "entropy_collapse": {"logit_floor": None}}
+        MonitorOptions(statistics=["entropy", "normalized_entropy"], alarms=alarms)
+    with pytest.raises(ValueError, match=r"`alarms.entropy_collapse` reads the statistic 'max_logit'"):
+        MonitorOptions(statistics=["normalized_entropy", "sink_mass"], alarms={"logit_growth": None})
 
 
 # ------------------------------------------------------------------------------------------------

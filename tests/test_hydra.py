@@ -86,7 +86,7 @@ def test_unstable_preset_warms_the_learning_rate_up_to_its_peak():
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         ramp.step()
-    assert rates[0] == pytest.approx(0.3 / 200) and rates[99] == pytest.approx(0.15) and rates[199:] == pytest.approx([0.3] * 3)
+    assert rates[0] == pytest.approx(0.5 / 200) and rates[99] == pytest.approx(0.25) and rates[199:] == pytest.approx([0.5] * 3)
 
 
 @pytest.mark.parametrize(

@@ -64,8 +64,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="configurations to run (their baselines are added)")
     args = parser.parse_args()
     data = CorpusDataModule()
-    names = list(CONFIGS) if args.only is None else [n for n in CONFIGS if n in args.only or n in BASELINES.values()]
-    configs = {name: CONFIGS[name] for name in names if BASELINES[CONFIGS[name][0]] in names}
+    chosen = [name for name in CONFIGS if args.only is None or name in args.only]
+    needed = {*chosen, *(BASELINES[CONFIGS[name][0]] for name in chosen)}
+    configs = {name: config for name, config in CONFIGS.items() if name in needed}
     rates: dict[str, list[float]] = {name: [] for name in configs}
     stalls: list[float] = []
     for _ in range(args.rounds):

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra import compose, initialize_config_module
 
 from attnmonitor.callback import AttentionMonitor
@@ -142,7 +141,6 @@ def main() -> None:
     args = parser.parse_args()
     register_configs()
     quiet()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows, failed = [], False
 
     def report(name: str, run: Run, ok: bool | None, lead: str = "", extra: str = "") -> None:

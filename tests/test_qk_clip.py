@@ -23,7 +23,8 @@ from tests.helpers.events import read_events
 from tests.helpers.models import SdpaAttention, TinyTransformer
 from tests.helpers.trainer import ignore_few_batches, ignore_no_validation_data, make_trainer
 
-QK_NAMES = ("q_proj", "k_proj", "query", "key", "q_lin", "k_lin", "c_attn", "qkv", "Wqkv", "in_proj", "q.", "k.")
+QK_NAMES = ("q_proj", "k_proj", "query", "key", "q_lin", "k_lin", "c_attn", "qkv", "Wqkv", ".q.", ".k.")
+"""Parameter names of query and key projections (recognised layouts; the test models' ``q``/``k``)."""
 
 
 def max_logits(model: nn.Module, inputs: dict, replay: dict | None = None) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnmonitor.functional.statistics import MAX_STATISTICS, max_from_maxima, mean_from_sums
+from attnmonitor.functional.statistics import max_from_maxima, mean_from_sums, split_statistics
 
 
 @dataclass
@@ -44,10 +44,9 @@ class StatisticsAccumulator:
 
     def __init__(self, statistics: Sequence[str]) -> None:
         self.statistics = tuple(statistics)
-        self.averaged = tuple(name for name in self.statistics if name not in MAX_STATISTICS)
-        """Statistics averaged over valid rows (the rows of :meth:`grid`)."""
-        self.maxed = tuple(name for name in self.statistics if name in MAX_STATISTICS)
-        """Statistics reduced with max (the rows of :meth:`max_grid`)."""
+        self.averaged, self.maxed = split_statistics(self.statistics)
+        """Statistics averaged over valid rows (the rows of :meth:`grid`), and those reduced with max
+        (the rows of :meth:`max_grid`)."""
         self.reset()
 
     def reset(self) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor
 from attnmonitor.functional.analyses import alignment_counts
 from attnmonitor.functional.chunked import Chunk, ScoreMod, chunk_head_sums, probability_chunks, qk_chunks, qk_logit_max
 from attnmonitor.functional.fused import fused_row_statistics
-from attnmonitor.functional.statistics import MAX_STATISTICS, head_max, head_sums, max_row_counts
+from attnmonitor.functional.statistics import head_max, head_sums, max_row_counts, split_statistics
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,7 @@ def call_head_sums(
             :func:`attnmonitor.functional.analyses.alignment_counts`.
     """
     with torch.no_grad():
-        maxed = [name for name in statistics if name in MAX_STATISTICS]
-        averaged = [name for name in statistics if name not in MAX_STATISTICS]
+        averaged, maxed = split_statistics(statistics)
         qk = call.q is not None and call.k is not None
         if not averaged and (qk or call.logit_max is not None):  # the maxima alone: no probabilities at all
             row_max = call.logit_row_max(budget_bytes, None if call.probs is not None else rows)

@@ -42,7 +42,15 @@ MAX_STATISTICS: frozenset[str] = frozenset({"max_logit"})
 bias or score modification) over valid query rows and valid keys: it needs the logits, not the
 probabilities (see :func:`logit_row_max` and :func:`head_max`)."""
 
-ROW_STATISTICS: tuple[str, ...] = tuple(name for name in STATISTICS if name not in MAX_STATISTICS)
+
+
+def split_statistics(statistics: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(averaged, maxed)``: the statistics averaged over valid rows and those reduced with max
+    (:data:`MAX_STATISTICS`), each in the order given."""
+    return tuple(n for n in statistics if n not in MAX_STATISTICS), tuple(n for n in statistics if n in MAX_STATISTICS)
+
+
+ROW_STATISTICS: tuple[str, ...] = split_statistics(STATISTICS)[0]
 """Statistics computed per row from probabilities and averaged over valid rows."""
 
 
@@ -392,4 +400,5 @@ __all__ = [
     "mean_from_sums",
     "row_statistics",
     "safe_entropy",
+    "split_statistics",
 ]

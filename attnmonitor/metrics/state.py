@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from attnmonitor.functional.statistics import MAX_STATISTICS, max_from_maxima, mean_from_sums
+from attnmonitor.functional.statistics import max_from_maxima, mean_from_sums, split_statistics
 
 
 class AttentionStatistics(Metric):
@@ -48,8 +48,7 @@ class AttentionStatistics(Metric):
     def __init__(self, statistics: Sequence[str], num_layers: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.statistics = tuple(statistics)
-        self.averaged = tuple(name for name in self.statistics if name not in MAX_STATISTICS)
-        self.maxed = tuple(name for name in self.statistics if name in MAX_STATISTICS)
+        self.averaged, self.maxed = split_statistics(self.statistics)
         self.add_state("sums", torch.zeros(len(self.averaged), num_layers, num_heads), dist_reduce_fx="sum")
         self.add_state("counts", torch.zeros(num_layers, num_heads), dist_reduce_fx="sum")
         self.add_state("maxima", torch.full((len(self.maxed), num_layers, num_heads), float("-inf")), dist_reduce_fx="max")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from attnmonitor.capture.accumulator import Example, StatisticsAccumulator
 from attnmonitor.capture.calls import CROSS, Call, CallTracker, judge
-from attnmonitor.capture.discovery import Targets, is_attention_like, is_named_attention, resolve_targets
+from attnmonitor.capture.discovery import Targets, is_attention_like, is_named_attention, resolve_targets, target_name
 from attnmonitor.capture.flex import flex_sites
 from attnmonitor.capture.hooks import CallHooks, in_backward
 from attnmonitor.capture.interception import AttentionInterceptor
@@ -207,7 +207,7 @@ class AttentionCapture:
     @property
     def target_names(self) -> list[str]:
         """Qualified names of every target module, in definition order."""
-        return [name or type(m).__name__ for name, m in self.targets.items()]
+        return [target_name(name, m) for name, m in self.targets.items()]
 
     def layer_stats(self) -> dict[str, dict[str, Tensor]]:
         """``{layer: {statistic: [num_heads]}}``: means over every valid query row since :meth:`reset`

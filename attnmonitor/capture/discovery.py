@@ -86,6 +86,11 @@ def auto_targets(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def target_name(name: str, module: nn.Module) -> str:
+    """A target's layer name: its qualified name, or its class name for the model itself (name "")."""
+    return name or type(module).__name__
+
+
 def innermost(targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """The targets that contain no other target."""
     ids = {id(m) for m in targets.values()}

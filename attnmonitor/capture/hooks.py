@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from attnmonitor.capture.calls import Call, CallTracker, attention_kind
-from attnmonitor.capture.discovery import fast_path_hosts
+from attnmonitor.capture.discovery import fast_path_hosts, target_name
 
 
 class CallHooks:
@@ -54,7 +54,7 @@ class CallHooks:
         on_end: Callable[[Call, Any, bool], None],
     ) -> None:
         self.model, self.targets, self.tracker = model, targets, tracker
-        self._names = {id(m): (name or type(m).__name__) for name, m in targets.items()}
+        self._names = {id(m): target_name(name, m) for name, m in targets.items()}
         self._interceptor, self._intercepting = interceptor, intercepting
         self._on_start, self._on_end = on_start, on_end
         self.running: list[Call] = []

@@ -18,13 +18,14 @@ queries and keys after the projections (QK-norm) are refused: rescaling the proj
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from attnmonitor.capture.discovery import innermost, is_attention_like, target_name
 from attnmonitor.config import QKClipConfig, layer_selected
 
 SEPARATE = (("q_proj", "k_proj"), ("query", "key"), ("q_lin", "k_lin"), ("query_proj", "key_proj"), ("q", "k"))
@@ -73,10 +74,14 @@ class Projections:
         return self.query[0].index.numel(), self.key[0].index.numel()
 
 
+def _output_dim(module: nn.Module) -> int:
+    """The dim of ``module.weight`` along its output features (transformers' ``Conv1D`` stores ``[in, out]``)."""
+    return 1 if type(module).__name__ == "Conv1D" else 0
+
+
 def _linear_rows(module: nn.Module, index: Tensor | None = None) -> tuple[Rows, ...]:
     """Rows of ``module.weight`` (and bias) along its output features (all of them, or ``index``)."""
-    weight = module.weight
-    dim = 1 if type(module).__name__ == "Conv1D" else 0  # transformers' Conv1D stores [in, out]
+    weight, dim = module.weight, _output_dim(module)
     if index is None:
         index = torch.arange(weight.shape[dim])
     rows = [Rows(weight, index, dim)]
@@ -87,22 +92,24 @@ def _linear_rows(module: nn.Module, index: Tensor | None = None) -> tuple[Rows, 
 
 
 def _as_index(value: Any, width: int, where: str) -> Tensor:
-    """A slice, range, ``[start, stop]`` pair or tensor of indices as a long index within ``width``."""
+    """A slice, range, ``[start, stop]`` pair or tensor of indices (the kinds :class:`QKClipConfig`
+    accepts) as a long index within ``width``."""
     if isinstance(value, Tensor):
         index = value.long().flatten()
-    elif isinstance(value, (slice, range)):
-        index = torch.arange(width)[value] if isinstance(value, slice) else torch.tensor(list(value), dtype=torch.long)
-    elif isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        index = torch.arange(value[0], value[1])
+    elif isinstance(value, slice):
+        index = torch.arange(width)[value]
+    elif isinstance(value, range):
+        index = torch.tensor(list(value), dtype=torch.long)
     else:
-        raise ValueError(f"{where} must be a slice, a range, a [start, stop] pair or a tensor of row indices, got {value!r}")
+        index = torch.arange(value[0], value[1])
     if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= width:
         raise ValueError(f"{where} selects rows outside [0, {width}) or none: {value!r}")
     return index
 
 
-def find_projections(name: str, module: nn.Module, mapping: Mapping[str, Any], model: nn.Module) -> Projections:
-    """The query and key projections of the attention module ``name``.
+def find_projections(name: str, module: nn.Module, mapping: Mapping[str, Any], modules: Mapping[str, nn.Module]) -> Projections:
+    """The query and key projections of the attention module ``name`` (``modules``: the model's, by
+    qualified name, where ``mapping`` names its fused projections).
 
     Recognised: a user ``mapping`` entry ``{qualified name of a fused projection inside it: (query rows,
     key rows)}``; ``nn.MultiheadAttention``; separate projections (:data:`SEPARATE`); fused thirds
@@ -117,11 +124,10 @@ def find_projections(name: str, module: nn.Module, mapping: Mapping[str, Any], m
             f"qk_clip: attention module '{name}' ({type(module).__name__}) normalises queries and keys after the "
             f"projections ({norms}): rescaling the projections would be undone; exclude it with `qk_clip.layers`"
         )
-    modules = dict(model.named_modules())
     for fused_name, (q_rows, k_rows) in mapping.items():
         if fused_name == name or fused_name.startswith(f"{name}."):
             fused = modules[fused_name]
-            width = fused.weight.shape[1 if type(fused).__name__ == "Conv1D" else 0]
+            width = fused.weight.shape[_output_dim(fused)]
             where = f"`qk_clip.projections['{fused_name}']`"
             return Projections(
                 _linear_rows(fused, _as_index(q_rows, width, f"{where} query rows")),
@@ -143,7 +149,7 @@ def find_projections(name: str, module: nn.Module, mapping: Mapping[str, Any], m
     for fused_name in FUSED_THIRDS:
         fused = getattr(module, fused_name, None)
         if _is_projection(fused) and not hasattr(module, "q_attn"):  # GPT-2 cross-attention: c_attn holds keys and values
-            width = fused.weight.shape[1 if type(fused).__name__ == "Conv1D" else 0]
+            width = fused.weight.shape[_output_dim(fused)]
             if width % 3 == 0:
                 third = width // 3
                 return Projections(_linear_rows(fused, torch.arange(third)), _linear_rows(fused, torch.arange(third, 2 * third)))
@@ -186,7 +192,7 @@ class QKClip:
         if config.tau is None:
             raise ValueError("`qk_clip.tau` is None: QK-clip is off")
         self.tau = float(config.tau)
-        named = {name or type(m).__name__: m for name, m in targets.items()}  # as the capture names layers
+        named = {target_name(name, m): m for name, m in targets.items()}  # as the capture names layers
         self._modules = {name: m for name, m in named.items() if layer_selected(name, config.layers)}
         self._projections: dict[str, Projections | None] = {}  # None: not recognised (warned once, not clipped)
         modules = dict(model.named_modules())
@@ -197,7 +203,7 @@ class QKClip:
         ]
         for name, module in _innermost_attention(self._modules).items():
             try:
-                self._projections[name] = find_projections(name, module, config.projections, model)
+                self._projections[name] = find_projections(name, module, config.projections, modules)
             except ValueError as err:
                 errors.append(str(err))
         if errors:
@@ -234,7 +240,7 @@ class QKClip:
     def _late_projections(self, name: str) -> Projections | None:
         """Projections of a target that turned out to compute attention while running (``targets="auto"``)."""
         try:
-            self._projections[name] = find_projections(name, self._modules[name], {}, nn.Module())
+            self._projections[name] = find_projections(name, self._modules[name], {}, {})
         except ValueError as err:
             self._projections[name] = None
             self._warn(name, f"attnmonitor: {err}; this layer is not clipped.")
@@ -261,8 +267,6 @@ class QKClip:
 def _innermost_attention(targets: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
     """The targets that compute attention themselves: innermost, and attention-like (``"auto"`` also
     proposes softmax callers, decided while running; those are resolved when first clipped)."""
-    from attnmonitor.capture.discovery import innermost, is_attention_like
-
     return {name: m for name, m in innermost(dict(targets)).items() if is_attention_like(m)}
 
 

@@ -127,12 +127,9 @@ class AttentionAlarms:
             for name, (statistic, rule) in RULES.items()
             if (rule_config := getattr(config, name)) is not None
         }
-        self._history: dict[tuple[str, str], deque[Tensor]] = {}  # (rule, layer) -> [H] values, oldest first
-
-    @property
-    def statistics(self) -> tuple[str, ...]:
+        self.statistics = tuple(dict.fromkeys(s for statistics in rule_statistics(config).values() for s in statistics))
         """The statistics the rules read."""
-        return tuple(dict.fromkeys(s for statistics in rule_statistics(self.config).values() for s in statistics))
+        self._history: dict[tuple[str, str], deque[Tensor]] = {}  # (rule, layer) -> [H] values, oldest first
 
     def check(self, step: int, layers: Sequence[str], values: Mapping[str, Tensor]) -> list[Firing]:
         """Apply every rule to the ``{statistic: [L, H]}`` of a capture (NaN: not observed), then add

@@ -107,7 +107,7 @@ class MonitorEngine:
         self.alarms = AttentionAlarms(options.alarms) if options.alarms is not None else None
         """The training-health rules and their history (None: alarms off)."""
         self.qk_clip: QKClip | None = None
-        """The QK-clip of the attached model (None: off)."""
+        """The QK-clip of the model checked last, the attached one (None: off)."""
         light = (*(self.alarms.statistics if self.alarms is not None else ()), *(("max_logit",) if options.qk_clip else ()))
         if light:  # light captures: only the statistics the alarms and QK-clip read
             self.stages["light"] = StageData(StatisticsAccumulator(tuple(dict.fromkeys(light))))
@@ -143,8 +143,8 @@ class MonitorEngine:
             memory_budget_mb=options.memory_budget_mb, sink_tokens=options.sink_tokens,
             sparsity_eps=options.sparsity_eps, sample_rows=options.sample_rows,
         )
-        if options.qk_clip is not None:
-            QKClip(options.qk_clip, model, capture.targets)  # projections it cannot tell: an error now
+        if options.qk_clip is not None:  # projections it cannot tell: an error now
+            self.qk_clip = QKClip(options.qk_clip, model, capture.targets)
         for option, config in (("heatmaps", options.heatmaps), ("regularizer", options.regularizer), ("clip", options.clip)):
             patterns = getattr(config, "layers", None)
             if patterns is not None and not any(layer_selected(name, patterns) for name in capture.target_names):
@@ -154,9 +154,7 @@ class MonitorEngine:
     def attach(self, model: nn.Module) -> AttentionCapture:
         """Hook ``model`` (idempotent; see :meth:`check` for the errors)."""
         if self.capture is None:
-            capture = self.check(model)
-            if self.options.qk_clip is not None:
-                self.qk_clip = QKClip(self.options.qk_clip, model, capture.targets)
+            capture = self.check(model)  # also makes the model's QK-clip
             capture.enabled = False
             self.capture = capture.attach()
         self.regularizer.regularizing = False

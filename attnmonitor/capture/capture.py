@@ -139,7 +139,7 @@ class AttentionCapture:
         named = {id(m) for m in self.targets.values() if not auto or is_named_attention(m)}
         interceptor = AttentionInterceptor(
             self._consume, lambda: bool(self._hooks.running), require_scores=lambda: id(self._hooks.running[-1].module) not in named,
-            flex_sites=flex_sites(self.targets.values()), logit_max=lambda: bool(MAX_STATISTICS & set(self.statistics)),
+            flex_sites=flex_sites(self.targets.values()), logit_max=self._wants_logit_max,
         )
         tracker = CallTracker(pool_shared, on_shared=self._split_shared)
         intercepting = lambda: self.enabled or (self.regularizer is not None and self.regularizer.active)  # noqa: E731
@@ -167,6 +167,10 @@ class AttentionCapture:
     def statistics(self) -> tuple[str, ...]:
         """The statistics collected now: those of the current :attr:`accumulator`."""
         return self.accumulator.statistics
+
+    def _wants_logit_max(self) -> bool:
+        """Whether the statistics collected now need the logits' row maxima (``max_logit``)."""
+        return bool(MAX_STATISTICS & set(self.statistics))
 
     @property
     def enabled(self) -> bool:
@@ -281,7 +285,7 @@ class AttentionCapture:
                 used = regularizer.apply(call.name, probs, key_valid, record.query_valid, call.training)
                 replacement = record.output(used)
                 logit_max = None  # the logits the softmax saw, before clipping
-                if self.enabled and MAX_STATISTICS & set(self.statistics):
+                if self.enabled and self._wants_logit_max():
                     logit_max = record.call.logit_row_max(self.budget_bytes)
                 record = AttentionRecord(
                     probs=used.detach(), key_valid=key_valid, query_valid=record.query_valid, sink_keys=record.sink_keys,

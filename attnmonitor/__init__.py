@@ -10,16 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from attnmonitor.callback import AttentionMonitor
     from attnmonitor.capture import AttentionCapture
     from attnmonitor.config import ClipConfig, HeatmapConfig, MonitorOptions, RegularizerConfig
     from attnmonitor.engine import MonitorEngine
     from attnmonitor.functional.statistics import STATISTICS
+    from attnmonitor.integrations.lightning import AttentionMonitor
     from attnmonitor.regularization.regularizer import AttentionRegularizer
 
 _LAZY = {
     "AttentionCapture": "attnmonitor.capture",
-    "AttentionMonitor": "attnmonitor.callback",
+    "AttentionMonitor": "attnmonitor.integrations.lightning",
     "AttentionRegularizer": "attnmonitor.regularization.regularizer",
     "ClipConfig": "attnmonitor.config",
     "HeatmapConfig": "attnmonitor.config",

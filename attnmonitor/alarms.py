@@ -83,15 +83,34 @@ def _sink_jump(config: SinkJumpConfig, current: Tensor, history: Tensor, row: Ma
     return (current - history.nanmean(0)).abs() > config.jump
 
 
-def act(firings: Sequence[Firing], warn: Callable[[str], None]) -> set[str]:
+@dataclass(frozen=True)
+class Actions:
+    """What the engine asks the training loop to do after a step; each adapter translates it.
+
+    Attributes:
+        checkpoint: save a checkpoint now (an alarm with action ``"checkpoint"`` or ``"stop"`` fired).
+        stop: then stop training cleanly (an alarm with action ``"stop"`` fired).
+        firings: the alarms that fired.
+    """
+
+    checkpoint: bool = False
+    stop: bool = False
+    firings: tuple[Firing, ...] = ()
+
+
+def act(firings: Sequence[Firing], warn: Callable[[str], None]) -> Actions:
     """Warn about every firing (one message) and call each callable action once with its firings;
     returns the other actions requested (``"checkpoint"``, ``"stop"``), for the adapter to carry out."""
     if not firings:
-        return set()
+        return Actions()
     warn("\n".join(f.message() for f in firings))
     for action in {id(f.action): f.action for f in firings if callable(f.action)}.values():
         action([f for f in firings if f.action is action])
-    return {f.action for f in firings if isinstance(f.action, str)} - {"warn"}
+    requested = {f.action for f in firings if isinstance(f.action, str)}
+    stop = "stop" in requested
+    if stop:
+        warn(f"attnmonitor: an alarm with action 'stop' fired at step {firings[0].step}: training stops after a checkpoint is saved.")
+    return Actions(checkpoint=stop or "checkpoint" in requested, stop=stop, firings=tuple(firings))
 
 
 RULES: dict[str, tuple[str, Rule]] = {

@@ -18,8 +18,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from attnmonitor.callback import AttentionMonitor, AttentionProgressBar
 from attnmonitor.config import register_configs
+from attnmonitor.integrations.lightning import AttentionMonitor, AttentionProgressBar
 
 register_configs()
 

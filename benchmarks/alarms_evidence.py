@@ -32,9 +32,9 @@ from pathlib import Path
 import lightning as L
 from hydra import compose, initialize_config_module
 
-from attnmonitor.callback import AttentionMonitor
 from attnmonitor.config import register_configs
 from attnmonitor.engine import due
+from attnmonitor.integrations.lightning import AttentionMonitor
 from attnmonitor.train import build, quiet
 
 SPIKE_FACTOR, SPIKE_RISE, SPIKE_AFTER = 2.0, 1.0, 50

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
-import attnmonitor.engine as engine_module
+import attnmonitor.dashboards as dashboards_module
 from attnmonitor import STATISTICS, AttentionMonitor, MonitorEngine, MonitorOptions
 from attnmonitor.demo import TinyGPT
 from attnmonitor.tensorboard.render import head_atlas
@@ -120,6 +120,9 @@ def test_a_missing_batch_key_is_named_once(tmp_path):
 class _Publisher:
     """A plain publisher: scalars kept, figures to a real ``SummaryWriter``."""
 
+    step_offset = 0
+    figures_missing = None
+
     def __init__(self, log_dir) -> None:
         self.device = torch.device("cpu")
         self.writer = SummaryWriter(str(log_dir))
@@ -128,30 +131,32 @@ class _Publisher:
     def log_scalars(self, scalars, step):
         self.scalars[step] = scalars
 
+    def logs_at(self, step):
+        return True
+
 
 def _captured_engine(tmp_path):
-    """An engine attached to a small GPT, one training step captured with images due."""
+    """An engine attached to a small GPT, one training step captured with images due (published when it ends)."""
     model = TinyGPT(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=2, heads=2)
     engine = MonitorEngine(MonitorOptions(every_n_steps=1, atlas_every_n_steps=1, heatmaps={"every_n_steps": 1}))
     engine.attach(model)
     ids, _ = next(iter(_loader()))
     engine.start_train_batch(0, (ids,))
     model(ids)
-    assert engine.end_train_batch(1) == 0
     return engine, _Publisher(tmp_path)
 
 
 def test_figures_are_drawn_off_the_training_thread(tmp_path, monkeypatch):
-    original = engine_module.write_atlases
+    original = dashboards_module.write_atlases
 
     def slow_atlases(*args, **kwargs):
         time.sleep(1.0)  # a slow renderer: the step must not wait for it
         original(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "write_atlases", slow_atlases)
+    monkeypatch.setattr(dashboards_module, "write_atlases", slow_atlases)
     engine, publisher = _captured_engine(tmp_path)
     start = time.perf_counter()
-    engine.publish("train", 0, publisher, images=True, heatmaps=True)
+    engine.end_train_batch(1, publisher)  # step 0 is over: published
     stall = time.perf_counter() - start
     assert "attn_train/entropy" in publisher.scalars[0]  # scalars are logged at once
     assert stall < 0.5, stall
@@ -164,10 +169,10 @@ def test_a_failing_figure_job_is_warned_and_training_goes_on(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("renderer broke")
 
-    monkeypatch.setattr(engine_module, "write_atlases", broken)
+    monkeypatch.setattr(dashboards_module, "write_atlases", broken)
     engine, publisher = _captured_engine(tmp_path)
     with pytest.warns(RuntimeWarning, match=r"drawing the figures of train step 0 failed: RuntimeError\('renderer broke'\)"):
-        engine.publish("train", 0, publisher, images=True, heatmaps=False)
+        engine.end_train_batch(1, publisher)
         engine.detach()
     assert "attn_train/entropy" in publisher.scalars[0]
 

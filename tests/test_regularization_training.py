@@ -102,10 +102,12 @@ def test_trainer_gradients_equal_reference_with_and_without_accumulation(tmp_pat
     assert len(logged) == 4 // accumulate and {"attn_reg/sparsity", "attn_reg/penalty"} <= set(events.Tags()["scalars"])
 
 
-def test_manual_optimization_without_the_penalty_is_an_error(tmp_path):
+def test_manual_optimization_without_the_penalty_is_warned_and_training_goes_on(tmp_path):
     monitor = AttentionMonitor(regularizer=REGULARIZER, val_batches=0)
-    with pytest.raises(RuntimeError, match=r"never added to a loss.*monitor.penalty\(\)"):
-        _trainer(tmp_path, monitor, max_steps=2).fit(Module(manual=True), _loader(_batches()))
+    module = Module(manual=True)
+    with pytest.warns(RuntimeWarning, match=r"never added to a loss.*monitor.penalty\(\)"):
+        _trainer(tmp_path, monitor, max_steps=2).fit(module, _loader(_batches()))
+    assert len(module.grads) == 2 and not monitor.engine.regularizer.pending  # both steps ran; the terms were dropped
 
 
 def test_manual_optimization_with_the_penalty_matches_automatic(tmp_path):

@@ -187,6 +187,20 @@ class AttentionCapture:
         self._enabled = value
         self._hooks.update()
 
+    def start(
+        self, accumulator: StatisticsAccumulator, *, example_tokens: int = 0, query_mask: Tensor | None = None,
+        alignments: Tensor | None = None,
+    ) -> None:
+        """Collect the next forwards' statistics into ``accumulator`` (until :meth:`stop`), with the
+        batch's ``[B, L]`` query mask and ``[B, Lq]`` alignments, keeping examples of ``example_tokens``."""
+        self.accumulator, self.example_tokens = accumulator, example_tokens
+        self.query_mask, self.alignments = query_mask, alignments
+        self.enabled = True
+
+    def stop(self) -> None:
+        """Collect nothing until the next :meth:`start` (the regularizer still applies)."""
+        self.enabled = False
+
     # results -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every accumulated statistic (of the current :attr:`accumulator`)."""

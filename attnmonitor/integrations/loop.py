@@ -7,7 +7,6 @@ an optimizer step runs (:meth:`AttentionMonitorLoop.step`) and when the step is 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -16,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnmonitor.alarms import act
 from attnmonitor.config import MonitorOptions, as_options, check_int
-from attnmonitor.engine import MonitorEngine, due
-from attnmonitor.integrations.penalty import PenaltyTracker
+from attnmonitor.engine import MonitorEngine
+from attnmonitor.schedule import due
+from attnmonitor.tensorboard.writer import write_scalars
 
 
 class WriterPublisher:
@@ -29,18 +28,24 @@ class WriterPublisher:
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or None: scalars are only returned).
         device: device of the cross-process reduction.
+        every_n_steps: the loop logs the regularizer's means at the steps it captures.
     """
 
-    def __init__(self, writer: Any, device: torch.device) -> None:
-        self.device = device
+    step_offset = 0
+
+    def __init__(self, writer: Any, device: torch.device, every_n_steps: int) -> None:
+        self.device, self.every_n_steps = device, every_n_steps
         self.writer = writer if _global_rank() == 0 else None
+        self.figures_missing = None if writer is not None else "no SummaryWriter was passed to `log()` / `log_eval()`."
         self.scalars: dict[str, float] = {}
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         self.scalars.update(scalars)
         if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
+            write_scalars(self.writer, scalars, step)
+
+    def logs_at(self, step: int) -> bool:
+        return due(step, self.every_n_steps)
 
 
 class AttentionMonitorLoop:
@@ -89,7 +94,6 @@ class AttentionMonitorLoop:
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.options = as_options(options, kwargs)
         self.engine = MonitorEngine(self.options)
-        self.penalties = PenaltyTracker(self.engine.regularizer)
         self.model = model
         self.device = torch.device(device) if device is not None else None
         self.engine.attach(model)
@@ -115,14 +119,13 @@ class AttentionMonitorLoop:
         """
         check_int("step", step, 0)
         if self._step is not None and step != self._step:
-            self._publish_train(step)  # the previous step was not logged: publish it with the last writer
+            self._end_step(step, self._publisher())  # the previous step was not logged: publish it with the last writer
         self._step = step
         self.engine.start_train_batch(step, batch)
         try:
             yield
         finally:
-            self.engine.end_train_batch(step)
-            self.penalties.end_batch()
+            self.engine.end_train_batch(step, self._publisher())
 
     def penalty(self) -> Tensor:
         """The regularizer's penalty for this micro-batch's attention (0-dim tensor; 0 without a
@@ -131,7 +134,7 @@ class AttentionMonitorLoop:
         Each call returns the mean over the valid query rows of the attention computed since the
         last call; under gradient accumulation divide it like the task loss.
         """
-        return self.penalties.penalty()
+        return self.engine.penalty.penalty()
 
     def log(self, writer: Any = None) -> dict[str, float]:
         """After the optimizer step: write the step's statistics when it was captured, and the
@@ -148,12 +151,8 @@ class AttentionMonitorLoop:
         self._writer = writer
         if self._step is None:
             return {}
-        step, publisher = self._step, self._publisher()
-        self._publish_train(step + 1, publisher)
-        if due(step, self.options.every_n_steps) and self.penalties.logs:
-            scalars = self.penalties.scalars()
-            if scalars:
-                publisher.log_scalars(scalars, step)
+        publisher = self._publisher()
+        self._end_step(self._step + 1, publisher)
         return publisher.scalars
 
     # evaluation ---------------------------------------------------------------------------
@@ -174,18 +173,24 @@ class AttentionMonitorLoop:
 
     def log_eval(self, writer: Any = None, *, step: int) -> dict[str, float]:
         """After an evaluation: write its statistics and figures at ``step``; returns the scalars."""
-        if not self.options.val_batches:
-            return {}
         publisher = self._publisher(writer)
-        self.engine.publish("val", step, publisher, images=True, heatmaps=self.options.heatmaps is not None)
+        self.engine.end_eval(step, publisher)
         return publisher.scalars
+
+    # state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state for your checkpoint (last published step, alarm history)."""
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: steps already published are not captured again."""
+        self.engine.load_state_dict(state)
 
     # lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         """Publish a captured step not logged yet, wait for the figures, remove every hook (idempotent)."""
         if self.engine.capture is not None and self._step is not None:
-            self._publish_train(self._step + 1)
-        self._step = None
+            self._end_step(self._step + 1, self._publisher())
         self.engine.detach()
 
     def __enter__(self) -> AttentionMonitorLoop:
@@ -195,21 +200,16 @@ class AttentionMonitorLoop:
         self.close()
 
     # helpers ------------------------------------------------------------------------------
-    def _publish_train(self, next_step: int, publisher: WriterPublisher | None = None) -> None:
-        finished = self.engine.end_train_batch(next_step)
-        self.should_checkpoint = False
-        if finished is not None:
-            images, heatmaps = self.engine.train_images(finished)
-            self.engine.publish("train", finished, publisher or self._publisher(), images=images, heatmaps=heatmaps)
-            warn = (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=4)) if _global_rank() == 0 else (lambda m: None)
-            actions = act(self.engine.firings, warn)
-            self.should_checkpoint = bool(actions)
-            self.should_stop |= "stop" in actions
+    def _end_step(self, next_step: int, publisher: WriterPublisher) -> None:
+        actions = self.engine.end_train_batch(next_step, publisher)
+        self._step = None
+        self.should_checkpoint = actions.checkpoint
+        self.should_stop |= actions.stop
 
     def _publisher(self, writer: Any = None) -> WriterPublisher:
         if self.device is None:
             self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        return WriterPublisher(writer if writer is not None else self._writer, self.device)
+        return WriterPublisher(writer if writer is not None else self._writer, self.device, self.options.every_n_steps)
 
 
 def _global_rank() -> int:

@@ -1,4 +1,5 @@
-"""The monitor's statistic state: one torchmetrics ``Metric`` of every statistic per (layer, head).
+"""The monitor's statistic state: one torchmetrics ``Metric`` of every statistic per (layer, head), and
+:class:`StageStatistics`, which owns a stage's accumulator and its metric.
 
 ``sums [S, L, H]`` and ``counts [L, H]`` are reduced with ``"sum"`` across processes (exact under
 DDP: sums and counts, never means of means); ``maxima [M, L, H]`` of the statistics reduced with max
@@ -9,7 +10,8 @@ discovery by behaviour), so before a reduction the processes agree on the layer 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from attnmonitor.functional.statistics import max_from_maxima, mean_from_sums, split_statistics
+from attnmonitor.capture.accumulator import StatisticsAccumulator
+from attnmonitor.functional.statistics import POSITION_STATISTICS, max_from_maxima, mean_from_sums, split_statistics
 
 
 class AttentionStatistics(Metric):
@@ -94,3 +97,53 @@ def gather_layers(local: Mapping[str, int], known: Sequence[str] = ()) -> dict[s
         for layer, heads in part.items():
             merged[layer] = max(merged.get(layer, 0), heads)
     return merged
+
+
+@dataclass
+class Synced:
+    """A stage's statistics reduced over every process.
+
+    Attributes:
+        layers: layer names, rows of every grid; heads: ``{layer: H_l}``.
+        values: ``{statistic: [L, H]}`` means (maxima for ``max_logit``), NaN where a layer does not
+            define a statistic (position statistics of cross-attention).
+        observed: bool ``[L, H]``, cells with at least one valid row.
+    """
+
+    layers: list[str]
+    heads: dict[str, int]
+    values: dict[str, Tensor]
+    observed: Tensor
+
+
+class StageStatistics:
+    """The one owner of a stage's statistic state: the per-layer accumulator the capture fills, and the
+    metric that reduces it across processes.
+
+    Args:
+        statistics: the statistic names accumulated.
+    """
+
+    def __init__(self, statistics: Sequence[str]) -> None:
+        self.accumulator = StatisticsAccumulator(statistics)
+        self._metric: AttentionStatistics | None = None  # reused while the layer grid keeps its shape
+
+    def sync(self, known_layers: Sequence[str], device: torch.device, cross_layers: Collection[str] = ()) -> Synced | None:
+        """Reduce the accumulated statistics over every process (all must call it; layers in
+        ``known_layers`` order, then new ones); None when no process captured anything."""
+        accumulator = self.accumulator
+        heads = gather_layers(accumulator.heads(), known_layers)
+        if not any(heads.values()):
+            return None
+        sums, counts = accumulator.grid(heads, device=device)
+        metric = self._metric
+        if metric is None or metric.counts.shape != counts.shape or metric.counts.device != counts.device:
+            metric = self._metric = AttentionStatistics(accumulator.statistics, *counts.shape).to(device)
+        metric.reset()
+        metric.update(sums, counts, accumulator.max_grid(heads, device=device))
+        values, rows = metric.synced()
+        layers = list(heads)
+        cross = torch.tensor([layer in cross_layers for layer in layers], device=rows.device)
+        for name in POSITION_STATISTICS & set(values):  # not defined for cross-attention
+            values[name] = values[name].masked_fill(cross.unsqueeze(1), float("nan"))
+        return Synced(layers, heads, values, rows > 0)

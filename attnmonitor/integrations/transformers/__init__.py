@@ -5,7 +5,8 @@
   the regularizer's penalty to the loss.
 """
 
-from attnmonitor.integrations.transformers.callback import EVAL_PREFIX, AttentionMonitorCallback, TrainerPublisher
+from attnmonitor.integrations.transformers.callback import AttentionMonitorCallback
+from attnmonitor.integrations.transformers.publisher import EVAL_PREFIX, TrainerPublisher
 from attnmonitor.integrations.transformers.trainer import AttentionMonitorMixin, AttentionMonitorTrainer
 
 __all__ = ["EVAL_PREFIX", "AttentionMonitorCallback", "AttentionMonitorMixin", "AttentionMonitorTrainer", "TrainerPublisher"]

@@ -2,55 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import DefaultFlowCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from attnmonitor.alarms import act
 from attnmonitor.config import MonitorOptions, as_options
 from attnmonitor.engine import MonitorEngine
-from attnmonitor.integrations.penalty import PenaltyTracker
+from attnmonitor.integrations.transformers.publisher import EVAL_PREFIX, TrainerPublisher
 
-EVAL_PREFIX = "eval_"
-"""Prefix of evaluation scalars in the Trainer's logs (as its own ``eval_loss``): TensorBoard shows ``eval/attn_val/...``."""
-
-
-class TrainerPublisher:
-    """Scalars through ``Trainer.log`` (its ``log_history`` and every ``report_to`` integration, on every
-    process as the Trainer does); figures to the writer of its ``TensorBoardCallback`` on the main process.
-
-    Args:
-        trainer: the Trainer.
-        prefix: prepended to every scalar's key (:data:`EVAL_PREFIX` for evaluation scalars).
-    """
-
-    def __init__(self, trainer: Trainer, prefix: str = "") -> None:
-        self.trainer, self.prefix = trainer, prefix
-        self.device = trainer.args.device
-
-    @property
-    def tensorboard(self) -> TensorBoardCallback | None:
-        """The Trainer's ``TensorBoardCallback`` (``report_to`` includes ``"tensorboard"``), or None."""
-        return next((cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)), None)
-
-    @property
-    def writer(self) -> Any:
-        """The ``SummaryWriter`` of the ``TensorBoardCallback`` on the main process, else None."""
-        callback = self.tensorboard
-        return callback.tb_writer if callback is not None and self.trainer.state.is_world_process_zero else None
-
-    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
-        """``Trainer.log`` (at ``state.global_step``, which is ``step``), leaving the Trainer's own
-        decision to log at this step (``control.should_log``) as it was."""
-        control = self.trainer.control
-        should_log = control.should_log
-        self.trainer.log({self.prefix + tag: value for tag, value in scalars.items()})
-        control.should_log = self.trainer.control.should_log = should_log
+STATE_FILE = "attnmonitor_state.json"
+"""The monitor's state in a checkpoint folder."""
 
 
 class AttentionMonitorCallback(TrainerCallback):
@@ -69,7 +37,9 @@ class AttentionMonitorCallback(TrainerCallback):
     The callback needs its Trainer: use :class:`~attnmonitor.integrations.transformers.AttentionMonitorTrainer`
     (or :class:`~attnmonitor.integrations.transformers.AttentionMonitorMixin` with your Trainer
     class), which binds it and adds the regularizer's penalty to the loss; or call
-    :meth:`bind` on a plain ``Trainer`` (no regularizer then).
+    :meth:`bind` on a plain ``Trainer`` (no regularizer then). The monitor's state (alarm history,
+    last published step) is saved into each checkpoint folder (``attnmonitor_state.json``) and restored
+    when ``train(resume_from_checkpoint=...)`` resumes from a checkpoint under ``output_dir``.
 
     Args:
         options: a :class:`~attnmonitor.config.MonitorOptions` (or None); keyword arguments set or
@@ -88,14 +58,12 @@ class AttentionMonitorCallback(TrainerCallback):
     def __init__(self, options: MonitorOptions | None = None, /, **kwargs: Any) -> None:
         self.options = as_options(options, kwargs)
         self.engine = MonitorEngine(self.options)
-        self.penalties = PenaltyTracker(self.engine.regularizer)
         self.trainer: Trainer | None = None
         self._publishers: dict[str, TrainerPublisher] = {}
         self._hook: RemovableHandle | None = None
         self._train_step: int | None = None  # optimizer step whose micro-batches are running
         self._eval_index = 0  # batches of the evaluation running
         self._eval_open = False  # an evaluation batch is being captured
-        self._warned: set[str] = set()
 
     def bind(self, trainer: Trainer) -> AttentionMonitorCallback:
         """Connect the monitor to ``trainer``; returns the monitor.
@@ -111,7 +79,7 @@ class AttentionMonitorCallback(TrainerCallback):
         """
         if not isinstance(trainer, Trainer):
             raise ValueError(f"`trainer` must be a transformers.Trainer, got {type(trainer).__name__}")
-        if self.penalties.enabled and not getattr(trainer, "adds_attention_penalty", False):
+        if self.engine.penalty.enabled and not getattr(trainer, "adds_attention_penalty", False):
             raise ValueError(
                 f"the monitor's regularizer needs a Trainer that adds its penalty to the loss, got {type(trainer).__name__}: "
                 "use attnmonitor.integrations.transformers.AttentionMonitorTrainer, or subclass your Trainer with "
@@ -131,7 +99,7 @@ class AttentionMonitorCallback(TrainerCallback):
         :class:`~attnmonitor.integrations.transformers.AttentionMonitorMixin` adds it to the loss;
         call it yourself only in a ``compute_loss`` of your own that does not call the mixin's.
         """
-        return self.penalties.penalty()
+        return self.engine.penalty.penalty()
 
     def close(self) -> None:
         """Wait for pending figures and remove every hook (idempotent; done at the end of ``train()``)."""
@@ -156,24 +124,23 @@ class AttentionMonitorCallback(TrainerCallback):
         if self._hook is None:
             self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._publishers = {"train": TrainerPublisher(self.trainer), "val": TrainerPublisher(self.trainer, EVAL_PREFIX)}
+        if state.global_step > 0:  # resumed from a checkpoint
+            self._resume(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / STATE_FILE)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._train_step = state.global_step
 
     def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._end_micro_batch(state)
+        self._end_micro_batch(state, control)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        finished = self._end_micro_batch(state)
+        self._end_micro_batch(state, control)
         self._train_step = None
-        if finished is not None:  # published at the Trainer's step count now (finished + 1)
-            images, heatmaps = self.engine.train_images(finished)
-            self._publish("train", state.global_step, images, heatmaps)
-            self._act_on_alarms(state, control)
-        if control.should_log and self.penalties.logs and self._publishers:
-            scalars = self.penalties.scalars()
-            if scalars:
-                self._publishers["train"].log_scalars(scalars, state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / STATE_FILE).write_text(json.dumps(self.engine.state_dict()))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.close()
@@ -187,8 +154,8 @@ class AttentionMonitorCallback(TrainerCallback):
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._eval_index = 0
-        if self.engine.capture is not None and self.options.val_batches:  # every process: the reduction is collective
-            self._publish("val", state.global_step, True, self.options.heatmaps is not None)
+        if self._publishers:
+            self.engine.end_eval(state.global_step, self._publishers["val"])
 
     def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._eval_index = 0  # not published: the next evaluation starts afresh
@@ -205,37 +172,20 @@ class AttentionMonitorCallback(TrainerCallback):
                 self.engine.start_eval_batch(self._eval_index, batch)
                 self._eval_open = True
         except Exception as err:  # the monitor never stops training
-            self._warn("forward", f"attnmonitor: preparing the capture of a batch failed: {err!r}")
+            warnings.warn(f"attnmonitor: preparing the capture of a batch failed: {err!r}", RuntimeWarning, stacklevel=2)
 
-    def _end_micro_batch(self, state: TrainerState) -> int | None:
-        """After a training micro-batch: the finished captured step (0-based), or None."""
-        self.penalties.end_batch()
-        if self.engine.capture is None:
-            return None
-        return self.engine.end_train_batch(state.global_step)
+    def _end_micro_batch(self, state: TrainerState, control: TrainerControl) -> None:
+        """After a training micro-batch (the step's last one: ``state.global_step`` has moved on).
+        ``checkpoint`` asks the Trainer to save now, ``stop`` to save and stop."""
+        if self.engine.capture is None or not self._publishers:
+            return
+        actions = self.engine.end_train_batch(state.global_step, self._publishers["train"])
+        control.should_save |= actions.checkpoint
+        control.should_training_stop |= actions.stop
 
-    def _act_on_alarms(self, state: TrainerState, control: TrainerControl) -> None:
-        """Warn (main process) and call the callables; ``"checkpoint"`` asks the Trainer to save now,
-        ``"stop"`` to save and stop. Every process takes the same decisions (synced statistics)."""
-        warn = (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=2)) if state.is_world_process_zero else (lambda m: None)
-        actions = act(self.engine.firings, warn)
-        if actions:
-            control.should_save = True
-        if "stop" in actions:
-            control.should_training_stop = True
-            warn(f"attnmonitor: an alarm with action 'stop' fired at step {state.global_step}: training stops after saving.")
-
-    def _publish(self, stage: str, step: int, images: bool, heatmaps: bool) -> None:
-        publisher = self._publishers[stage]
-        if (images or heatmaps) and publisher.tensorboard is None:
-            self._warn(
-                "no-tensorboard",
-                "attnmonitor: images skipped: the Trainer has no TensorBoardCallback (add 'tensorboard' to `report_to`).",
-            )
-        self.engine.publish(stage, step, publisher, images=images, heatmaps=heatmaps)
-
-    def _warn(self, key: str, message: str) -> None:
-        main = self.trainer is None or self.trainer.state.is_world_process_zero
-        if main and key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    def _resume(self, path: Path) -> None:
+        if path.is_file():
+            self.engine.load_state_dict(json.loads(path.read_text()))
+        elif self.trainer is not None and self.trainer.state.is_world_process_zero:
+            message = f"attnmonitor: resumed at a checkpoint without the monitor's state ({path} not found): the alarms start afresh."
+            warnings.warn(message, RuntimeWarning, stacklevel=2)

@@ -49,7 +49,7 @@ class AttentionMonitorMixin:
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         monitor = self.attention_monitor
-        if monitor is None or not model.training or not monitor.penalties.collecting:
+        if monitor is None or not model.training or not monitor.engine.penalty.collecting:
             return result
         loss, outputs = result if return_outputs else (result, None)
         penalty = monitor.penalty().to(loss.device) * self._penalty_scale(num_items_in_batch)

@@ -1,5 +1,6 @@
-"""The regularizer's penalty as any training loop hands it to its loss: taken once per micro-batch,
-checked (a penalty computed and never added is warned about and dropped), and averaged for logging.
+"""The regularizer's penalty as every training loop hands it to its loss: taken once per micro-batch,
+checked (a penalty computed and never added is warned about and dropped: the monitor never stops
+training), and averaged for logging.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class PenaltyTracker:
                 :meth:`AttentionRegularizer.penalty`).
         """
         penalty = self.regularizer.penalty()
-        self.regularizer.regularizing = False
+        self.regularizer.regularizing = False  # a checkpointing recompute in backward must not add terms
         terms = {name: term for name, term in self.regularizer.terms.items() if term is not None}
         if terms:
             for name, value in {**terms, "penalty": penalty}.items():
@@ -78,8 +79,9 @@ class PenaltyTracker:
                 self._warned = True
                 message = (
                     "attnmonitor: the attention regularizer's penalty was computed but never added to a loss, so it "
-                    "changes nothing. Add `monitor.penalty()` to the loss after the forward (with the Hugging Face "
-                    "Trainer, use `AttentionMonitorTrainer` or `AttentionMonitorMixin`)."
+                    "changes nothing. Add `monitor.penalty()` to the loss after the forward (Lightning with manual "
+                    "optimization: `self.manual_backward(loss + monitor.penalty())`; with the Hugging Face Trainer, use "
+                    "`AttentionMonitorTrainer` or `AttentionMonitorMixin`)."
                 )
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
 

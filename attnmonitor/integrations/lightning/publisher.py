@@ -1,0 +1,60 @@
+"""Where the Lightning adapter publishes: every logger of the Trainer, its TensorBoard writer, and
+the progress bar."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.logger import _add_prefix
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
+
+from attnmonitor.schedule import due
+from attnmonitor.tensorboard import tags
+from attnmonitor.tensorboard.writer import write_scalars
+
+
+class LightningPublisher:
+    """Scalars to every logger of a Trainer (as ``LearningRateMonitor`` does, so ``log_every_n_steps``
+    cannot drop them); figures to its ``TensorBoardLogger`` on global rank zero."""
+
+    step_offset = 0
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+        self.device: torch.device = trainer.strategy.root_device
+        self.tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        self.writer: Any = self.tensorboard.experiment if self.tensorboard is not None and trainer.is_global_zero else None
+        names = [type(lg).__name__ for lg in trainer.loggers]
+        self.figures_missing = None if self.tensorboard is not None else f"no TensorBoardLogger among the trainer's loggers {names}."
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):  # one event for all of them (its prefix applied)
+                if self.trainer.is_global_zero:
+                    write_scalars(logger.experiment, _add_prefix(scalars, logger._prefix, logger.LOGGER_JOIN_CHAR), step)
+            else:
+                logger.log_metrics(scalars, step=step)
+
+    def logs_at(self, step: int) -> bool:
+        """Lightning's own rule for ``self.log`` values (``log_every_n_steps``)."""
+        return due(step, self.trainer.log_every_n_steps or None) or self.trainer.should_stop
+
+
+class AttentionProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, with the monitor's last captured mean normalised entropy (``attn H``)
+    beside the loss."""
+
+    @override
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        from attnmonitor.integrations.lightning.callback import AttentionMonitor
+
+        metrics = super().get_metrics(trainer, pl_module)
+        monitor = next((c for c in trainer.callbacks if isinstance(c, AttentionMonitor)), None)  # type: ignore[attr-defined]
+        value = None if monitor is None else monitor.engine.latest.get(tags.statistic("train", "normalized_entropy"))
+        if value is not None:
+            metrics["attn H"] = f"{value:.3f}"
+        return metrics

@@ -275,7 +275,7 @@ def _is_rows(value: Any) -> bool:
 class QKClipConfig:
     """QK-clip (Kimi K2): after every optimizer step, each head whose ``max_logit`` of that step exceeded
     ``tau`` has its query and key projections multiplied by ``√(tau / max_logit)`` (see
-    :mod:`attnmonitor.regularization.qk_clip`). Every training step is then captured for ``max_logit``.
+    :mod:`attnmonitor.interventions.qk_clip`). Every training step is then captured for ``max_logit``.
 
     Attributes:
         tau: the largest logit allowed, > 0 (Kimi K2 uses 100); None: QK-clip is off.

@@ -9,12 +9,13 @@ from typing import Any
 
 from torch import Tensor
 
+from attnmonitor.analysis import ExampleAnalysis, analyse_example, role_changes
 from attnmonitor.batch import example_ids, token_strings
 from attnmonitor.capture.accumulator import Example
 from attnmonitor.capture.calls import CROSS
 from attnmonitor.config import MonitorOptions, layer_selected
 from attnmonitor.metrics.state import Synced
-from attnmonitor.tensorboard import ExampleAnalysis, analyse_example, role_changes, tags
+from attnmonitor.tensorboard import tags
 from attnmonitor.tensorboard.worker import FigureWorker
 from attnmonitor.tensorboard.writer import example_scalars, write_atlases, write_example, write_heatmap
 

@@ -32,9 +32,9 @@ from attnmonitor.capture import AttentionCapture
 from attnmonitor.capture.calls import CROSS
 from attnmonitor.config import MonitorOptions, layer_selected
 from attnmonitor.dashboards import Dashboards
+from attnmonitor.interventions.qk_clip import QKClip
 from attnmonitor.metrics.state import StageStatistics, Synced
 from attnmonitor.regularization.penalty import PenaltyTracker
-from attnmonitor.regularization.qk_clip import QKClip
 from attnmonitor.regularization.regularizer import AttentionRegularizer
 from attnmonitor.schedule import CaptureKind, Schedule
 from attnmonitor.tensorboard import tags

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnmonitor import AttentionCapture, AttentionMonitor
+from attnmonitor.analysis import analyse_example, role_changes
 from attnmonitor.demo import ReversalDataModule, ReversalModel
 from attnmonitor.functional.analyses import (
     FUNCTION_WORDS,
@@ -23,7 +24,6 @@ from attnmonitor.functional.analyses import (
     token_classes,
     top_k_attended,
 )
-from attnmonitor.tensorboard import analyse_example, role_changes
 from tests.helpers.events import read_events
 from tests.helpers.trainer import ignore_few_batches, make_trainer
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from attnmonitor import AttentionCapture
-from attnmonitor.tensorboard import analyse_example
+from attnmonitor.analysis import analyse_example
 from tests.helpers.models import SdpaAttention, TinyTransformer, layer_inputs, qk64
 from tests.helpers.reference import attention_probs
 

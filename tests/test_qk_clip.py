@@ -18,7 +18,7 @@ from attnmonitor import AttentionCapture, AttentionMonitor
 from attnmonitor.capture.discovery import resolve_targets
 from attnmonitor.config import MonitorOptions, QKClipConfig
 from attnmonitor.demo import TinyGPT
-from attnmonitor.regularization.qk_clip import QKClip, clip_factors
+from attnmonitor.interventions.qk_clip import QKClip, clip_factors
 from tests.helpers.events import read_events
 from tests.helpers.models import SdpaAttention, TinyTransformer
 from tests.helpers.trainer import ignore_few_batches, ignore_no_validation_data, make_trainer

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnmonitor.analysis.example import ExampleAnalysis
 from attnmonitor.functional.analyses import ROLES
 from attnmonitor.functional.statistics import MAX_STATISTICS
 from attnmonitor.tensorboard import tags
-from attnmonitor.tensorboard.example import ExampleAnalysis
 from attnmonitor.tensorboard.render import attention_heatmaps, head_atlas, role_atlas, statistics_table
 
 

@@ -1,7 +1,7 @@
 """Training-health alarms: per-head rules over the captured statistics, each compared with the head's
 own recent history.
 
-Rules (:class:`attnmonitor.config.AlarmsConfig`):
+Rules (:class:`AlarmsConfig`, each an :class:`AlarmRule`):
 
 - ``entropy_collapse``: a head's normalised entropy falls below ``(1 − drop)`` times its mean over the
   last ``window`` captures, by at least ``min_drop`` (heads focused by design stay quiet: their own
@@ -19,13 +19,185 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from attnmonitor.config import AlarmsConfig, EntropyCollapseConfig, LogitGrowthConfig, SinkJumpConfig
+from attnmonitor.checks import as_config, check_int, check_number
+
+ALARM_ACTIONS = ("warn", "checkpoint", "stop")
+
+
+@dataclass
+class AlarmRule:
+    """What every alarm rule has: its history, warm-up and action; a rule adds its thresholds and :meth:`fires`.
+
+    Attributes:
+        window: captures of history a head is compared with.
+        warmup: captures of history needed before the rule may fire (``<= window``).
+        action: ``"warn"``, ``"checkpoint"`` (save one at that step), ``"stop"`` (save, then stop
+            training cleanly), or a callable receiving the list of firings.
+    """
+
+    name: ClassVar[str] = ""
+    statistic: ClassVar[str] = ""
+    """The statistic the rule watches."""
+
+    window: int = 10
+    warmup: int = 5
+    action: Any = "warn"
+
+    def __post_init__(self) -> None:
+        check_int(f"alarms.{self.name}.window", self.window, 1)
+        check_int(f"alarms.{self.name}.warmup", self.warmup, 1)
+        if self.warmup > self.window:
+            raise ValueError(
+                f"`alarms.{self.name}.warmup` ({self.warmup}) must be <= its `window` ({self.window}): the history holds `window` captures"
+            )
+        if not (callable(self.action) or self.action in ALARM_ACTIONS):
+            raise ValueError(f"`alarms.{self.name}.action` must be one of {list(ALARM_ACTIONS)} or a callable, got {self.action!r}")
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every statistic the rule reads."""
+        return (self.statistic,)
+
+    def fires(self, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
+        """Bool ``[H]``: heads of a layer for which the rule fires, from the watched statistic's current
+        ``[H]`` values, its ``[n, H]`` history (oldest first; NaN: not observed) and ``{statistic: [H]}``
+        of every statistic read at this capture."""
+        raise NotImplementedError
+
+
+@dataclass
+class EntropyCollapseConfig(AlarmRule):
+    """Fires for a head whose normalised entropy falls below ``(1 − drop)`` × its mean over the last
+    ``window`` captures, by at least ``min_drop``, while its ``max_logit`` is above ``logit_floor``.
+
+    Attributes:
+        drop: relative fall, in (0, 1).
+        min_drop: smallest absolute fall (normalised entropy is in [0, 1]).
+        logit_floor: the head's ``max_logit`` must also exceed this; None: entropy alone. A head that
+            learns a sharp pattern sharpens with moderate logits (the ``reverse`` preset's
+            cross-attention falls from 0.99 to 0.06 with ``max_logit`` below 23), a runaway collapse
+            with growing ones (``experiment=unstable``: above 100 within 30 steps).
+    """
+
+    name: ClassVar[str] = "entropy_collapse"
+    statistic: ClassVar[str] = "normalized_entropy"
+
+    drop: float = 0.5
+    min_drop: float = 0.1
+    logit_floor: float | None = 30.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("alarms.entropy_collapse.drop", self.drop, 0.0, 1.0)
+        check_number("alarms.entropy_collapse.min_drop", self.min_drop, 0.0, 1.0)
+        check_number("alarms.entropy_collapse.logit_floor", self.logit_floor, float("-inf"), optional=True)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.statistic, "max_logit") if self.logit_floor is not None else (self.statistic,)
+
+    def fires(self, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
+        mean = history.nanmean(0)
+        fired = (current < (1 - self.drop) * mean) & (mean - current >= self.min_drop)
+        if self.logit_floor is not None:
+            fired &= row["max_logit"] > self.logit_floor
+        return fired
+
+
+@dataclass
+class LogitGrowthConfig(AlarmRule):
+    """Fires for a head whose ``max_logit`` exceeds ``ceiling``, or exceeds ``rate`` × its minimum over
+    the last ``window`` captures while above ``floor``.
+
+    Attributes:
+        ceiling: absolute limit (Kimi K2's QK-Clip caps logits at 100); None: no ceiling.
+        rate: growth factor over the window; None: no growth rule.
+        floor: the growth rule applies above this value (small logits double harmlessly: in the
+            800-step demo run every head stays below 24, while a run whose attention collapses
+            passes 400 within 20 steps).
+    """
+
+    name: ClassVar[str] = "logit_growth"
+    statistic: ClassVar[str] = "max_logit"
+
+    ceiling: float | None = 100.0
+    rate: float | None = 2.0
+    floor: float = 30.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("alarms.logit_growth.ceiling", self.ceiling, 0.0, optional=True)
+        check_number("alarms.logit_growth.rate", self.rate, 1.0, optional=True)
+        check_number("alarms.logit_growth.floor", self.floor, 0.0)
+
+    def fires(self, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
+        fired = torch.zeros_like(current, dtype=torch.bool)
+        if self.ceiling is not None:
+            fired |= current > self.ceiling
+        if self.rate is not None:
+            low = torch.where(history.isnan(), math.inf, history).amin(0)
+            fired |= (current > self.floor) & (current > self.rate * low)
+        return fired
+
+
+@dataclass
+class SinkJumpConfig(AlarmRule):
+    """Fires for a head whose ``sink_mass`` moves by more than ``jump`` from its mean over the last
+    ``window`` captures.
+
+    Attributes:
+        jump: absolute change, in (0, 1].
+    """
+
+    name: ClassVar[str] = "sink_jump"
+    statistic: ClassVar[str] = "sink_mass"
+
+    jump: float = 0.3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("alarms.sink_jump.jump", self.jump, 0.0, 1.0)
+
+    def fires(self, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
+        return (current - history.nanmean(0)).abs() > self.jump
+
+
+@dataclass
+class AlarmsConfig:
+    """Training-health alarms over the per-head statistics of training captures; a rule set to None is off.
+
+    Attributes:
+        entropy_collapse: :class:`EntropyCollapseConfig` (or mapping).
+        logit_growth: :class:`LogitGrowthConfig` (or mapping); needs ``max_logit`` among the statistics.
+        sink_jump: :class:`SinkJumpConfig` (or mapping).
+        every_n_steps: extra captures for the alarms alone, of only the statistics the rules read
+            (fused path where possible, nothing logged but the alarms); None: the alarms look at the
+            monitor's regular captures only.
+    """
+
+    entropy_collapse: EntropyCollapseConfig | None = field(default_factory=EntropyCollapseConfig)
+    logit_growth: LogitGrowthConfig | None = field(default_factory=LogitGrowthConfig)
+    sink_jump: SinkJumpConfig | None = field(default_factory=SinkJumpConfig)
+    every_n_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        self.entropy_collapse = as_config(self.entropy_collapse, EntropyCollapseConfig, "alarms.entropy_collapse")
+        self.logit_growth = as_config(self.logit_growth, LogitGrowthConfig, "alarms.logit_growth")
+        self.sink_jump = as_config(self.sink_jump, SinkJumpConfig, "alarms.sink_jump")
+        check_int("alarms.every_n_steps", self.every_n_steps, 1, optional=True)
+
+    @property
+    def rules(self) -> dict[str, AlarmRule]:
+        """``{name: rule}`` of the rules that are on."""
+        candidates = (self.entropy_collapse, self.logit_growth, self.sink_jump)
+        return {rule.name: rule for rule in candidates if rule is not None}
+
 
 TAG_GROUP = "attn_alarm"
 
@@ -54,33 +226,6 @@ class Firing:
             f"attnmonitor alarm [{self.rule}] at step {self.step}: layer '{self.layer}' head {self.head}: "
             f"{self.statistic} = {self.value:.4g} (previous captures: {recent})"
         )
-
-
-Rule = Callable[[Any, Tensor, Tensor, Mapping[str, Tensor]], Tensor]
-"""``(rule config, current [H], history [n, H], {statistic: current [H]} of the layer) -> bool [H]``:
-heads for which the rule fires."""
-
-
-def _entropy_collapse(config: EntropyCollapseConfig, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
-    mean = history.nanmean(0)
-    fired = (current < (1 - config.drop) * mean) & (mean - current >= config.min_drop)
-    if config.logit_floor is not None:
-        fired &= row["max_logit"] > config.logit_floor
-    return fired
-
-
-def _logit_growth(config: LogitGrowthConfig, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
-    fired = torch.zeros_like(current, dtype=torch.bool)
-    if config.ceiling is not None:
-        fired |= current > config.ceiling
-    if config.rate is not None:
-        low = torch.where(history.isnan(), math.inf, history).amin(0)
-        fired |= (current > config.floor) & (current > config.rate * low)
-    return fired
-
-
-def _sink_jump(config: SinkJumpConfig, current: Tensor, history: Tensor, row: Mapping[str, Tensor]) -> Tensor:
-    return (current - history.nanmean(0)).abs() > config.jump
 
 
 @dataclass(frozen=True)
@@ -113,27 +258,8 @@ def act(firings: Sequence[Firing], warn: Callable[[str], None]) -> Actions:
     return Actions(checkpoint=stop or "checkpoint" in requested, stop=stop, firings=tuple(firings))
 
 
-RULES: dict[str, tuple[str, Rule]] = {
-    "entropy_collapse": ("normalized_entropy", _entropy_collapse),
-    "logit_growth": ("max_logit", _logit_growth),
-    "sink_jump": ("sink_mass", _sink_jump),
-}
-"""``{rule: (statistic it watches, rule)}``."""
-
-
-def rule_statistics(config: AlarmsConfig) -> dict[str, tuple[str, ...]]:
-    """``{rule: statistics it reads}`` of the rules that are on."""
-    needs = {}
-    for name, (statistic, _) in RULES.items():
-        rule_config = getattr(config, name)
-        if rule_config is not None:
-            extra = ("max_logit",) if getattr(rule_config, "logit_floor", None) is not None else ()
-            needs[name] = (statistic, *extra)
-    return needs
-
-
 class AttentionAlarms:
-    """The rules of an :class:`~attnmonitor.config.AlarmsConfig` and each head's recent history.
+    """The rules of an :class:`AlarmsConfig` and each head's recent history.
 
     Args:
         config: the rules (a rule set to None is off).
@@ -141,12 +267,8 @@ class AttentionAlarms:
 
     def __init__(self, config: AlarmsConfig) -> None:
         self.config = config
-        self._rules = {
-            name: (statistic, rule, rule_config)
-            for name, (statistic, rule) in RULES.items()
-            if (rule_config := getattr(config, name)) is not None
-        }
-        self.statistics = tuple(dict.fromkeys(s for statistics in rule_statistics(config).values() for s in statistics))
+        self._rules = config.rules
+        self.statistics = tuple(dict.fromkeys(s for rule in self._rules.values() for s in rule.reads))
         """The statistics the rules read."""
         self._history: dict[tuple[str, str], deque[Tensor]] = {}  # (rule, layer) -> [H] values, oldest first
 
@@ -155,20 +277,22 @@ class AttentionAlarms:
         the capture to the history. Returns the firings, by rule, layer and head."""
         firings = []
         grids = {statistic: grid.detach().float().cpu() for statistic, grid in values.items() if statistic in self.statistics}
-        for name, (statistic, fires, rule_config) in self._rules.items():
-            grid = grids.get(statistic)
+        for name, rule in self._rules.items():
+            grid = grids.get(rule.statistic)
             if grid is None:
                 continue
             for row, layer in enumerate(layers):
                 current = grid[row]
-                history = self._history.setdefault((name, layer), deque(maxlen=rule_config.window))
-                if len(history) >= rule_config.warmup and len(history[0]) == len(current):
+                history = self._history.setdefault((name, layer), deque(maxlen=rule.window))
+                if len(history) >= rule.warmup and len(history[0]) == len(current):
                     past = torch.stack(list(history))  # [n, H]
-                    fired = fires(rule_config, current, past, {s: g[row] for s, g in grids.items()}) & ~current.isnan()
+                    fired = rule.fires(current, past, {s: g[row] for s, g in grids.items()}) & ~current.isnan()
                     for head in fired.nonzero().flatten().tolist():
-                        firings.append(Firing(
-                            name, statistic, layer, head, float(current[head]), tuple(past[:, head].tolist()), step, rule_config.action
-                        ))
+                        firings.append(
+                            Firing(
+                                name, rule.statistic, layer, head, float(current[head]), tuple(past[:, head].tolist()), step, rule.action
+                            )
+                        )
                 history.append(current)
         return firings
 
@@ -184,5 +308,5 @@ class AttentionAlarms:
         for key, values in state.items():
             rule, layer = key.split("|", 1)
             if rule in self._rules:
-                window = self._rules[rule][2].window
+                window = self._rules[rule].window
                 self._history[(rule, layer)] = deque((torch.tensor(v) for v in values), maxlen=window)

@@ -13,7 +13,8 @@ from attnmonitor.analysis import ExampleAnalysis, analyse_example, role_changes
 from attnmonitor.batch import example_ids, token_strings
 from attnmonitor.capture.accumulator import Example
 from attnmonitor.capture.calls import CROSS
-from attnmonitor.config import MonitorOptions, layer_selected
+from attnmonitor.checks import layer_selected
+from attnmonitor.config import MonitorOptions
 from attnmonitor.metrics.state import Synced
 from attnmonitor.tensorboard import tags
 from attnmonitor.tensorboard.worker import FigureWorker
@@ -55,17 +56,23 @@ class Dashboards:
 
     def keep_example(self, stage: str, batch: Any) -> None:
         """Keep the token ids of the batch's element 0 (the example's labels)."""
-        options = self.options
-        queries = example_ids(batch, options.decoder_input_key, positional=False)
-        self.tokens[stage] = ExampleTokens(example_ids(batch, options.input_key), queries)
+        keys = self.options.batch
+        queries = example_ids(batch, keys.decoder_input_key, positional=False)
+        self.tokens[stage] = ExampleTokens(example_ids(batch, keys.input_key), queries)
 
     def analyse(self, stage: str, synced: Synced, examples: Mapping[str, Example], kinds: Mapping[str, str]) -> Analysis | None:
         """Analyses of the stage's example and their scalars, or None without an example."""
-        options, tokens = self.options, self.tokens.get(stage, ExampleTokens())
+        options, tokens = self.options.dashboards, self.tokens.get(stage, ExampleTokens())
         classes = None if options.token_classes is None else {k: frozenset(v) for k, v in options.token_classes.items()}
         result = analyse_example(
-            synced.layers, examples, tokens.labels(options.tokenizer), sink_tokens=options.sink_tokens, top_k=options.top_k,
-            classes=classes, kinds=kinds, query_tokens=tokens.labels(options.tokenizer, queries=True),
+            synced.layers,
+            examples,
+            tokens.labels(options.tokenizer),
+            sink_tokens=self.options.capture.sink_tokens,
+            top_k=options.top_k,
+            classes=classes,
+            kinds=kinds,
+            query_tokens=tokens.labels(options.tokenizer, queries=True),
         )
         if result.roles is None:
             return None
@@ -76,8 +83,17 @@ class Dashboards:
         return scalars, result, changes
 
     def submit(
-        self, writer: Any, stage: str, step: int, synced: Synced, *, atlases: bool, heatmaps: bool,
-        examples: Mapping[str, Example], kinds: Mapping[str, str], analysis: Analysis | None,
+        self,
+        writer: Any,
+        stage: str,
+        step: int,
+        synced: Synced,
+        *,
+        atlases: bool,
+        heatmaps: bool,
+        examples: Mapping[str, Example],
+        kinds: Mapping[str, str],
+        analysis: Analysis | None,
     ) -> None:
         """Copy what the figures need to the CPU now, and draw and write them in the background."""
         layers, observed = list(synced.layers), synced.observed.cpu()
@@ -103,8 +119,9 @@ class Dashboards:
         self, stage: str, examples: Mapping[str, Example], kinds: Mapping[str, str]
     ) -> list[tuple[str, Tensor, list[str] | None, list[str] | None, bool]]:
         """``(layer, probs, key labels, query labels, cross)`` of each example layer drawn."""
-        tokens, tokenizer = self.tokens.get(stage, ExampleTokens()), self.options.tokenizer
-        patterns = self.options.heatmaps.layers if self.options.heatmaps is not None else None
+        tokens, tokenizer = self.tokens.get(stage, ExampleTokens()), self.options.dashboards.tokenizer
+        heatmaps = self.options.dashboards.heatmaps
+        patterns = heatmaps.layers if heatmaps is not None else None
         maps = []
         for layer, example in examples.items():
             if example.probs is None or not layer_selected(layer, patterns):
@@ -115,4 +132,3 @@ class Dashboards:
             queries = tokens.labels(tokenizer, example.start, t_q, queries=cross)
             maps.append((layer, example.probs, keys, queries, cross))
         return maps
-

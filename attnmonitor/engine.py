@@ -26,14 +26,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from attnmonitor.alarms import Actions, AttentionAlarms, act, alarm_tag
+from attnmonitor.alarms import Actions, act
 from attnmonitor.batch import batch_tensor
 from attnmonitor.capture import AttentionCapture
 from attnmonitor.capture.calls import CROSS
-from attnmonitor.config import MonitorOptions, layer_selected
+from attnmonitor.checks import layer_selected
+from attnmonitor.config import MonitorOptions
 from attnmonitor.dashboards import Dashboards
+from attnmonitor.health import TrainingHealth
 from attnmonitor.interventions.qk_clip import QKClip
-from attnmonitor.metrics.state import StageStatistics, Synced
+from attnmonitor.metrics.state import StageStatistics
 from attnmonitor.regularization.penalty import PenaltyTracker
 from attnmonitor.regularization.regularizer import AttentionRegularizer
 from attnmonitor.schedule import CaptureKind, Schedule
@@ -72,25 +74,25 @@ class MonitorEngine:
         self.regularizer = AttentionRegularizer(options.regularizer, options.clip)
         self.penalty = PenaltyTracker(self.regularizer)
         """The regularizer's penalty: every adapter adds ``penalty.penalty()`` to its loss."""
-        self.alarms = AttentionAlarms(options.alarms) if options.alarms is not None else None
-        """The training-health rules and their history (None: alarms off)."""
-        heatmaps = options.heatmaps
+        self.health = TrainingHealth(options)
+        """The alarms and QK-clip."""
+        heatmaps = options.dashboards.heatmaps
         self.schedule = Schedule(
-            options.every_n_steps, options.atlas_every_n_steps, heatmaps.every_n_steps if heatmaps is not None else None,
-            options.alarms.every_n_steps if options.alarms is not None else None, options.alarms is not None, options.qk_clip is not None,
+            options.schedule.every_n_steps,
+            options.schedule.atlas_every_n_steps,
+            heatmaps.every_n_steps if heatmaps is not None else None,
+            options.alarms.every_n_steps if options.alarms is not None else None,
+            options.alarms is not None,
+            options.qk_clip is not None,
         )
-        light = (*(self.alarms.statistics if self.alarms is not None else ()), *(("max_logit",) if options.qk_clip else ()))
-        self.stages = {"train": StageStatistics(options.statistics), "val": StageStatistics(options.statistics)}
-        if light:  # light captures: only the statistics the alarms and QK-clip read
-            self.stages["light"] = StageStatistics(tuple(dict.fromkeys(light)))
+        statistics = options.capture.statistics
+        self.stages = {"train": StageStatistics(statistics), "val": StageStatistics(statistics)}
+        if self.health.statistics:  # light captures: only the statistics the alarms and QK-clip read
+            self.stages["light"] = StageStatistics(self.health.statistics)
         self.dashboards = Dashboards(options)
         self.capture: AttentionCapture | None = None
-        self.qk_clip: QKClip | None = None
-        """The QK-clip of the attached model (None: off)."""
         self.layers: list[str] = []
         """Layers captured so far (on any process), in forward order."""
-        self.firings: list[Any] = []
-        """The alarms that fired at the last training publication."""
         self.last_train_step = -1
         """Last optimizer step whose training capture was published (saved in checkpoints)."""
         self.latest: dict[str, float] = {}
@@ -113,7 +115,7 @@ class MonitorEngine:
     def attach(self, model: nn.Module) -> AttentionCapture:
         """Hook ``model`` (idempotent; see :meth:`check` for the errors)."""
         if self.capture is None:
-            capture, self.qk_clip = self._build(model)
+            capture, self.health.qk_clip = self._build(model)
             self.capture = capture.attach()
             self.penalty.end_batch()  # nothing is collected until a training batch starts
         return self.capture
@@ -128,12 +130,11 @@ class MonitorEngine:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the last published step and the alarms' history."""
-        return {"last_train_step": self.last_train_step, **({"alarms": self.alarms.state_dict()} if self.alarms else {})}
+        return {"last_train_step": self.last_train_step, **self.health.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_train_step = int(state["last_train_step"])
-        if self.alarms is not None and "alarms" in state:
-            self.alarms.load_state_dict(state["alarms"])
+        self.health.load_state_dict(dict(state))
 
     # training -----------------------------------------------------------------------------
     def start_train_batch(self, step: int, batch: Any) -> None:
@@ -150,7 +151,7 @@ class MonitorEngine:
             self._capturing = (step, kind)
             if kind == "train":
                 self.dashboards.keep_example("train", batch)
-        examples = kind == "train" and (self.schedule.heatmaps(step) or (self.schedule.atlases(step) and self.options.analyses))
+        examples = kind == "train" and (self.schedule.heatmaps(step) or (self.schedule.atlases(step) and self.options.dashboards.analyses))
         self._start(capture, self.stages[kind], batch, examples)
 
     def end_train_batch(self, step: int, publisher: Publisher) -> Actions:
@@ -176,7 +177,7 @@ class MonitorEngine:
     # evaluation ---------------------------------------------------------------------------
     def start_eval_batch(self, index: int, batch: Any) -> None:
         """Before the forward of evaluation batch ``index`` (the first ``val_batches`` are captured)."""
-        if index >= self.options.val_batches:
+        if index >= self.options.schedule.val_batches:
             return
         capture = self._require_capture()
         if index == 0:
@@ -189,99 +190,71 @@ class MonitorEngine:
 
     def end_eval(self, step: int, publisher: Publisher) -> Actions:
         """After an evaluation: publish what its first ``val_batches`` batches captured, at ``step``."""
-        if self.capture is not None and self.options.val_batches:  # every process: the reduction is collective
-            self._publish("val", step, publisher, atlases=True, heatmaps=self.options.heatmaps is not None)
+        if self.capture is not None and self.options.schedule.val_batches:  # every process: the reduction is collective
+            self._publish("val", step, publisher, atlases=True, heatmaps=self.options.dashboards.heatmaps is not None)
         return Actions()
 
     # publishing ---------------------------------------------------------------------------
     def _publish_train(self, captured: int, kind: CaptureKind, publisher: Publisher) -> Actions:
-        """Publish the capture of optimizer step ``captured``; QK-clip; the alarms when due."""
-        step, self.firings = captured + publisher.step_offset, []
-        if kind == "light":  # the alarms (when due) and QK-clip, and their scalars, nothing else
-            synced = self._sync("light", publisher)
-            scalars = {} if synced is None else self._clip(synced)
-            if synced is not None and self.schedule.alarms_due(captured):
-                scalars.update(self._check_alarms(step, synced, publisher))
-            if scalars:
-                publisher.log_scalars(scalars, step)
-        else:
-            atlases, heatmaps = self.schedule.atlases(captured), self.schedule.heatmaps(captured)
-            scalars = self._publish("train", step, publisher, atlases=atlases, heatmaps=heatmaps)
-        return act(self.firings, self._warner())
+        """Publish the capture of optimizer step ``captured`` (a light one: only the alarms and QK-clip);
+        QK-clip; the alarms when due; what they ask for."""
+        atlases, heatmaps = self.schedule.atlases(captured), self.schedule.heatmaps(captured)
+        alarms = self.schedule.alarms_due(captured)
+        self._publish(kind, captured + publisher.step_offset, publisher, atlases=atlases, heatmaps=heatmaps, alarms=alarms)
+        return act(self.health.firings, self._warn)
 
-    def _publish(self, stage: str, step: int, publisher: Publisher, *, atlases: bool, heatmaps: bool) -> dict[str, float] | None:
-        """Reduce the stage's capture across processes and publish it; never raises (warns instead).
+    def _publish(self, stage: str, step: int, publisher: Publisher, *, atlases: bool, heatmaps: bool, alarms: bool = False) -> None:
+        """Reduce the stage's capture across processes and publish it; a training one also runs the
+        alarms (when ``alarms``) and QK-clip. Never raises (warns instead).
 
         Scalars are logged now; figures are drawn and written by a background worker from data
         already on the CPU, so the step goes on (:meth:`detach` waits for them).
         """
-        self.firings = []
+        self.health.firings = []
         try:
-            synced = self._sync(stage, publisher)
+            capture = self._require_capture()
+            cross = {layer for layer, kind in capture.kinds.items() if kind == CROSS}
+            synced = self.stages[stage].sync(self.layers, publisher.device, cross)
             if synced is None:
-                self._warn(f"nothing-{stage}", f"attnmonitor: no attention was captured at {stage} step {step}; nothing logged.")
-                return None
-            scalars = statistic_scalars(stage, synced.layers, synced.values, synced.observed, self.options.per_head)
+                if stage != "light":
+                    self._warn(f"attnmonitor: no attention was captured at {stage} step {step}; nothing logged.", key=f"nothing-{stage}")
+                return
+            self.layers = synced.layers
+            if stage == "light":
+                publisher.log_scalars(self.health.check(step, synced, publisher.writer, alarms=alarms), step)
+                return
+            scalars = statistic_scalars(stage, synced.layers, synced.values, synced.observed, self.options.dashboards.per_head)
             if stage == "train":
-                scalars.update(self._check_alarms(step, synced, publisher))
-                scalars.update(self._clip(synced))
+                scalars.update(self.health.check(step, synced, publisher.writer))
             scalars.update(alignment_scalars(stage, self.stages[stage].accumulator.alignment))
-            skipped = sum(self._require_capture().skipped.values())
-            if skipped:  # captures skipped since the start (non-finite attention, ...), each warned once per layer
-                scalars[tags.skipped()] = float(skipped)
-            examples, kinds = self.stages[stage].accumulator.examples, self._require_capture().kinds
-            analysis = self.dashboards.analyse(stage, synced, examples, kinds) if atlases and self.options.analyses else None
+            if any(capture.skipped.values()):  # captures skipped since the start (non-finite attention, ...), each warned once per layer
+                scalars[tags.skipped()] = float(sum(capture.skipped.values()))
+            examples = self.stages[stage].accumulator.examples
+            analysis = (
+                self.dashboards.analyse(stage, synced, examples, capture.kinds) if atlases and self.options.dashboards.analyses else None
+            )
             publisher.log_scalars({**scalars, **(analysis[0] if analysis else {})}, step)
             self.latest.update(scalars)
             if (atlases or heatmaps) and publisher.figures_missing is not None:
-                self._warn("no-writer", f"attnmonitor: images skipped: {publisher.figures_missing}")
+                self._warn(f"attnmonitor: images skipped: {publisher.figures_missing}", key="no-writer")
             if publisher.writer is not None and (atlases or heatmaps):
-                self.dashboards.submit(
-                    publisher.writer, stage, step, synced, atlases=atlases, heatmaps=heatmaps, examples=examples, kinds=kinds,
-                    analysis=analysis,
-                )
-            return scalars
+                figures = dict(atlases=atlases, heatmaps=heatmaps, examples=examples, kinds=capture.kinds, analysis=analysis)
+                self.dashboards.submit(publisher.writer, stage, step, synced, **figures)
         except Exception as err:  # the monitor never stops training
-            self._warn(f"publish-{type(err).__name__}", f"attnmonitor: logging {stage} attention failed at step {step}: {err!r}")
-            return None
-
-    def _sync(self, stage: str, publisher: Publisher) -> Synced | None:
-        kinds = self._require_capture().kinds
-        synced = self.stages[stage].sync(self.layers, publisher.device, {layer for layer, kind in kinds.items() if kind == CROSS})
-        if synced is not None:
-            self.layers = synced.layers
-        return synced
-
-    def _clip(self, synced: Synced) -> dict[str, float]:
-        """QK-clip from the step's synced ``max_logit`` (the same on every process); its scalar."""
-        if self.qk_clip is None:
-            return {}
-        maxima = {layer: synced.values["max_logit"][row, :heads] for row, (layer, heads) in enumerate(synced.heads.items())}
-        return {tags.regularization("qk_clipped_heads"): float(self.qk_clip.apply(maxima))}
-
-    def _check_alarms(self, step: int, synced: Synced, publisher: Publisher) -> dict[str, float]:
-        """Apply the rules (the same decisions on every process); their scalars, and text on rank zero."""
-        if self.alarms is None:
-            return {}
-        self.firings = self.alarms.check(step, synced.layers, synced.values)
-        if publisher.writer is not None:
-            for rule in dict.fromkeys(f.rule for f in self.firings):
-                lines = [f"- {f.message()}" for f in self.firings if f.rule == rule]
-                publisher.writer.add_text(alarm_tag(rule), "\n".join(lines), step)
-        return self.alarms.counts(self.firings)
+            self._warn(f"attnmonitor: logging {stage} attention failed at step {step}: {err!r}", key=f"publish-{type(err).__name__}")
 
     # helpers ------------------------------------------------------------------------------
     def _build(self, model: nn.Module) -> tuple[AttentionCapture, QKClip | None]:
         options = self.options
-        capture = AttentionCapture(
-            model, options.targets, statistics=options.statistics, example_tokens=self._example_tokens,
-            regularizer=self.regularizer if self.regularizer.active else None, pool_shared=options.pool_shared,
-            memory_budget_mb=options.memory_budget_mb, sink_tokens=options.sink_tokens,
-            sparsity_eps=options.sparsity_eps, sample_rows=options.sample_rows,
-        )
+        regularizer = self.regularizer if self.regularizer.active else None
+        capture = AttentionCapture(model, **vars(options.capture), example_tokens=self._example_tokens, regularizer=regularizer)
         capture.stop()
         qk_clip = QKClip(options.qk_clip, model, capture.targets) if options.qk_clip is not None else None
-        for option, config in (("heatmaps", options.heatmaps), ("regularizer", options.regularizer), ("clip", options.clip)):
+        for option, config in (
+            ("dashboards.heatmaps", options.dashboards.heatmaps),
+            ("regularizer", options.regularizer),
+            ("clip", options.clip),
+        ):
             patterns = getattr(config, "layers", None)
             if patterns is not None and not any(layer_selected(name, patterns) for name in capture.target_names):
                 raise ValueError(f"`{option}.layers`={patterns} matches none of the attention layers (modules) {capture.target_names}")
@@ -289,19 +262,21 @@ class MonitorEngine:
 
     def _start(self, capture: AttentionCapture, stage: StageStatistics, batch: Any, examples: bool) -> None:
         """Collect the next forward's statistics into ``stage``, with the batch's masks and alignments."""
-        options = self.options
+        keys = self.options.batch
         if isinstance(batch, Mapping):
             for option, consequence in (("input_key", "labels fall back to positions"), ("query_mask_key", "it masks nothing")):
-                key = getattr(options, option)
+                key = getattr(keys, option)
                 if key is not None and key not in batch:
                     self._warn(
-                        f"missing-{option}",
-                        f"attnmonitor: `{option}`={key!r} is not a key of the batch, whose keys are {sorted(map(str, batch))}: "
-                        f"{consequence}. Set `{option}` to the right key.",
+                        f"attnmonitor: `batch.{option}`={key!r} is not a key of the batch, whose keys are {sorted(map(str, batch))}: "
+                        f"{consequence}. Set `batch.{option}` to the right key.",
+                        key=f"missing-{option}",
                     )
         capture.start(
-            stage.accumulator, example_tokens=self._example_tokens if examples else 0,
-            query_mask=batch_tensor(batch, options.query_mask_key), alignments=batch_tensor(batch, options.alignment_key),
+            stage.accumulator,
+            example_tokens=self._example_tokens if examples else 0,
+            query_mask=batch_tensor(batch, keys.query_mask_key),
+            alignments=batch_tensor(batch, keys.alignment_key),
         )
 
     def _require_capture(self) -> AttentionCapture:
@@ -309,15 +284,13 @@ class MonitorEngine:
             raise RuntimeError("attnmonitor: the monitor is not attached to a model (call attach(model) first)")
         return self.capture
 
-    def _warner(self) -> Any:
-        """``warn(message)`` on global rank zero, nothing elsewhere."""
-        return (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=4)) if _rank() == 0 else (lambda message: None)
-
-    def _warn(self, key: str, message: str) -> None:
-        """Warn once per ``key``, on global rank zero."""
-        if key not in self._warned and _rank() == 0:
+    def _warn(self, message: str, key: str | None = None) -> None:
+        """Warn on global rank zero; with a ``key``, once per key."""
+        if _rank() != 0 or key in self._warned:
+            return
+        if key is not None:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _rank() -> int:

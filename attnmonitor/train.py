@@ -45,8 +45,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     model = instantiate(cfg.model, **extra)
     callbacks = [instantiate(node, _convert_="all") for node in cfg.get("callbacks", {}).values()]
     for callback in callbacks:
-        if isinstance(callback, AttentionMonitor) and callback.options.tokenizer is None and hasattr(datamodule, "decode"):
-            callback.options.tokenizer = datamodule.decode
+        if isinstance(callback, AttentionMonitor) and callback.options.dashboards.tokenizer is None and hasattr(datamodule, "decode"):
+            callback.options.dashboards.tokenizer = datamodule.decode
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(AttentionProgressBar())
     logger = instantiate(cfg.logger) if cfg.get("logger") else False

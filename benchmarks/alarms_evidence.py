@@ -33,14 +33,19 @@ import lightning as L
 from hydra import compose, initialize_config_module
 
 from attnmonitor.config import register_configs
-from attnmonitor.engine import due
 from attnmonitor.integrations.lightning import AttentionMonitor
+from attnmonitor.schedule import due
 from attnmonitor.train import build, quiet
 
 SPIKE_FACTOR, SPIKE_RISE, SPIKE_AFTER = 2.0, 1.0, 50
-COMMON = ["~logger", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-          "callbacks.attention_monitor.alarms.every_n_steps=10", "callbacks.attention_monitor.heatmaps=null",
-          "callbacks.attention_monitor.analyses=false"]
+COMMON = [
+    "~logger",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "callbacks.attention_monitor.alarms.every_n_steps=10",
+    "callbacks.attention_monitor.dashboards.heatmaps=null",
+    "callbacks.attention_monitor.dashboards.analyses=false",
+]
 
 
 @dataclass
@@ -83,10 +88,10 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
         self.run.losses.append(float(outputs["loss"]))
         engine = self.monitor.engine
-        for f in engine.firings:
+        for f in engine.health.firings:
             self.run.firings.setdefault((f.step, f.rule, f.layer, f.head), f)
         step = trainer.global_step - 1
-        if due(step, engine.options.every_n_steps) and "attn_train/max_logit" in engine.latest:
+        if due(step, engine.options.schedule.every_n_steps) and "attn_train/max_logit" in engine.latest:
             self.run.entropy[step] = engine.latest["attn_train/normalized_entropy"]
             self.run.max_logit[step] = engine.latest["attn_train/max_logit"]
 
@@ -147,8 +152,10 @@ def main() -> None:
         nonlocal failed
         failed |= ok is False
         verdict = "info" if ok is None else "PASS" if ok else "FAIL"
-        row = (f"{name:<30} {str(run.first_alarm):>11} {str(run.spike):>10} {lead:>5} {len(run.firings):>8} "
-               f"{run.final_loss:>10.3f}  {verdict}  {extra}({run.seconds:.0f} s)")
+        row = (
+            f"{name:<30} {str(run.first_alarm):>11} {str(run.spike):>10} {lead:>5} {len(run.firings):>8} "
+            f"{run.final_loss:>10.3f}  {verdict}  {extra}({run.seconds:.0f} s)"
+        )
         rows.append(row)
         print(row, flush=True)
 

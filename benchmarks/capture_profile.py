@@ -49,12 +49,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
     data = CorpusDataModule()
-    every = lambda: AttentionMonitor(every_n_steps=1, heatmaps=None, atlas_every_n_steps=10**9)  # noqa: E731
+    every = lambda: AttentionMonitor(schedule={"every_n_steps": 1, "atlas_every_n_steps": 10**9}, dashboards={"heatmaps": None})  # noqa: E731
     plain, monitored = fit(args.steps, None, data), fit(args.steps, every(), data)
     plain, monitored = min(plain, fit(args.steps, None, data)), min(monitored, fit(args.steps, every(), data))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, best of 2")
-    print(f"unmonitored {plain * 1e3:.1f} ms/step, capturing every step {monitored * 1e3:.1f} ms/step: "
-          f"+{(monitored - plain) * 1e3:.2f} ms/step, ratio {plain / monitored:.3f}")
+    print(
+        f"unmonitored {plain * 1e3:.1f} ms/step, capturing every step {monitored * 1e3:.1f} ms/step: "
+        f"+{(monitored - plain) * 1e3:.2f} ms/step, ratio {plain / monitored:.3f}"
+    )
 
     profiler = cProfile.Profile()
     start = time.perf_counter()

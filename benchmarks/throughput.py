@@ -30,12 +30,12 @@ Make = Callable[[], AttentionMonitor | None]
 CONFIGS: dict[str, tuple[bool, Make, float | None]] = {
     "no monitor": (False, lambda: None, None),
     "monitor, defaults": (False, AttentionMonitor, 0.98),
-    "monitor, every step": (False, lambda: AttentionMonitor(every_n_steps=1), 0.90),
+    "monitor, every step": (False, lambda: AttentionMonitor(schedule={"every_n_steps": 1}), 0.90),
     "alarms every 10": (False, lambda: AttentionMonitor(alarms={"every_n_steps": 10}), None),
     "qk_clip": (False, lambda: AttentionMonitor(qk_clip={"tau": 100.0}), None),
     "compiled, no monitor": (True, lambda: None, None),
     "compiled, defaults": (True, AttentionMonitor, 0.97),
-    "compiled, every step": (True, lambda: AttentionMonitor(every_n_steps=1), None),
+    "compiled, every step": (True, lambda: AttentionMonitor(schedule={"every_n_steps": 1}), None),
 }
 BASELINES = {False: "no monitor", True: "compiled, no monitor"}
 STALL_TARGET_MS = 50.0
@@ -52,7 +52,9 @@ def durations(steps: int, compiled: bool, make_monitor: Make, data: CorpusDataMo
 
 def image_stall(data: CorpusDataModule) -> float:
     """Seconds the step that draws images takes beyond the median step of its run."""
-    monitor = lambda: AttentionMonitor(atlas_every_n_steps=IMAGE_EVERY, heatmaps={"every_n_steps": IMAGE_EVERY})  # noqa: E731
+    def monitor() -> AttentionMonitor:
+        return AttentionMonitor(schedule={"atlas_every_n_steps": IMAGE_EVERY}, dashboards={"heatmaps": {"every_n_steps": IMAGE_EVERY}})
+
     times = durations(IMAGE_EVERY + 20, False, monitor, data)
     return times[IMAGE_EVERY - 1] - statistics.median(times[WARMUP_STEPS:])
 

@@ -43,18 +43,25 @@ def main(argv: Sequence[str] | None = None) -> AttentionMonitorTrainer:
 
     every = args.every_n_steps
     monitor = AttentionMonitorCallback(
-        every_n_steps=every, atlas_every_n_steps=5 * every, heatmaps={"every_n_steps": 5 * every, "max_tokens": 24},
-        tokenizer=vocab, regularizer={"entropy_weight": args.entropy_weight, "entropy_target": 0.5},
+        regularizer={"entropy_weight": args.entropy_weight, "entropy_target": 0.5},
+        schedule={"every_n_steps": every, "atlas_every_n_steps": 5 * every},
+        dashboards={"heatmaps": {"every_n_steps": 5 * every, "max_tokens": 24}, "tokenizer": vocab},
     )
     training = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, learning_rate=3e-3, logging_steps=every, eval_strategy="steps",
-        eval_steps=5 * every, report_to=["tensorboard"], save_strategy="no", log_level="warning",
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=3e-3,
+        logging_steps=every,
+        eval_strategy="steps",
+        eval_steps=5 * every,
+        report_to=["tensorboard"],
+        save_strategy="no",
+        log_level="warning",
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    trainer = AttentionMonitorTrainer(
-        model=model, args=training, train_dataset=data[:-64], eval_dataset=data[-64:], callbacks=[monitor]
-    )
+    trainer = AttentionMonitorTrainer(model=model, args=training, train_dataset=data[:-64], eval_dataset=data[-64:], callbacks=[monitor])
     trainer.train()
     print(f"TensorBoard logs in {args.output_dir}\nView them with:  tensorboard --logdir {args.output_dir}")
     return trainer

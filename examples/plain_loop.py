@@ -44,10 +44,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     every = args.every_n_steps
-    with SummaryWriter(args.log_dir) as writer, AttentionMonitorLoop(
-        model, every_n_steps=every, atlas_every_n_steps=5 * every, heatmaps={"every_n_steps": 5 * every, "max_tokens": 24},
-        tokenizer=vocab, regularizer={"entropy_weight": args.entropy_weight, "entropy_target": 0.5},
-    ) as monitor:
+    with (
+        SummaryWriter(args.log_dir) as writer,
+        AttentionMonitorLoop(
+            model,
+            regularizer={"entropy_weight": args.entropy_weight, "entropy_target": 0.5},
+            schedule={"every_n_steps": every, "atlas_every_n_steps": 5 * every},
+            dashboards={"heatmaps": {"every_n_steps": 5 * every, "max_tokens": 24}, "tokenizer": vocab},
+        ) as monitor,
+    ):
         for step in range(args.max_steps):
             for _ in range(args.accumulate):
                 batch = train[torch.randint(len(train), (args.batch_size,))]

@@ -26,10 +26,16 @@ def main() -> None:
     L.seed_everything(0)
     data = CorpusDataModule(seq_len=64, batch_size=32)
     model = TinyGPT(vocab_size=len(data.vocab), seq_len=64)
-    monitor = AttentionMonitor(every_n_steps=50, heatmaps=HeatmapConfig(every_n_steps=200, max_tokens=32), tokenizer=data.vocab)
+    monitor = AttentionMonitor(
+        schedule={"every_n_steps": 50}, dashboards={"heatmaps": HeatmapConfig(every_n_steps=200, max_tokens=32), "tokenizer": data.vocab}
+    )
     logger = TensorBoardLogger(args.log_dir, name="tiny_gpt")
     trainer = L.Trainer(
-        max_steps=args.max_steps, val_check_interval=200, check_val_every_n_epoch=None, callbacks=[monitor], logger=logger,
+        max_steps=args.max_steps,
+        val_check_interval=200,
+        check_val_every_n_epoch=None,
+        callbacks=[monitor],
+        logger=logger,
         log_every_n_steps=25,
     )
     trainer.fit(model, datamodule=data)

@@ -48,8 +48,10 @@ def test_entropy_collapse_with_a_logit_floor_needs_large_logits_too():
     assert alarms.statistics == ("normalized_entropy", "max_logit")
     entropy = [[0.9, 0.9], [0.9, 0.9], [0.2, 0.2]]
     logits = [[5.0, 5.0], [6.0, 6.0], [12.0, 150.0]]
-    fired = [alarms.check(step, ["a"], {"normalized_entropy": torch.tensor([e]), "max_logit": torch.tensor([m])})
-             for step, (e, m) in enumerate(zip(entropy, logits, strict=True))]
+    fired = [
+        alarms.check(step, ["a"], {"normalized_entropy": torch.tensor([e]), "max_logit": torch.tensor([m])})
+        for step, (e, m) in enumerate(zip(entropy, logits, strict=True))
+    ]
     assert not fired[0] and not fired[1]
     assert [(f.head, f.value) for f in fired[2]] == [(1, pytest.approx(0.2))]
 
@@ -93,7 +95,7 @@ def test_history_survives_a_state_dict_round_trip():
         ({"entropy_collapse": {"drop": 1.5}}, r"`alarms.entropy_collapse.drop` must be a number in \[0.0, 1.0\], got 1.5"),
         ({"sink_jump": {"window": 2, "warmup": 3}}, r"`alarms.sink_jump.warmup` \(3\) must be <= its `window` \(2\)"),
         ({"entropy_collapse": {"action": "email"}}, r"must be one of \['warn', 'checkpoint', 'stop'\] or a callable, got 'email'"),
-        ({"every_n_steps": 0}, r"`alarms.every_n_steps` must be an int >= 1, got 0"),
+        ({"every_n_steps": 0}, r"`alarms.every_n_steps` must be an int >= 1 or None, got 0"),
         ({"entropy_collapse": {"drop_by": 0.5}}, r"`alarms.entropy_collapse` got unknown keys \['drop_by'\]"),
     ],
 )
@@ -103,11 +105,11 @@ def test_invalid_alarm_options_are_rejected(alarms, match):
 
 
 def test_a_rule_needs_its_statistic():
-    with pytest.raises(ValueError, match=r"`alarms.sink_jump` reads the statistic 'sink_mass', which is not among `statistics`"):
+    with pytest.raises(ValueError, match=r"`alarms.sink_jump` reads the statistic 'sink_mass', which is not among `capture.statistics`"):
         alarms = {"logit_growth": None, "entropy_collapse": {"logit_floor": None}}
-        MonitorOptions(statistics=["entropy", "normalized_entropy"], alarms=alarms)
+        MonitorOptions(alarms=alarms, capture={"statistics": ["entropy", "normalized_entropy"]})
     with pytest.raises(ValueError, match=r"`alarms.entropy_collapse` reads the statistic 'max_logit'"):
-        MonitorOptions(statistics=["normalized_entropy", "sink_mass"], alarms={"logit_growth": None})
+        MonitorOptions(alarms={"logit_growth": None}, capture={"statistics": ["normalized_entropy", "sink_mass"]})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,10 +139,14 @@ def _fit(tmp_path, action, alarm_every=None, steps=30):
     torch.manual_seed(0)
     model = TinyGPT(vocab_size=VOCAB, seq_len=SEQ, dim=32, layers=2, heads=2, lr=1e-3)
     alarms = {
-        "entropy_collapse": {"window": 4, "warmup": 3, "action": action}, "logit_growth": None, "sink_jump": None,
+        "entropy_collapse": {"window": 4, "warmup": 3, "action": action},
+        "logit_growth": None,
+        "sink_jump": None,
         "every_n_steps": alarm_every,
     }
-    monitor = AttentionMonitor(every_n_steps=EVERY if alarm_every is None else 10, heatmaps=None, alarms=alarms)
+    monitor = AttentionMonitor(
+        alarms=alarms, schedule={"every_n_steps": EVERY if alarm_every is None else 10}, dashboards={"heatmaps": None}
+    )
     trainer = make_trainer(tmp_path, [monitor, _Sharpen()], max_steps=steps, log_every_n_steps=EVERY)
     trainer.fit(model, _loader())
     return trainer, monitor

@@ -107,13 +107,15 @@ def test_positional_profile_against_loops_and_seed():
                 for i in range(5):
                     row = probs[b, h, i, : i + 1].tolist()
                     mean_j = sum(j * a for j, a in enumerate(row))
-                    values.append({
-                        "first": row[0],
-                        "last": row[-1],
-                        "locality": sum(a for j, a in enumerate(row) if abs(i - j) <= 1),
-                        "normalized_distance": sum(a * abs(i - j) for j, a in enumerate(row)) / i if i else 0.0,
-                        "spread": math.sqrt(sum(a * (j - mean_j) ** 2 for j, a in enumerate(row))) / (i + 1),
-                    }[name])
+                    values.append(
+                        {
+                            "first": row[0],
+                            "last": row[-1],
+                            "locality": sum(a for j, a in enumerate(row) if abs(i - j) <= 1),
+                            "normalized_distance": sum(a * abs(i - j) for j, a in enumerate(row)) / i if i else 0.0,
+                            "spread": math.sqrt(sum(a * (j - mean_j) ** 2 for j, a in enumerate(row))) / (i + 1),
+                        }[name]
+                    )
             assert float(profile[name][h]) == pytest.approx(sum(values) / len(values), abs=1e-5), name
     full, _ = _probs(b=1, h=1, seq=5, causal=False)
     seed_first = full[0, 0].mean(0)[0]  # the seed's first_token_bias: mean over queries of A[:, 0]
@@ -176,7 +178,7 @@ def test_callback_logs_the_analyses_on_a_real_run(tmp_path):
     data = ReversalDataModule(seq_len=8, vocab_size=12, batch_size=32, train_size=512, val_size=64)
     torch.manual_seed(0)
     model = ReversalModel(vocab_size=12, seq_len=8, dim=32, heads=2, lr=1e-2)
-    monitor = AttentionMonitor(every_n_steps=5, atlas_every_n_steps=10, tokenizer=data.decode)
+    monitor = AttentionMonitor(schedule={"every_n_steps": 5, "atlas_every_n_steps": 10}, dashboards={"tokenizer": data.decode})
     trainer = make_trainer(tmp_path, [monitor], max_steps=20, val_check_interval=10, check_val_every_n_epoch=None)
     trainer.fit(model, datamodule=data)
     events = read_events(tmp_path / "tb" / "version_0")

@@ -83,7 +83,10 @@ class _Snapshot(L.Callback):
 
 def test_training_scalars_follow_optimizer_steps_under_accumulation_and_equal_the_reference(tmp_path):
     model = _model()  # no dropout anywhere
-    monitor = AttentionMonitor(every_n_steps=2, heatmaps={"every_n_steps": 4, "max_tokens": 8}, atlas_every_n_steps=4, val_batches=0)
+    monitor = AttentionMonitor(
+        schedule={"every_n_steps": 2, "atlas_every_n_steps": 4, "val_batches": 0},
+        dashboards={"heatmaps": {"every_n_steps": 4, "max_tokens": 8}},
+    )
     snapshot = _Snapshot(step=1)
     trainer = make_trainer(tmp_path, [monitor, snapshot], max_steps=5, accumulate_grad_batches=3, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=_loader())
@@ -122,7 +125,9 @@ def test_training_scalars_follow_optimizer_steps_under_accumulation_and_equal_th
 
 def test_validation_example_equals_reference_and_sanity_check_is_skipped(tmp_path):
     model = _model()
-    monitor = AttentionMonitor(every_n_steps=100, val_batches=2, tokenizer=lambda ids: [f"t{i}" for i in ids])
+    monitor = AttentionMonitor(
+        schedule={"every_n_steps": 100, "val_batches": 2}, dashboards={"tokenizer": lambda ids: [f"t{i}" for i in ids]}
+    )
     trainer = make_trainer(tmp_path, [monitor], max_steps=3, num_sanity_val_steps=2, val_check_interval=3)
     val = _loader(n=16, seed=1)
     trainer.fit(model, train_dataloaders=_loader(), val_dataloaders=val)
@@ -138,11 +143,15 @@ def test_validation_example_equals_reference_and_sanity_check_is_skipped(tmp_pat
 
 
 def test_a_single_statistic_name_is_accepted():
-    assert AttentionMonitor(statistics="entropy").options.statistics == ["entropy"]
+    assert AttentionMonitor(capture={"statistics": "entropy"}).options.capture.statistics == ["entropy"]
 
 
 def test_per_head_scalars(tmp_path):
-    monitor = AttentionMonitor(statistics=["max_weight"], every_n_steps=1, per_head=True, val_batches=0, heatmaps={"every_n_steps": None})
+    monitor = AttentionMonitor(
+        capture={"statistics": ["max_weight"]},
+        schedule={"every_n_steps": 1, "val_batches": 0},
+        dashboards={"per_head": True, "heatmaps": {"every_n_steps": None}},
+    )
     make_trainer(tmp_path, [monitor], max_steps=2, limit_val_batches=0).fit(_model(), train_dataloaders=_loader())
     scalars = set(read_events(tmp_path / "tb" / "version_0").Tags()["scalars"])
     assert {"attn_train_heads/max_weight/blocks.0.attn/head_0", "attn_train_heads/max_weight/blocks.1.attn/head_1"} <= scalars
@@ -150,7 +159,9 @@ def test_per_head_scalars(tmp_path):
 
 
 def test_other_loggers_get_scalars_and_images_are_skipped_with_one_warning(tmp_path):
-    monitor = AttentionMonitor(statistics=["entropy"], every_n_steps=1, val_batches=0, atlas_every_n_steps=1)
+    monitor = AttentionMonitor(
+        capture={"statistics": ["entropy"]}, schedule={"every_n_steps": 1, "val_batches": 0, "atlas_every_n_steps": 1}
+    )
     logger = CSVLogger(tmp_path, name="csv", version=0)
     with pytest.warns(RuntimeWarning, match="images skipped: no TensorBoardLogger") as record:
         make_trainer(tmp_path, [monitor], max_steps=3, logger=logger, limit_val_batches=0).fit(_model(), train_dataloaders=_loader())
@@ -162,17 +173,22 @@ def test_other_loggers_get_scalars_and_images_are_skipped_with_one_warning(tmp_p
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(every_n_steps=0), "`every_n_steps` must be an int >= 1, got 0"),
-        (dict(statistics=["entropy", "focus"]), r"`statistics`.*'focus'.*accepted names"),
-        (dict(heatmaps={"max_tokens": 1}), "`heatmaps.max_tokens` must be an int >= 2, got 1"),
-        (dict(heatmaps={"size": 3}), r"`heatmaps` got unknown keys \['size'\]"),
-        (dict(val_batches=-1), "`val_batches` must be an int >= 0"),
-        (dict(tokenizer=3), "`tokenizer` must be a tokenizer or a callable"),
-        (dict(sparsity_eps=0), r"`sparsity_eps` must be in \(0, 1\]"),
-        (dict(statistics=[]), "`statistics` is empty: name at least one of"),
-        (dict(per_head="yes"), "`per_head` must be a bool, got 'yes'"),
-        (dict(token_classes={"x": "the"}), "`token_classes` must be a non-empty mapping class -> list of tokens"),
-        (dict(decoder=len), r"unknown option\(s\) \['decoder'\]; accepted options are \[.*'tokenizer'"),
+        (dict(schedule={"every_n_steps": 0}), "`schedule.every_n_steps` must be an int >= 1, got 0"),
+        (dict(capture={"statistics": ["entropy", "focus"]}), r"`capture.statistics`.*'focus'.*accepted names"),
+        (dict(dashboards={"heatmaps": {"max_tokens": 1}}), "`heatmaps.max_tokens` must be an int >= 2, got 1"),
+        (dict(dashboards={"heatmaps": {"size": 3}}), r"`dashboards.heatmaps` got unknown keys \['size'\]"),
+        (dict(schedule={"val_batches": -1}), "`schedule.val_batches` must be an int >= 0"),
+        (dict(dashboards={"tokenizer": 3}), "`dashboards.tokenizer` must be a tokenizer or a callable"),
+        (dict(capture={"sparsity_eps": 0}), r"`capture.sparsity_eps` must be in \(0, 1\]"),
+        (dict(capture={"statistics": []}), "`capture.statistics` is empty: name at least one of"),
+        (dict(dashboards={"per_head": "yes"}), "`dashboards.per_head` must be a bool, got 'yes'"),
+        (
+            dict(dashboards={"token_classes": {"x": "the"}}),
+            "`dashboards.token_classes` must be a non-empty mapping class -> list of tokens",
+        ),
+        (dict(decoder=len), r"unknown option\(s\) \['decoder'\]; accepted options are \[.*'dashboards'"),
+        (dict(schedule={"every_n_step": 3}), r"`schedule` got unknown keys \['every_n_step'\]; accepted keys are \['every_n_steps'"),
+        (dict(capture={"targets": "["}), r"`capture.targets` holds an invalid regular expression '\['"),
     ],
 )
 def test_invalid_options_are_rejected_at_construction(kwargs, match):
@@ -183,8 +199,11 @@ def test_invalid_options_are_rejected_at_construction(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(targets=r"encoder\.\d+"), r"selects no module of TinyGPT.*'blocks.0.attn'"),
-        (dict(heatmaps={"layers": [r"decoder\..*"]}), r"`heatmaps.layers`.*matches none of the attention layers"),
+        (dict(capture={"targets": r"encoder\.\d+"}), r"selects no module of TinyGPT.*'blocks.0.attn'"),
+        (
+            dict(dashboards={"heatmaps": {"layers": [r"decoder\..*"]}}),
+            r"`dashboards.heatmaps.layers`.*matches none of the attention layers",
+        ),
     ],
 )
 def test_options_that_do_not_fit_the_model_fail_before_training(tmp_path, kwargs, match):
@@ -200,12 +219,20 @@ def test_options_that_do_not_fit_the_model_fail_before_training(tmp_path, kwargs
 @ignore_resume_notices
 def test_resume_continues_the_schedule(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    monitor = AttentionMonitor(statistics=["entropy"], every_n_steps=2, val_batches=0, heatmaps={"every_n_steps": None})
+    monitor = AttentionMonitor(
+        capture={"statistics": ["entropy"]},
+        schedule={"every_n_steps": 2, "val_batches": 0},
+        dashboards={"heatmaps": {"every_n_steps": None}},
+    )
     make_trainer(tmp_path, [monitor, checkpoint], max_steps=4, enable_checkpointing=True, limit_val_batches=0).fit(
         _model(), train_dataloaders=_loader()
     )
     assert monitor.engine.last_train_step == 3
-    resumed = AttentionMonitor(statistics=["entropy"], every_n_steps=2, val_batches=0, heatmaps={"every_n_steps": None})
+    resumed = AttentionMonitor(
+        capture={"statistics": ["entropy"]},
+        schedule={"every_n_steps": 2, "val_batches": 0},
+        dashboards={"heatmaps": {"every_n_steps": None}},
+    )
     trainer = make_trainer(tmp_path, [resumed, checkpoint], max_steps=8, enable_checkpointing=True, limit_val_batches=0)
     trainer.fit(_model(), train_dataloaders=_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.engine.last_train_step == 7
@@ -213,8 +240,10 @@ def test_resume_continues_the_schedule(tmp_path):
 
 
 def test_two_monitors_coexist(tmp_path):
-    a = AttentionMonitor(statistics=["entropy"], every_n_steps=2, val_batches=0)
-    b = AttentionMonitor(statistics=["sink_mass"], every_n_steps=3, val_batches=0, targets=[r"blocks\.0\.attn"])
+    a = AttentionMonitor(capture={"statistics": ["entropy"]}, schedule={"every_n_steps": 2, "val_batches": 0})
+    b = AttentionMonitor(
+        capture={"statistics": ["sink_mass"], "targets": [r"blocks\.0\.attn"]}, schedule={"every_n_steps": 3, "val_batches": 0}
+    )
     assert a.state_key != b.state_key
     make_trainer(tmp_path, [a, b], max_steps=6, limit_val_batches=0).fit(_model(), train_dataloaders=_loader())
     events = read_events(tmp_path / "tb" / "version_0")
@@ -227,7 +256,11 @@ def test_non_finite_attention_is_skipped_counted_and_training_goes_on(tmp_path):
     model = _model()
     with torch.no_grad():
         model.blocks[1].attn.qkv.weight[0, 0] = float("nan")  # layer 1 diverged; layer 0 is fine
-    monitor = AttentionMonitor(statistics=["entropy"], every_n_steps=1, val_batches=0, heatmaps={"every_n_steps": None})
+    monitor = AttentionMonitor(
+        capture={"statistics": ["entropy"]},
+        schedule={"every_n_steps": 1, "val_batches": 0},
+        dashboards={"heatmaps": {"every_n_steps": None}},
+    )
     trainer = make_trainer(tmp_path, [monitor], max_steps=3, limit_val_batches=0)
     with pytest.warns(RuntimeWarning, match=r"^attnmonitor: ") as record:  # every warning of the monitor, checked below
         trainer.fit(model, train_dataloaders=_loader())
@@ -259,7 +292,9 @@ class _ResidentMemory(L.Callback):
 def test_a_1000_step_run_keeps_memory_figures_hooks_and_event_files_bounded(tmp_path):
     model = _model()
     memory = _ResidentMemory([300, 1000])
-    monitor = AttentionMonitor(every_n_steps=10, atlas_every_n_steps=100, heatmaps={"every_n_steps": 100, "max_tokens": 12})
+    monitor = AttentionMonitor(
+        schedule={"every_n_steps": 10, "atlas_every_n_steps": 100}, dashboards={"heatmaps": {"every_n_steps": 100, "max_tokens": 12}}
+    )
     trainer = make_trainer(tmp_path, [monitor, memory], max_steps=1000, val_check_interval=250, check_val_every_n_epoch=None)
     trainer.fit(model, train_dataloaders=_loader(), val_dataloaders=_loader(n=8, seed=3))
     assert memory.mb[1000] - memory.mb[300] < 30, memory.mb  # no growth after warm-up
@@ -271,3 +306,20 @@ def test_a_1000_step_run_keeps_memory_figures_hooks_and_event_files_bounded(tmp_
     assert size_mb < 0.5 * image_steps, size_mb  # documented budget: under 0.5 MB per image step (this model)
     events = read_events(tmp_path / "tb" / "version_0")
     assert len(events.Scalars("attn_train/entropy")) == 100
+
+
+def test_flat_option_names_still_work_with_a_warning_naming_their_group():
+    with pytest.warns(FutureWarning, match=r"`every_n_steps` is now `schedule.every_n_steps`") as record:
+        monitor = AttentionMonitor(every_n_steps=7, heatmaps=None, schedule={"val_batches": 0})
+    assert any("`heatmaps` is now `dashboards.heatmaps`" in str(w.message) for w in record)
+    options = monitor.options
+    assert (options.schedule.every_n_steps, options.schedule.val_batches, options.dashboards.heatmaps) == (7, 0, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(regularizer={"entropy_weight": 0.0}), dict(clip={"min": 0.0, "max": 1.0}), dict(qk_clip={"tau": None})],
+)
+def test_groups_that_do_nothing_are_off(kwargs):
+    (name,) = kwargs
+    assert getattr(AttentionMonitor(**kwargs).options, name) is None

@@ -22,8 +22,15 @@ class Seq2Seq(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         config = transformers.BartConfig(
-            vocab_size=30, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16,
+            vocab_size=30,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=16,
         )
         self.model = transformers.BartForConditionalGeneration._from_config(config, attn_implementation="sdpa")
 
@@ -46,8 +53,13 @@ def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
         decoder_mask[0, 6:] = 0
         labels = decoder_ids.masked_fill(decoder_mask == 0, -100)
         batches.append(
-            {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids,
-             "decoder_attention_mask": decoder_mask, "labels": labels}
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "decoder_input_ids": decoder_ids,
+                "decoder_attention_mask": decoder_mask,
+                "labels": labels,
+            }
         )
     return batches
 
@@ -57,7 +69,8 @@ def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
 def test_encoder_decoder_run_logs_cross_attention_with_its_own_meanings(tmp_path):
     torch.manual_seed(0)
     monitor = AttentionMonitor(
-        every_n_steps=2, atlas_every_n_steps=2, heatmaps={"every_n_steps": 2}, tokenizer=lambda ids: [f"w{i}" for i in ids]
+        schedule={"every_n_steps": 2, "atlas_every_n_steps": 2},
+        dashboards={"heatmaps": {"every_n_steps": 2}, "tokenizer": lambda ids: [f"w{i}" for i in ids]},
     )
     trainer = make_trainer(tmp_path, [monitor], max_steps=4)
     batches = _batches()

@@ -43,14 +43,16 @@ def _fit(tmp_path, compile_how: str | None, monitor: bool) -> tuple[dict[str, in
     elif compile_how == "blocks":
         for block in model.blocks:
             block.compile(backend="eager")
-    callbacks = [AttentionMonitor(every_n_steps=EVERY, heatmaps=None, analyses=False)] if monitor else []
+    callbacks = [AttentionMonitor(schedule={"every_n_steps": EVERY}, dashboards={"heatmaps": None, "analyses": False})] if monitor else []
     trainer = make_trainer(tmp_path, callbacks, max_steps=STEPS, log_every_n_steps=EVERY)
     trainer.fit(fitted, _loader())
     graphs = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
     events = read_events(tmp_path / "tb" / "version_0") if monitor else None
-    entropy = {} if events is None else {
-        tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"] if "entropy" in tag
-    }
+    entropy = (
+        {}
+        if events is None
+        else {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"] if "entropy" in tag}
+    )
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     torch._dynamo.reset()
     return graphs, entropy

@@ -38,7 +38,9 @@ def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("dashboards")
     torch.manual_seed(0)
     model = TinyGPT(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=2, heads=2, lr=1e-2)
-    monitor = AttentionMonitor(every_n_steps=2, atlas_every_n_steps=2, heatmaps={"every_n_steps": 2, "max_tokens": 12})
+    monitor = AttentionMonitor(
+        schedule={"every_n_steps": 2, "atlas_every_n_steps": 2}, dashboards={"heatmaps": {"every_n_steps": 2, "max_tokens": 12}}
+    )
     trainer = make_trainer(tmp_path, [monitor], max_steps=6, val_check_interval=3, log_every_n_steps=2, limit_val_batches=2)
     trainer.fit(model, _loader(), _loader(n=8, seed=1))
     return tmp_path / "tb" / "version_0"
@@ -82,7 +84,7 @@ def test_one_legible_heatmap_per_layer(run):
 
 def test_the_monitor_options_are_hyperparameters(run):
     hparams = read_hparams(run)
-    assert hparams["attnmonitor/every_n_steps"] == 2
+    assert hparams["attnmonitor/schedule/every_n_steps"] == 2
 
 
 @pytest.mark.parametrize("value", [0.3, 0.7])
@@ -111,9 +113,10 @@ def test_a_missing_batch_key_is_named_once(tmp_path):
         def training_step(self, batch, batch_idx):
             return super().training_step((batch["tokens"], batch["targets"]), batch_idx)
 
-    monitor = AttentionMonitor(every_n_steps=1, val_batches=0)
+    monitor = AttentionMonitor(schedule={"every_n_steps": 1, "val_batches": 0})
     trainer = make_trainer(tmp_path, [monitor], max_steps=2, limit_val_batches=0)
-    with pytest.warns(RuntimeWarning, match=r"`input_key`='input_ids' is not a key of the batch, whose keys are \['targets', 'tokens'\]"):
+    expected = r"`batch.input_key`='input_ids' is not a key of the batch, whose keys are \['targets', 'tokens'\]"
+    with pytest.warns(RuntimeWarning, match=expected):
         trainer.fit(Model(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=1, heads=2), DataLoader(Dicts(), batch_size=4))
 
 
@@ -138,7 +141,9 @@ class _Publisher:
 def _captured_engine(tmp_path):
     """An engine attached to a small GPT, one training step captured with images due (published when it ends)."""
     model = TinyGPT(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=2, heads=2)
-    engine = MonitorEngine(MonitorOptions(every_n_steps=1, atlas_every_n_steps=1, heatmaps={"every_n_steps": 1}))
+    engine = MonitorEngine(
+        MonitorOptions(schedule={"every_n_steps": 1, "atlas_every_n_steps": 1}, dashboards={"heatmaps": {"every_n_steps": 1}})
+    )
     engine.attach(model)
     ids, _ = next(iter(_loader()))
     engine.start_train_batch(0, (ids,))

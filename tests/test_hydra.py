@@ -56,14 +56,14 @@ def test_every_preset_composes_and_instantiates_plain_python(experiment):
     for group in ("model", "data", "trainer", "logger"):
         assert "_target_" in cfg[group], group
     monitor = instantiate(cfg.callbacks.attention_monitor, _convert_="all")
-    assert isinstance(monitor, AttentionMonitor) and isinstance(monitor.options.heatmaps, HeatmapConfig)
+    assert isinstance(monitor, AttentionMonitor) and isinstance(monitor.options.dashboards.heatmaps, HeatmapConfig)
     _no_omegaconf(vars(monitor))
     _no_omegaconf(vars(monitor.options))
     _no_omegaconf(vars(monitor.engine.regularizer))
-    assert isinstance(monitor.engine.regularizer.regularizer, RegularizerConfig)
     restored = pickle.loads(pickle.dumps(monitor))
     assert restored.options == monitor.options
     if experiment == "regularized":
+        assert isinstance(monitor.engine.regularizer.regularizer, RegularizerConfig)
         assert monitor.engine.regularizer.regularizing and monitor.engine.regularizer.clip.max == 0.6
     if experiment == "unstable":
         assert monitor.options.alarms.every_n_steps == 10 and monitor.options.qk_clip is None
@@ -93,8 +93,8 @@ def test_unstable_preset_warms_the_learning_rate_up_to_its_peak():
     "override,match",
     [
         ("callbacks.attention_monitor.every_n_step=3", "every_n_step"),
-        ("callbacks.attention_monitor.every_n_steps=often", "every_n_steps"),
-        ("callbacks.attention_monitor.heatmaps.max_token=3", "max_token"),
+        ("callbacks.attention_monitor.schedule.every_n_steps=often", "every_n_steps"),
+        ("callbacks.attention_monitor.dashboards.heatmaps.max_token=3", "max_token"),
         ("callbacks.attention_monitor.regularizer.entropy_weight=heavy", "entropy_weight"),
     ],
 )
@@ -106,10 +106,10 @@ def test_misspelt_keys_and_wrong_types_fail_at_composition(override, match):
 @pytest.mark.parametrize(
     "override,match",
     [
-        ("callbacks.attention_monitor.statistics=[entropy,perplexity]", r"`statistics`.*'perplexity'"),
+        ("callbacks.attention_monitor.capture.statistics=[entropy,perplexity]", r"`capture.statistics`.*'perplexity'"),
         ("callbacks.attention_monitor.regularizer.entropy_weight=-0.5", "`regularizer.entropy_weight` must be a number >= 0"),
         ("callbacks.attention_monitor.clip.min=0.6 callbacks.attention_monitor.clip.max=0.2", "`clip` needs 0 <= min <= max <= 1"),
-        ("callbacks.attention_monitor.every_n_steps=0", "`every_n_steps` must be an int >= 1"),
+        ("callbacks.attention_monitor.schedule.every_n_steps=0", "`schedule.every_n_steps` must be an int >= 1"),
     ],
 )
 def test_semantic_errors_fail_before_training_naming_the_option(override, match):
@@ -148,14 +148,14 @@ def test_multirun_writes_each_job_to_its_own_directory(tmp_path):
     # the HParams tab tells the jobs apart: each job's whole config, the swept value included
     hparams = [read_hparams(tmp_path / "sweep" / r / "tensorboard") for r in runs]
     assert [h["callbacks/attention_monitor/regularizer/entropy_weight"] for h in hparams] == [0, 0.01, 0.1]
-    assert all(h["attnmonitor/every_n_steps"] == 50 and h["trainer/max_steps"] == 4 for h in hparams)
+    assert all(h["attnmonitor/schedule/every_n_steps"] == 50 and h["trainer/max_steps"] == 4 for h in hparams)
     assert all("hp_metric" not in read_events(tmp_path / "sweep" / r / "tensorboard").Tags()["scalars"] for r in runs)
 
 
 @pytest.mark.slow
 def test_the_job_says_where_its_logs_are_before_training_and_at_the_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    overrides = [f"hydra.run.dir={tmp_path}/run", *FAST, "callbacks.attention_monitor.every_n_steps=2"]
+    overrides = [f"hydra.run.dir={tmp_path}/run", *FAST, "callbacks.attention_monitor.schedule.every_n_steps=2"]
     command = [sys.executable, "-m", "attnmonitor.train", *overrides]
     result = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -182,15 +182,37 @@ def _get_json(url: str):
 def test_a_running_tensorboard_shows_attention_scalars_before_the_run_ends(tmp_path):
     run_dir = tmp_path / "run"
     training = subprocess.Popen(
-        [sys.executable, "-m", "attnmonitor.train", f"hydra.run.dir={run_dir}", "trainer.max_steps=5000",
-         "callbacks.attention_monitor.every_n_steps=5", "trainer.val_check_interval=1000", "trainer.num_sanity_val_steps=0"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "attnmonitor.train",
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_steps=5000",
+            "callbacks.attention_monitor.schedule.every_n_steps=5",
+            "trainer.val_check_interval=1000",
+            "trainer.num_sanity_val_steps=0",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
-         "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(run_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:

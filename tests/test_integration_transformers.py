@@ -60,8 +60,9 @@ def _all_hooks(model: torch.nn.Module) -> int:
 def test_gpt2_statistics_at_captured_steps_equal_eager_reference_under_gradient_accumulation(tmp_path):
     model, recorder = build("gpt2"), Recorder()
     monitor = AttentionMonitorCallback(
-        every_n_steps=2, statistics=STATISTICS, per_head=True, heatmaps={"every_n_steps": 4, "max_tokens": 12},
-        atlas_every_n_steps=4, analyses=False, val_batches=0,
+        capture={"statistics": STATISTICS},
+        schedule={"every_n_steps": 2, "atlas_every_n_steps": 4, "val_batches": 0},
+        dashboards={"per_head": True, "heatmaps": {"every_n_steps": 4, "max_tokens": 12}, "analyses": False},
     )
     args = arguments(tmp_path, max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-2)
     trainer = AttentionMonitorTrainer(model=model, args=args, train_dataset=samples("gpt2", 24), callbacks=[monitor, recorder])
@@ -88,8 +89,9 @@ def test_gpt2_statistics_at_captured_steps_equal_eager_reference_under_gradient_
 def test_bert_evaluation_probe_with_padding_equals_eager_reference(tmp_path):
     model, recorder = build("bert"), Recorder()
     monitor = AttentionMonitorCallback(
-        every_n_steps=1, statistics=STATISTICS, per_head=True, val_batches=1, heatmaps={"every_n_steps": None, "max_tokens": 12},
-        atlas_every_n_steps=100, analyses=False,
+        capture={"statistics": STATISTICS},
+        schedule={"every_n_steps": 1, "val_batches": 1, "atlas_every_n_steps": 100},
+        dashboards={"per_head": True, "heatmaps": {"every_n_steps": None, "max_tokens": 12}, "analyses": False},
     )
     args = arguments(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, learning_rate=1e-2)
     data = samples("bert", 12)
@@ -115,7 +117,9 @@ def test_regularizer_gradients_equal_hand_written_task_plus_penalty(tmp_path, na
     # GPT-2: the Trainer normalises the task loss over the accumulated batch (num_items_in_batch) and does not
     # divide it by the accumulation steps; BERT (loss_is_scaled_for_ga=False): a per-batch mean it divides.
     model, recorder = build(name, dtype=torch.float64), Recorder()
-    monitor = AttentionMonitorCallback(every_n_steps=1, regularizer=REGULARIZER, heatmaps=None, analyses=False, val_batches=0)
+    monitor = AttentionMonitorCallback(
+        regularizer=REGULARIZER, schedule={"every_n_steps": 1, "val_batches": 0}, dashboards={"heatmaps": None, "analyses": False}
+    )
     args = arguments(tmp_path, max_steps=2, gradient_accumulation_steps=2, report_to=[])
     trainer = AttentionMonitorTrainer(model=model, args=args, train_dataset=samples(name, 12), callbacks=[monitor, recorder])
     if name == "bert":
@@ -140,10 +144,15 @@ def test_clipping_applies_inside_the_trainer_forward(tmp_path):
             layer.attention.self.query.weight.mul_(20)
             layer.attention.self.key.weight.mul_(20)
     monitor = AttentionMonitorCallback(
-        every_n_steps=1, statistics=["max_weight"], clip={"max": 0.5}, heatmaps=None, analyses=False, val_batches=0
+        clip={"max": 0.5},
+        capture={"statistics": ["max_weight"]},
+        schedule={"every_n_steps": 1, "val_batches": 0},
+        dashboards={"heatmaps": None, "analyses": False},
     )
     trainer = AttentionMonitorTrainer(
-        model=model, args=arguments(tmp_path, max_steps=1, report_to=[], learning_rate=0.0), train_dataset=samples("bert", 6),
+        model=model,
+        args=arguments(tmp_path, max_steps=1, report_to=[], learning_rate=0.0),
+        train_dataset=samples("bert", 6),
         callbacks=[monitor, recorder],
     )
     trainer.train()
@@ -168,7 +177,9 @@ def test_a_plain_trainer_binds_the_monitor_and_refuses_a_regularizer(tmp_path):
 
     model = build("gpt2")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
-    monitor = AttentionMonitorCallback(MonitorOptions(every_n_steps=1, heatmaps=None, analyses=False)).bind(trainer)
+    monitor = AttentionMonitorCallback(
+        MonitorOptions(schedule={"every_n_steps": 1}, dashboards={"heatmaps": None, "analyses": False})
+    ).bind(trainer)
     names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
     assert names.index("AttentionMonitorCallback") == names.index("DefaultFlowCallback") + 1
     with warnings.catch_warnings():
@@ -185,7 +196,7 @@ def test_hooks_are_removed_when_training_fails(tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             raise KeyboardInterrupt
 
-    monitor = AttentionMonitorCallback(every_n_steps=1, heatmaps=None, analyses=False)
+    monitor = AttentionMonitorCallback(schedule={"every_n_steps": 1}, dashboards={"heatmaps": None, "analyses": False})
     trainer = AttentionMonitorTrainer(
         model=model, args=arguments(tmp_path, max_steps=3, report_to=[]), train_dataset=samples("gpt2", 9), callbacks=[monitor, Boom()]
     )
@@ -195,7 +206,7 @@ def test_hooks_are_removed_when_training_fails(tmp_path):
 
 
 def test_targets_matching_no_module_fail_before_the_first_step(tmp_path):
-    monitor = AttentionMonitorCallback(targets=r"nothing\.here")
+    monitor = AttentionMonitorCallback(capture={"targets": r"nothing\.here"})
     trainer = AttentionMonitorTrainer(
         model=build("gpt2"), args=arguments(tmp_path, max_steps=1, report_to=[]), train_dataset=samples("gpt2", 3), callbacks=[monitor]
     )
@@ -243,12 +254,16 @@ def test_an_alarm_with_action_stop_saves_and_stops_the_trainer_and_qk_clip_resca
     query_before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     growth = {"ceiling": 0.0, "rate": None, "warmup": 1, "window": 1, "action": "stop"}
     monitor = AttentionMonitorCallback(
-        every_n_steps=5, heatmaps=None, analyses=False, val_batches=0, qk_clip={"tau": 1e-3},
+        qk_clip={"tau": 1e-3},
         alarms={"entropy_collapse": None, "sink_jump": None, "logit_growth": growth, "every_n_steps": 1},
+        schedule={"every_n_steps": 5, "val_batches": 0},
+        dashboards={"heatmaps": None, "analyses": False},
     )
     trainer = AttentionMonitorTrainer(
-        model=model, args=arguments(tmp_path, max_steps=6, report_to=[], learning_rate=0.0),  # save_strategy "no"
-        train_dataset=samples("gpt2", 30), callbacks=[monitor],
+        model=model,
+        args=arguments(tmp_path, max_steps=6, report_to=[], learning_rate=0.0),  # save_strategy "no"
+        train_dataset=samples("gpt2", 30),
+        callbacks=[monitor],
     )
     with pytest.warns(RuntimeWarning, match=r"alarm \[logit_growth\] at step 2: layer 'transformer.h.0.attn' head 0"):
         trainer.train()

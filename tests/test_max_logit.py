@@ -18,7 +18,7 @@ from attnmonitor import AttentionCapture
 from attnmonitor.functional import chunked, evaluation
 from attnmonitor.functional.chunked import qk_logit_max
 from attnmonitor.functional.statistics import STATISTICS, check_statistics, row_statistics
-from attnmonitor.metrics import AttentionMaxLogit, AttentionStatistic, AttentionStatistics
+from attnmonitor.metrics import AttentionMaxLogit, AttentionStatistic, HeadStatisticGrid
 from attnmonitor.tensorboard.writer import statistic_scalars
 from tests.helpers.models import EagerAttention, SdpaAttention, TinyTransformer, layer_inputs, qk64
 
@@ -355,7 +355,7 @@ def test_sample_rows_keeps_eager_maxima_exact():
 
 # state, metric and logging ----------------------------------------------------------------------
 def test_state_reduces_maxima_with_max_and_reports_nan_where_nothing_was_seen():
-    state = AttentionStatistics(["entropy", "max_logit"], num_layers=2, num_heads=2)
+    state = HeadStatisticGrid(["entropy", "max_logit"], num_layers=2, num_heads=2)
     assert state._reductions["maxima"].__name__ == "dim_zero_max"
     state.update(torch.ones(1, 2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[[3.0, -1.0], [-math.inf, -math.inf]]]))
     state.update(torch.ones(1, 2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[[2.0, 5.0], [-math.inf, -math.inf]]]))

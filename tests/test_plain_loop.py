@@ -64,9 +64,14 @@ def test_captured_step_equals_float64_reference_over_all_micro_batches(tmp_path)
     model, batches = _model(), _micro_batches()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     logged = {}
-    with SummaryWriter(tmp_path) as writer, AttentionMonitorLoop(
-        model, every_n_steps=2, per_head=True, heatmaps={"every_n_steps": 2, "max_tokens": 8}, atlas_every_n_steps=4
-    ) as monitor:
+    with (
+        SummaryWriter(tmp_path) as writer,
+        AttentionMonitorLoop(
+            model,
+            schedule={"every_n_steps": 2, "atlas_every_n_steps": 4},
+            dashboards={"per_head": True, "heatmaps": {"every_n_steps": 2, "max_tokens": 8}},
+        ) as monitor,
+    ):
         for step in range(4):
             for batch in batches:
                 with monitor.step(step, batch):
@@ -88,7 +93,9 @@ def test_captured_step_equals_float64_reference_over_all_micro_batches(tmp_path)
 def test_penalty_gradients_equal_task_plus_penalty_under_gradient_accumulation():
     model, batches = _model(torch.float64), _micro_batches()
     reference = _model(torch.float64)
-    with AttentionMonitorLoop(model, every_n_steps=1, regularizer=REGULARIZER, heatmaps=None, analyses=False) as monitor:
+    with AttentionMonitorLoop(
+        model, regularizer=REGULARIZER, schedule={"every_n_steps": 1}, dashboards={"heatmaps": None, "analyses": False}
+    ) as monitor:
         for batch in batches:
             with monitor.step(0, batch):
                 loss = model(**batch).square().mean() + monitor.penalty()
@@ -105,7 +112,7 @@ def test_penalty_gradients_equal_task_plus_penalty_under_gradient_accumulation()
 
 def test_a_penalty_not_added_to_the_loss_is_warned_about_and_dropped():
     model, batch = _model(), _micro_batches()[0]
-    with AttentionMonitorLoop(model, every_n_steps=5, regularizer=REGULARIZER, heatmaps=None) as monitor:
+    with AttentionMonitorLoop(model, regularizer=REGULARIZER, schedule={"every_n_steps": 5}, dashboards={"heatmaps": None}) as monitor:
         with pytest.warns(RuntimeWarning, match="never added to a loss"), monitor.step(0, batch):
             model(**batch).square().mean().backward()
         assert not monitor.engine.regularizer.pending
@@ -118,9 +125,12 @@ def test_a_penalty_not_added_to_the_loss_is_warned_about_and_dropped():
 def test_evaluation_probe_equals_reference_and_is_written(tmp_path):
     model, batches = _model(), _micro_batches(seed=1)
     model.eval()
-    with SummaryWriter(tmp_path) as writer, AttentionMonitorLoop(
-        model, per_head=True, val_batches=1, heatmaps={"every_n_steps": None, "max_tokens": 8}
-    ) as monitor:
+    with (
+        SummaryWriter(tmp_path) as writer,
+        AttentionMonitorLoop(
+            model, schedule={"val_batches": 1}, dashboards={"per_head": True, "heatmaps": {"every_n_steps": None, "max_tokens": 8}}
+        ) as monitor,
+    ):
         with torch.no_grad():
             for index, batch in enumerate(batches):
                 with monitor.eval_batch(index, batch):
@@ -137,8 +147,8 @@ def test_a_step_not_logged_is_published_when_the_next_begins_and_bad_input_is_re
     with pytest.raises(ValueError, match="torch.nn.Module"):
         AttentionMonitorLoop("model")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="every_n_steps"):
-        AttentionMonitorLoop(model, every_n_steps=0)
-    with AttentionMonitorLoop(model, every_n_steps=1, heatmaps=None, analyses=False) as monitor:
+        AttentionMonitorLoop(model, schedule={"every_n_steps": 0})
+    with AttentionMonitorLoop(model, schedule={"every_n_steps": 1}, dashboards={"heatmaps": None, "analyses": False}) as monitor:
         with pytest.raises(ValueError, match="`step` must be an int >= 0"), monitor.step(-1):
             pass
         for step in range(2):
@@ -166,10 +176,16 @@ def test_alarms_warn_call_back_and_ask_the_loop_to_save_and_stop():
     model = _model()
     calls = []
     growth = {"ceiling": 0.0, "rate": None, "warmup": 1, "window": 1}
-    alarms = {"entropy_collapse": None, "sink_jump": {"jump": 1e-9, "warmup": 1, "window": 1, "action": calls.append},
-              "logit_growth": {**growth, "action": "stop"}, "every_n_steps": 1}
+    alarms = {
+        "entropy_collapse": None,
+        "sink_jump": {"jump": 1e-9, "warmup": 1, "window": 1, "action": calls.append},
+        "logit_growth": {**growth, "action": "stop"},
+        "every_n_steps": 1,
+    }
     requests = []
-    with AttentionMonitorLoop(model, every_n_steps=10, heatmaps=None, analyses=False, val_batches=0, alarms=alarms) as monitor:
+    with AttentionMonitorLoop(
+        model, alarms=alarms, schedule={"every_n_steps": 10, "val_batches": 0}, dashboards={"heatmaps": None, "analyses": False}
+    ) as monitor:
         for step, batch in enumerate((_micro_batches(0) + _micro_batches(1))[:3]):
             with monitor.step(step, batch):
                 model(batch["input_ids"], attention_mask=batch["attention_mask"]).square().mean().backward()

@@ -159,8 +159,25 @@ def test_demo_gpt_fused_qkv(impl):
 
 
 HF_FAMILIES = [
-    "bert", "roberta", "distilbert", "albert", "electra", "modernbert", "gpt2", "gptj", "opt", "llama-gqa", "mistral-window",
-    "qwen2-window", "gemma", "phi", "bart", "mbart", "whisper", "vit", "clip",
+    "bert",
+    "roberta",
+    "distilbert",
+    "albert",
+    "electra",
+    "modernbert",
+    "gpt2",
+    "gptj",
+    "opt",
+    "llama-gqa",
+    "mistral-window",
+    "qwen2-window",
+    "gemma",
+    "phi",
+    "bart",
+    "mbart",
+    "whisper",
+    "vit",
+    "clip",
 ]
 """Families whose logits are ``scale · q·kᵀ`` (RoPE included). Not here: additive position biases that
 the projections do not scale (T5, DeBERTa, MPT's and Falcon's ALiBi), and fused layouts that need a
@@ -230,7 +247,7 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match=r"`qk_clip.projections\['a.qkv'\]` must be \[query rows, key rows\]"):
         QKClipConfig(projections={"a.qkv": [0, 16]})
     with pytest.raises(ValueError, match=r"`qk_clip` reads the statistic 'max_logit'"):
-        MonitorOptions(statistics=["entropy"], qk_clip={"tau": 10})
+        MonitorOptions(qk_clip={"tau": 10}, capture={"statistics": ["entropy"]})
     with pytest.raises(ValueError, match=r"key rows selects rows outside \[0, 48\)"):
         model = TinyTransformer(SdpaAttention)
         model.layers[0].qkv = nn.Linear(16, 48)
@@ -253,7 +270,7 @@ def test_lightning_clips_after_the_optimizer_step(tmp_path):
     before = max_logits(model, dict(input_ids=ids))
     replay = recorded_inputs(model, dict(input_ids=ids), list(before))
     tau = float(torch.cat(list(before.values())).median())
-    monitor = AttentionMonitor(every_n_steps=2, heatmaps=None, analyses=False, qk_clip={"tau": tau})
+    monitor = AttentionMonitor(qk_clip={"tau": tau}, schedule={"every_n_steps": 2}, dashboards={"heatmaps": None, "analyses": False})
     data = DataLoader(TensorDataset(ids, torch.randint(50, (8, 16))), batch_size=8)
     make_trainer(tmp_path, [monitor], max_steps=1).fit(model, data)
     assert_clipped(tau, before, max_logits(model, dict(input_ids=ids), replay))
@@ -267,7 +284,7 @@ def _train_max_logit(tmp_path, qk_clip) -> list[float]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(50, (64, 17), generator=g)
     data = DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=8)
-    monitor = AttentionMonitor(every_n_steps=5, heatmaps=None, analyses=False, qk_clip=qk_clip)
+    monitor = AttentionMonitor(qk_clip=qk_clip, schedule={"every_n_steps": 5}, dashboards={"heatmaps": None, "analyses": False})
     make_trainer(tmp_path, [monitor], max_steps=60).fit(model, data)
     return [e.value for e in read_events(tmp_path / "tb" / "version_0").Scalars("attn_train/max_logit")]
 

@@ -83,7 +83,7 @@ def test_trainer_gradients_equal_reference_with_and_without_accumulation(tmp_pat
     module = Module()
     reference = copy.deepcopy(module.net)
     batches = _batches()
-    monitor = AttentionMonitor(every_n_steps=1, regularizer=REGULARIZER, val_batches=0)
+    monitor = AttentionMonitor(regularizer=REGULARIZER, schedule={"every_n_steps": 1, "val_batches": 0})
     _trainer(tmp_path, monitor, max_steps=4 // accumulate, accumulate_grad_batches=accumulate).fit(module, _loader(batches))
     assert len(module.grads) == 4 // accumulate
     total = None
@@ -103,7 +103,7 @@ def test_trainer_gradients_equal_reference_with_and_without_accumulation(tmp_pat
 
 
 def test_manual_optimization_without_the_penalty_is_warned_and_training_goes_on(tmp_path):
-    monitor = AttentionMonitor(regularizer=REGULARIZER, val_batches=0)
+    monitor = AttentionMonitor(regularizer=REGULARIZER, schedule={"val_batches": 0})
     module = Module(manual=True)
     with pytest.warns(RuntimeWarning, match=r"never added to a loss.*monitor.penalty\(\)"):
         _trainer(tmp_path, monitor, max_steps=2).fit(module, _loader(_batches()))
@@ -111,17 +111,19 @@ def test_manual_optimization_without_the_penalty_is_warned_and_training_goes_on(
 
 
 def test_manual_optimization_with_the_penalty_matches_automatic(tmp_path):
-    monitor = AttentionMonitor(regularizer=REGULARIZER, val_batches=0)
+    monitor = AttentionMonitor(regularizer=REGULARIZER, schedule={"val_batches": 0})
     manual = Module(manual=True, use_penalty=monitor.penalty)
     _trainer(tmp_path / "m", monitor, max_steps=1).fit(manual, _loader(_batches(1)))
     automatic = Module()
-    _trainer(tmp_path / "a", AttentionMonitor(regularizer=REGULARIZER, val_batches=0), max_steps=1).fit(automatic, _loader(_batches(1)))
+    _trainer(tmp_path / "a", AttentionMonitor(regularizer=REGULARIZER, schedule={"val_batches": 0}), max_steps=1).fit(
+        automatic, _loader(_batches(1))
+    )
     for name, grad in automatic.grads[0].items():
         torch.testing.assert_close(manual.grads[0][name], grad, rtol=1e-9, atol=1e-12)
 
 
 def test_warmup_ramps_the_penalty(tmp_path):
-    monitor = AttentionMonitor(regularizer={**REGULARIZER, "warmup_steps": 2}, val_batches=0)
+    monitor = AttentionMonitor(regularizer={**REGULARIZER, "warmup_steps": 2}, schedule={"val_batches": 0})
     _trainer(tmp_path, monitor, max_steps=4).fit(Module(), _loader(_batches()))
     events = read_events(tmp_path / "tb" / "version_0")
     penalty = [e.value for e in events.Scalars("attn_reg/penalty")]
@@ -131,7 +133,7 @@ def test_warmup_ramps_the_penalty(tmp_path):
 
 
 def test_clip_fraction_is_logged_and_bad_layers_fail_before_training(tmp_path):
-    monitor = AttentionMonitor(clip={"max": 0.3}, every_n_steps=1, val_batches=0)
+    monitor = AttentionMonitor(clip={"max": 0.3}, schedule={"every_n_steps": 1, "val_batches": 0})
     _trainer(tmp_path, monitor, max_steps=2).fit(Module(), _loader(_batches()))
     events = read_events(tmp_path / "tb" / "version_0")
     fractions = [e.value for e in events.Scalars("attn_reg/clip_fraction")]
@@ -165,8 +167,13 @@ def test_invalid_regularization_options(kwargs, match):
 def _hf(name: str, impl: str):
     if name == "bert":
         config = transformers.BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
         )
         cls, causal = transformers.BertModel, False
     else:
@@ -211,7 +218,9 @@ def test_entropy_target_is_reached_only_with_the_regularizer(tmp_path):
     for name, regularizer in (("plain", None), ("regularized", {"entropy_weight": 1.0, "entropy_target": 0.9})):
         torch.manual_seed(0)
         model = TinyGPT(vocab_size=40, seq_len=16, dim=32, layers=2, heads=2, lr=1e-2)
-        monitor = AttentionMonitor(statistics=["normalized_entropy"], every_n_steps=10, regularizer=regularizer, val_batches=0)
+        monitor = AttentionMonitor(
+            regularizer=regularizer, capture={"statistics": ["normalized_entropy"]}, schedule={"every_n_steps": 10, "val_batches": 0}
+        )
         _trainer(tmp_path / name, monitor, max_steps=150).fit(model, data)
         with AttentionCapture(model) as cap, torch.no_grad():
             model(ids[:, :-1])
@@ -228,7 +237,7 @@ def test_bf16_mixed_training_adds_a_finite_penalty(tmp_path):
 
     plain, regularized = Float32Module(), Float32Module()
     batches = _batches(2)
-    monitors = (AttentionMonitor(val_batches=0), AttentionMonitor(regularizer=REGULARIZER, val_batches=0))
+    monitors = (AttentionMonitor(schedule={"val_batches": 0}), AttentionMonitor(regularizer=REGULARIZER, schedule={"val_batches": 0}))
     for module, monitor in zip((plain, regularized), monitors, strict=True):
         _trainer(tmp_path / str(id(module)), monitor, max_steps=1, precision="bf16-mixed").fit(module, _loader(batches))
     grads, reg_grads = plain.grads[0], regularized.grads[0]

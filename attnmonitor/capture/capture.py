@@ -17,9 +17,10 @@ from attnmonitor.capture.hooks import CallHooks, in_backward
 from attnmonitor.capture.interception import AttentionInterceptor
 from attnmonitor.capture.records import AttentionRecord
 from attnmonitor.capture.report import CaptureReport
-from attnmonitor.config import check_capture_options, check_int
+from attnmonitor.checks import check_int
+from attnmonitor.config import CaptureConfig
 from attnmonitor.functional.evaluation import call_head_sums
-from attnmonitor.functional.statistics import MAX_STATISTICS, POSITION_STATISTICS, STATISTICS, check_statistics
+from attnmonitor.functional.statistics import MAX_STATISTICS, POSITION_STATISTICS, STATISTICS
 
 _MIB = 2**20
 
@@ -33,9 +34,7 @@ class Regularizer(Protocol):
     def applies(self, layer: str, training: bool) -> bool:
         """Whether it regularizes this layer now (``training``: the module's mode)."""
 
-    def apply(
-        self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, training: bool
-    ) -> Tensor:
+    def apply(self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, training: bool) -> Tensor:
         """Take the layer's differentiable probabilities ``[B, H, Lq, Lk]``; return those to use."""
 
 
@@ -55,6 +54,9 @@ class AttentionCapture:
     cross-attention (:attr:`kinds`); cross-attention rows take the padding of the decoder side (the
     same block's self-attention) and have no position statistics (``distance``, ``self_weight``,
     ``prev_token_weight``, ``next_token_weight``).
+
+    The options other than ``query_mask``, ``example_tokens`` and ``regularizer`` are those of
+    :class:`attnmonitor.config.CaptureConfig` (the monitor's ``capture`` group).
 
     Args:
         model: any ``nn.Module``.
@@ -112,11 +114,12 @@ class AttentionCapture:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        statistics = check_statistics(statistics)
-        check_capture_options(memory_budget_mb, sink_tokens, sparsity_eps, sample_rows)
+        try:
+            options = CaptureConfig(targets, statistics, memory_budget_mb, sink_tokens, sparsity_eps, sample_rows, pool_shared)
+        except ValueError as err:  # named as this constructor's arguments, not the monitor's `capture` group
+            raise ValueError(str(err).replace("`capture.", "`")) from None
+        statistics = tuple(options.statistics)
         check_int("example_tokens", example_tokens, 0)
-        if not isinstance(pool_shared, bool):
-            raise ValueError(f"`pool_shared` must be a bool, got {pool_shared!r}")
         self.model = model
         self.targets = resolve_targets(model, targets)
         auto = isinstance(targets, str) and targets == "auto"
@@ -138,8 +141,11 @@ class AttentionCapture:
         self._declared = {id(m) for m in self.targets.values() if not auto or is_attention_like(m)}
         named = {id(m) for m in self.targets.values() if not auto or is_named_attention(m)}
         interceptor = AttentionInterceptor(
-            self._consume, lambda: bool(self._hooks.running), require_scores=lambda: id(self._hooks.running[-1].module) not in named,
-            flex_sites=flex_sites(self.targets.values()), logit_max=self._wants_logit_max,
+            self._consume,
+            lambda: bool(self._hooks.running),
+            require_scores=lambda: id(self._hooks.running[-1].module) not in named,
+            flex_sites=flex_sites(self.targets.values()),
+            logit_max=self._wants_logit_max,
         )
         tracker = CallTracker(pool_shared, on_shared=self._split_shared)
         intercepting = lambda: self.enabled or (self.regularizer is not None and self.regularizer.active)  # noqa: E731
@@ -158,9 +164,7 @@ class AttentionCapture:
     def __enter__(self) -> AttentionCapture:
         return self.attach()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.remove()
 
     @property
@@ -188,7 +192,11 @@ class AttentionCapture:
         self._hooks.update()
 
     def start(
-        self, accumulator: StatisticsAccumulator, *, example_tokens: int = 0, query_mask: Tensor | None = None,
+        self,
+        accumulator: StatisticsAccumulator,
+        *,
+        example_tokens: int = 0,
+        query_mask: Tensor | None = None,
         alignments: Tensor | None = None,
     ) -> None:
         """Collect the next forwards' statistics into ``accumulator`` (until :meth:`stop`), with the
@@ -252,9 +260,7 @@ class AttentionCapture:
         if len(set(heads.values())) > 1:
             raise ValueError(f"layers have different head counts {heads}; use layer_stats()")
         undefined = torch.full_like(next(iter(self.accumulator.counts.values())), float("nan"))
-        return {
-            name: torch.stack([per_layer[layer].get(name, undefined) for layer in per_layer]) for name in self.statistics
-        }
+        return {name: torch.stack([per_layer[layer].get(name, undefined) for layer in per_layer]) for name in self.statistics}
 
     def valid_rows(self) -> dict[str, Tensor]:
         """``{layer: [num_heads]}`` number of valid query rows accumulated since :meth:`reset`."""
@@ -302,7 +308,10 @@ class AttentionCapture:
                 if self.enabled and self._wants_logit_max():
                     logit_max = record.call.logit_row_max(self.budget_bytes)
                 record = AttentionRecord(
-                    probs=used.detach(), key_valid=key_valid, query_valid=record.query_valid, sink_keys=record.sink_keys,
+                    probs=used.detach(),
+                    key_valid=key_valid,
+                    query_valid=record.query_valid,
+                    sink_keys=record.sink_keys,
                     logit_max=logit_max,
                 )
             if self.enabled and not in_backward():  # a checkpointing recompute is not a new forward
@@ -321,8 +330,13 @@ class AttentionCapture:
         b, _, lq, _ = record.shape
         alignments = self.alignments if self.alignments is not None and tuple(self.alignments.shape) == (b, lq) else None
         result = call_head_sums(
-            record.call, statistics=statistics, sink_tokens=self.sink_tokens, sparsity_eps=self.sparsity_eps,
-            budget_bytes=self.budget_bytes, rows=_sampled_rows(lq, self.sample_rows, self._row_generator), alignments=alignments,
+            record.call,
+            statistics=statistics,
+            sink_tokens=self.sink_tokens,
+            sparsity_eps=self.sparsity_eps,
+            budget_bytes=self.budget_bytes,
+            rows=_sampled_rows(lq, self.sample_rows, self._row_generator),
+            alignments=alignments,
         )
         # -inf is a maximum's "no valid row", not an error
         checked = [*result.sums.values(), *(m.masked_fill(m == float("-inf"), 0.0) for m in result.maxima.values())]
@@ -339,7 +353,6 @@ class AttentionCapture:
             if example.probs is None:
                 example.probs, example.key_valid, example.start, example.key_start = record.example(self.example_tokens)
                 example.values = None if record.v is None else record.v[0].detach().float().cpu()
-
 
 
 def _sampled_rows(lq: int, sample: int | None, generator: torch.Generator) -> Tensor | None:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnmonitor.config import MonitorOptions, as_options, check_int
+from attnmonitor.checks import check_int
+from attnmonitor.config import MonitorOptions, as_options
 from attnmonitor.engine import MonitorEngine
 from attnmonitor.schedule import due
 from attnmonitor.tensorboard.writer import write_scalars
@@ -73,7 +74,7 @@ class AttentionMonitorLoop:
     Example:
         >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
         >>> optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-        >>> with AttentionMonitorLoop(layer, every_n_steps=2, heatmaps=None, analyses=False) as monitor:
+        >>> with AttentionMonitorLoop(layer, schedule={"every_n_steps": 2}, dashboards={"heatmaps": None, "analyses": False}) as monitor:
         ...     for step in range(4):
         ...         with monitor.step(step):
         ...             loss = layer(torch.randn(3, 5, 8)).square().mean() + monitor.penalty()
@@ -209,7 +210,7 @@ class AttentionMonitorLoop:
     def _publisher(self, writer: Any = None) -> WriterPublisher:
         if self.device is None:
             self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        return WriterPublisher(writer if writer is not None else self._writer, self.device, self.options.every_n_steps)
+        return WriterPublisher(writer if writer is not None else self._writer, self.device, self.options.schedule.every_n_steps)
 
 
 def _global_rank() -> int:

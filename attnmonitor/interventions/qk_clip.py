@@ -252,8 +252,9 @@ class QKClip:
         kv_heads = k_width // head_dim if head_dim and k_width % head_dim == 0 else 0
         if not kv_heads or heads % kv_heads:
             self._warn(
-                name, f"attnmonitor: qk_clip: layer '{name}' has {heads} heads but its query projection has {q_width} "
-                f"outputs and its key projection {k_width}; this layer is not clipped."
+                name,
+                f"attnmonitor: qk_clip: layer '{name}' has {heads} heads but its query projection has {q_width} "
+                f"outputs and its key projection {k_width}; this layer is not clipped.",
             )
             return None
         return kv_heads
@@ -268,5 +269,3 @@ def _innermost_attention(targets: Mapping[str, nn.Module]) -> dict[str, nn.Modul
     """The targets that compute attention themselves: innermost, and attention-like (``"auto"`` also
     proposes softmax callers, decided while running; those are resolved when first clipped)."""
     return {name: m for name, m in innermost(dict(targets)).items() if is_attention_like(m)}
-
-

@@ -1,6 +1,6 @@
 """torchmetrics ``Metric`` classes over :mod:`attnmonitor.functional`: per-(layer, head) sums (maxima) and counts."""
 
-from attnmonitor.metrics.state import AttentionStatistics, gather_layers
+from attnmonitor.metrics.state import HeadStatisticGrid, gather_layers
 from attnmonitor.metrics.statistic import (
     AttentionDistance,
     AttentionEffectiveSupport,
@@ -29,6 +29,6 @@ __all__ = [
     "AttentionSinkMass",
     "AttentionSparsity",
     "AttentionStatistic",
-    "AttentionStatistics",
+    "HeadStatisticGrid",
     "gather_layers",
 ]

@@ -23,7 +23,7 @@ from attnmonitor.capture.accumulator import StatisticsAccumulator
 from attnmonitor.functional.statistics import POSITION_STATISTICS, max_from_maxima, mean_from_sums, split_statistics
 
 
-class AttentionStatistics(Metric):
+class HeadStatisticGrid(Metric):
     """Sums of the averaged statistics, maxima of those reduced with max (``max_logit``), and valid-row
     counts per (layer, head).
 
@@ -34,7 +34,7 @@ class AttentionStatistics(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Example:
-        >>> state = AttentionStatistics(["entropy", "sink_mass", "max_logit"], num_layers=1, num_heads=2)
+        >>> state = HeadStatisticGrid(["entropy", "sink_mass", "max_logit"], num_layers=1, num_heads=2)
         >>> state.update(torch.tensor([[[2.0, 4.0]], [[1.0, 0.5]]]), torch.tensor([[4.0, 2.0]]), torch.tensor([[[3.0, 7.5]]]))
         >>> state.compute()["entropy"], state.compute()["max_logit"]
         (tensor([[0.5000, 2.0000]]), tensor([[3.0000, 7.5000]]))
@@ -126,7 +126,7 @@ class StageStatistics:
 
     def __init__(self, statistics: Sequence[str]) -> None:
         self.accumulator = StatisticsAccumulator(statistics)
-        self._metric: AttentionStatistics | None = None  # reused while the layer grid keeps its shape
+        self._metric: HeadStatisticGrid | None = None  # reused while the layer grid keeps its shape
 
     def sync(self, known_layers: Sequence[str], device: torch.device, cross_layers: Collection[str] = ()) -> Synced | None:
         """Reduce the accumulated statistics over every process (all must call it; layers in
@@ -138,7 +138,7 @@ class StageStatistics:
         sums, counts = accumulator.grid(heads, device=device)
         metric = self._metric
         if metric is None or metric.counts.shape != counts.shape or metric.counts.device != counts.device:
-            metric = self._metric = AttentionStatistics(accumulator.statistics, *counts.shape).to(device)
+            metric = self._metric = HeadStatisticGrid(accumulator.statistics, *counts.shape).to(device)
         metric.reset()
         metric.update(sums, counts, accumulator.max_grid(heads, device=device))
         values, rows = metric.synced()

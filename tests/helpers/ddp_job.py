@@ -76,7 +76,8 @@ def main(output: str) -> None:
     """Fit for 4 steps on 2 CPU processes, logging to ``output/tb/version_0`` (rank 0 only)."""
     data = samples()
     monitor = AttentionMonitor(
-        every_n_steps=2, val_batches=1, atlas_every_n_steps=2, heatmaps={"every_n_steps": 2, "max_tokens": 8}, per_head=True
+        schedule={"every_n_steps": 2, "val_batches": 1, "atlas_every_n_steps": 2},
+        dashboards={"heatmaps": {"every_n_steps": 2, "max_tokens": 8}, "per_head": True},
     )
     trainer = make_trainer(
         output,

@@ -49,8 +49,10 @@ def main(output: str) -> None:
     recorder = Recorder(Path(output))
     growth = {"ceiling": None, "rate": 1.05, "floor": 0.0, "window": 2, "warmup": 1, "action": recorder.record}
     monitor = AttentionMonitor(
-        every_n_steps=4, heatmaps=None, analyses=False, qk_clip={"tau": TAU},
+        qk_clip={"tau": TAU},
         alarms={"entropy_collapse": None, "sink_jump": None, "logit_growth": growth, "every_n_steps": 1},
+        schedule={"every_n_steps": 4},
+        dashboards={"heatmaps": None, "analyses": False},
     )
     trainer = make_trainer(output, [monitor, recorder], accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS)
     trainer.fit(model, DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=8))

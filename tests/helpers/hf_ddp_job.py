@@ -27,12 +27,21 @@ BATCH = 3
 def main(output: str) -> None:
     """Train one step and evaluate once on 2 processes; each saves what it ran to ``output/rank<r>.pt``."""
     monitor = AttentionMonitorCallback(
-        every_n_steps=1, statistics=STATISTICS, per_head=True, val_batches=1, heatmaps=None, analyses=False, atlas_every_n_steps=100
+        capture={"statistics": STATISTICS},
+        schedule={"every_n_steps": 1, "val_batches": 1, "atlas_every_n_steps": 100},
+        dashboards={"per_head": True, "heatmaps": None, "analyses": False},
     )
     recorder = Recorder()
     args = arguments(
-        output, max_steps=1, eval_strategy="steps", eval_steps=1, per_device_train_batch_size=BATCH,
-        per_device_eval_batch_size=BATCH, learning_rate=1e-2, ddp_backend="gloo", ddp_find_unused_parameters=False,
+        output,
+        max_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_train_batch_size=BATCH,
+        per_device_eval_batch_size=BATCH,
+        learning_rate=1e-2,
+        ddp_backend="gloo",
+        ddp_find_unused_parameters=False,
     )
     data = samples("gpt2", 24)
     trainer = AttentionMonitorTrainer(

@@ -40,8 +40,8 @@ class AttentionMonitor(Callback):
             ``setup``, before training starts, for options that need the model (``targets``, ``layers``).
 
     Example:
-        >>> monitor = AttentionMonitor(statistics=["entropy", "sink_mass"], every_n_steps=10)
-        >>> monitor.options.every_n_steps
+        >>> monitor = AttentionMonitor(capture={"statistics": ["entropy", "sink_mass"]}, schedule={"every_n_steps": 10})
+        >>> monitor.options.schedule.every_n_steps
         10
     """
 
@@ -54,8 +54,8 @@ class AttentionMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        options = self.options
-        return self._generate_state_key(targets=repr(options.targets), statistics=options.statistics, every_n_steps=options.every_n_steps)
+        capture, schedule = self.options.capture, self.options.schedule
+        return self._generate_state_key(targets=repr(capture.targets), statistics=capture.statistics, every_n_steps=schedule.every_n_steps)
 
     def penalty(self) -> Tensor:
         """The regularizer's penalty for the attention computed since the last call (0-dim tensor).
@@ -99,9 +99,10 @@ class AttentionMonitor(Callback):
         publisher = self._publisher
         if publisher is not None and publisher.tensorboard is not None and publisher.writer is not None:
             # after Lightning logged the module's own: all of them, compared by the monitor's means
-            metrics = [tags.statistic(stage, name) for stage in ("train", "val") for name in self.options.statistics]
+            statistics = self.options.capture.statistics
+            metrics = [tags.statistic(stage, name) for stage in ("train", "val") for name in statistics]
             write_hparams(publisher.writer, {**publisher.tensorboard.hparams, **options}, metrics)
-            publisher.writer.add_custom_scalars(tags.custom_scalar_layout(self.options.statistics))
+            publisher.writer.add_custom_scalars(tags.custom_scalar_layout(statistics))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

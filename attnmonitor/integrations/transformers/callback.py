@@ -50,8 +50,8 @@ class AttentionMonitorCallback(TrainerCallback):
             ``targets``/``layers`` options that match no module of the model.
 
     Example:
-        >>> monitor = AttentionMonitorCallback(every_n_steps=10, statistics=["entropy", "sink_mass"])
-        >>> monitor.options.every_n_steps
+        >>> monitor = AttentionMonitorCallback(schedule={"every_n_steps": 10}, capture={"statistics": ["entropy", "sink_mass"]})
+        >>> monitor.options.schedule.every_n_steps
         10
     """
 
@@ -168,7 +168,7 @@ class AttentionMonitorCallback(TrainerCallback):
             if self._train_step is not None:
                 if module.training:
                     self.engine.start_train_batch(self._train_step, batch)
-            elif not module.training and not self._eval_open and self._eval_index < self.options.val_batches:
+            elif not module.training and not self._eval_open and self._eval_index < self.options.schedule.val_batches:
                 self.engine.start_eval_batch(self._eval_index, batch)
                 self._eval_open = True
         except Exception as err:  # the monitor never stops training

@@ -91,7 +91,7 @@ class AttentionMonitorTrainer(AttentionMonitorMixin, Trainer):
     Example:
         >>> import tempfile, torch, transformers
         >>> config = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=8)
-        >>> monitor = AttentionMonitorCallback(every_n_steps=1, regularizer={"entropy_weight": 0.1})
+        >>> monitor = AttentionMonitorCallback(schedule={"every_n_steps": 1}, regularizer={"entropy_weight": 0.1})
         >>> args = transformers.TrainingArguments(tempfile.mkdtemp(), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
         >>> data = [{"input_ids": torch.arange(8), "labels": torch.arange(8)}] * 4
         >>> trainer = AttentionMonitorTrainer(

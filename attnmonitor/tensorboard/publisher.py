@@ -1,0 +1,42 @@
+"""``WriterPublisher``: what the engine publishes, to a TensorBoard ``SummaryWriter`` (the plain loop's publisher)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnmonitor.schedule import due
+from attnmonitor.tensorboard.writer import write_scalars
+
+
+class WriterPublisher:
+    """Scalars and figures to a TensorBoard ``SummaryWriter`` on global rank zero (no writer elsewhere);
+    keeps the scalars of the publication for the caller (another logger, a progress bar).
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or None: scalars are only returned).
+        device: device of the cross-process reduction.
+        every_n_steps: the loop logs the regularizer's means at the steps it captures.
+    """
+
+    step_offset = 0
+
+    def __init__(self, writer: Any, device: torch.device, every_n_steps: int) -> None:
+        self.device, self.every_n_steps = device, every_n_steps
+        self.writer = writer if _global_rank() == 0 else None
+        self.figures_missing = None if writer is not None else "no SummaryWriter was passed to `log()` / `log_eval()`."
+        self.scalars: dict[str, float] = {}
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        self.scalars.update(scalars)
+        if self.writer is not None:
+            write_scalars(self.writer, scalars, step)
+
+    def logs_at(self, step: int) -> bool:
+        return due(step, self.every_n_steps)
+
+
+def _global_rank() -> int:
+    distributed = torch.distributed
+    return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0

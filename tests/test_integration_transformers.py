@@ -57,6 +57,7 @@ def _all_hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
+@pytest.mark.slow
 def test_gpt2_statistics_at_captured_steps_equal_eager_reference_under_gradient_accumulation(tmp_path):
     model, recorder = build("gpt2"), Recorder()
     monitor = AttentionMonitorCallback(
@@ -112,6 +113,7 @@ def test_bert_evaluation_probe_with_padding_equals_eager_reference(tmp_path):
     assert _all_hooks(model) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
 def test_regularizer_gradients_equal_hand_written_task_plus_penalty(tmp_path, name):
     # GPT-2: the Trainer normalises the task loss over the accumulated batch (num_items_in_batch) and does not

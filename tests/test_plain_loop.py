@@ -159,6 +159,7 @@ def test_a_step_not_logged_is_published_when_the_next_begins_and_bad_input_is_re
     assert monitor.engine.last_train_step == 1  # and step 1 when the monitor closed
 
 
+@pytest.mark.slow
 def test_the_plain_loop_example_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("plain_loop_example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)

@@ -289,6 +289,7 @@ def _train_max_logit(tmp_path, qk_clip) -> list[float]:
     return [e.value for e in read_events(tmp_path / "tb" / "version_0").Scalars("attn_train/max_logit")]
 
 
+@pytest.mark.slow
 @ignore_no_validation_data
 def test_clipping_holds_logits_down_while_training(tmp_path):
     """At a learning rate where the logits grow sixfold in 60 steps, QK-clip keeps every capture near tau (the step's

@@ -81,12 +81,16 @@ def main() -> None:
 
     block_mask = create_block_mask(mask_mod, BATCH, None, args.length, args.length, device="cpu")
     x = torch.randn(BATCH, args.length, HEADS * HEAD_DIM)
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; {LAYERS} layers, batch {BATCH}, "
-          f"L={args.length}, {HEADS} heads of {HEAD_DIM}; sliding-window ({WINDOW}) document mask")
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; {LAYERS} layers, batch {BATCH}, "
+        f"L={args.length}, {HEADS} heads of {HEAD_DIM}; sliding-window ({WINDOW}) document mask"
+    )
     print(f"{'flex call':<10} {'score_mod':<10} {'statistics':<22} {'forward ms':>10} {'monitored ms':>12} {'ratio':>6}")
     for name, flex in (("eager", flex_attention), ("compiled", torch.compile(flex_attention))):
-        for score_mod, stats, label in ((softcap, None, f"all {len(STATISTICS)} (chunked)"),
-                                        (None, sorted(FUSED_STATISTICS), f"fused-path {len(FUSED_STATISTICS)}")):
+        for score_mod, stats, label in (
+            (softcap, None, f"all {len(STATISTICS)} (chunked)"),
+            (None, sorted(FUSED_STATISTICS), f"fused-path {len(FUSED_STATISTICS)}"),
+        ):
             torch.manual_seed(0)
             model = FlexModel(flex, score_mod)
             plain = seconds(model, x, block_mask, args.repeats, None)

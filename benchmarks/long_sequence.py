@@ -75,7 +75,14 @@ def reference(q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 FUSED = [
-    "entropy", "normalized_entropy", "effective_support", "sink_mass", "self_weight", "prev_token_weight", "next_token_weight", "distance"
+    "entropy",
+    "normalized_entropy",
+    "effective_support",
+    "sink_mass",
+    "self_weight",
+    "prev_token_weight",
+    "next_token_weight",
+    "distance",
 ]
 
 

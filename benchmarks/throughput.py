@@ -52,6 +52,7 @@ def durations(steps: int, compiled: bool, make_monitor: Make, data: CorpusDataMo
 
 def image_stall(data: CorpusDataModule) -> float:
     """Seconds the step that draws images takes beyond the median step of its run."""
+
     def monitor() -> AttentionMonitor:
         return AttentionMonitor(schedule={"atlas_every_n_steps": IMAGE_EVERY}, dashboards={"heatmaps": {"every_n_steps": IMAGE_EVERY}})
 

@@ -20,8 +20,16 @@ from pathlib import Path
 
 PAGES = {"scalars": "scalars", "custom-scalars": "custom_scalars", "images": "images", "text": "text", "hparams": "hparams"}
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--window-size=1600,1000",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1600,1000",
     "--virtual-time-budget=15000",
 ]
 
@@ -42,7 +50,8 @@ def main() -> None:
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", args.logdir, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(60):  # wait for the server
@@ -57,7 +66,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as profile:
                 subprocess.run(
                     ["chromium", *FLAGS, f"--user-data-dir={profile}", f"--screenshot={out}", f"http://127.0.0.1:{port}/#{page}"],
-                    check=True, capture_output=True, timeout=120,
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
                 )
             print(out)
     finally:

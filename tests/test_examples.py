@@ -43,9 +43,7 @@ def test_cross_attention_analyses_label_decoder_queries_and_rollout_follows_the_
     model = Seq2Seq()
     with AttentionCapture(model, example_tokens=8) as cap, torch.no_grad():
         model(torch.randn(1, 6, 16), torch.randn(1, 6, 16))
-    assert cap.kinds == {
-        "encoder.self_attn": "self", "decoder.self_attn": "self", "decoder.multihead_attn": "cross"
-    }
+    assert cap.kinds == {"encoder.self_attn": "self", "decoder.self_attn": "self", "decoder.multihead_attn": "cross"}
     source = [f"s{i}" for i in range(6)]
     target = [f"t{i}" for i in range(6)]
     result = analyse_example(cap.layers, cap.examples, source, kinds=cap.kinds, query_tokens=target)

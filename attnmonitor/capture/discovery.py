@@ -81,8 +81,7 @@ def auto_targets(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: m
         for name, m in model.named_modules()
-        if is_attention_like(m)
-        or (_calls_softmax(m) and not any(is_attention_like(c) for n, c in m.named_modules() if n))
+        if is_attention_like(m) or (_calls_softmax(m) and not any(is_attention_like(c) for n, c in m.named_modules() if n))
     }
 
 
@@ -94,9 +93,7 @@ def target_name(name: str, module: nn.Module) -> str:
 def innermost(targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """The targets that contain no other target."""
     ids = {id(m) for m in targets.values()}
-    return {
-        name: m for name, m in targets.items() if not any(id(c) in ids for n, c in m.named_modules() if n)
-    }
+    return {name: m for name, m in targets.items() if not any(id(c) in ids for n, c in m.named_modules() if n)}
 
 
 def resolve_targets(model: nn.Module, targets: Targets = "auto") -> dict[str, nn.Module]:
@@ -118,9 +115,7 @@ def resolve_targets(model: nn.Module, targets: Targets = "auto") -> dict[str, nn
     elif callable(targets):
         selected = {n: m for n, m in model.named_modules() if targets(n, m)}
     else:
-        raise ValueError(
-            f'`targets` must be "auto", a regex, a list of regexes or a predicate (name, module) -> bool, got {targets!r}'
-        )
+        raise ValueError(f'`targets` must be "auto", a regex, a list of regexes or a predicate (name, module) -> bool, got {targets!r}')
     if not selected:
         existing = sorted(attention_like_modules(model))
         if not existing:
@@ -139,6 +134,4 @@ def resolve_targets(model: nn.Module, targets: Targets = "auto") -> dict[str, nn
 def fast_path_hosts(model: nn.Module, targets: dict[str, nn.Module]) -> list[nn.Module]:
     """The ``nn.TransformerEncoder``/``EncoderLayer`` modules that contain a target."""
     wanted = {id(m) for m in targets.values()}
-    return [
-        m for m in model.modules() if isinstance(m, FAST_PATH_HOSTS) and any(id(c) in wanted for c in m.modules())
-    ]
+    return [m for m in model.modules() if isinstance(m, FAST_PATH_HOSTS) and any(id(c) in wanted for c in m.modules())]

@@ -108,10 +108,15 @@ def flex_record(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AttentionRecor
         mask, causal = _simplified(mask)
     scale = arguments["scale"]
     return AttentionRecord(
-        q=q, k=k, v=v, attn_mask=mask, is_causal=causal,
+        q=q,
+        k=k,
+        v=v,
+        attn_mask=mask,
+        is_causal=causal,
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
         score_mod=None if score_mod is None or score_mod is getattr(flex, "_identity", None) else flex_score_mod(score_mod),
-        out_shape=(*q.shape[:-1], v.shape[-1]), out_dtype=q.dtype,
+        out_shape=(*q.shape[:-1], v.shape[-1]),
+        out_dtype=q.dtype,
     )
 
 

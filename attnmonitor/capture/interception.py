@@ -39,8 +39,16 @@ from attnmonitor.functional.statistics import logit_row_max
 _SDPA = F.scaled_dot_product_attention
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
 _PRODUCTS = frozenset(
-    {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
-     torch.Tensor.baddbmm, torch.einsum}
+    {
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.bmm,
+        torch.Tensor.bmm,
+        torch.baddbmm,
+        torch.Tensor.baddbmm,
+        torch.einsum,
+    }
 )
 _MAX_SCORE_SHAPES = 64
 _MHA_FORWARD = F.multi_head_attention_forward
@@ -74,9 +82,7 @@ def _sdpa_arguments(
     )
 
 
-def _softmax_record(
-    logits: Tensor, dim: int | None, probs: Tensor, heads: int = 0, logit_max: bool = True
-) -> AttentionRecord | None:
+def _softmax_record(logits: Tensor, dim: int | None, probs: Tensor, heads: int = 0, logit_max: bool = True) -> AttentionRecord | None:
     """A record for a softmax over the last dim of ``[B, H, Lq, Lk]`` or ``[B, Lq, Lk]``, else None.
 
     ``heads > 0`` splits a ``[B * heads, Lq, Lk]`` input (``nn.MultiheadAttention``) into heads.

@@ -81,8 +81,17 @@ class AttentionRecord:
     def call(self) -> AttentionCall:
         """What the statistics need of this record (see :func:`attnmonitor.functional.call_head_sums`)."""
         return AttentionCall(
-            self.probs, self.key_valid, self.q, self.k, self.attn_mask, self.is_causal, self.scale,
-            self.query_valid, self.sink_keys, self.score_mod, self.logit_max,
+            self.probs,
+            self.key_valid,
+            self.q,
+            self.k,
+            self.attn_mask,
+            self.is_causal,
+            self.scale,
+            self.query_valid,
+            self.sink_keys,
+            self.score_mod,
+            self.logit_max,
         )
 
     def key_mask(self) -> Tensor | None:
@@ -138,8 +147,14 @@ class AttentionRecord:
         else:
             assert self.q is not None and self.k is not None
             ((probs, valid, *_),) = qk_chunks(
-                self.q[:1], self.k[:1], _first_rows(self.attn_mask, 0, lq), self.is_causal, self.scale,
-                budget_bytes=1 << 62, rows=torch.arange(start, lq, device=self.q.device), score_mod=self.score_mod,
+                self.q[:1],
+                self.k[:1],
+                _first_rows(self.attn_mask, 0, lq),
+                self.is_causal,
+                self.scale,
+                budget_bytes=1 << 62,
+                rows=torch.arange(start, lq, device=self.q.device),
+                score_mod=self.score_mod,
             )
         valid = torch.ones_like(probs, dtype=torch.bool) if valid is None else valid.expand_as(probs)
         probs = probs.masked_fill(~valid, 0.0)

@@ -249,9 +249,7 @@ def diversity(probs: Tensor, key_valid: Tensor | None = None, query_valid: Tenso
     return (per_row * rows).sum() / rows.sum().clamp_min(1)
 
 
-def alignment_counts(
-    probs: Tensor, alignments: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None
-) -> Tensor:
+def alignment_counts(probs: Tensor, alignments: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None) -> Tensor:
     """``[correct, counted]``: rows whose head-mean argmax ``argmax_j mean_h A_hij`` is the true key.
 
     Args:
@@ -270,9 +268,7 @@ def alignment_counts(
     return torch.stack([((predicted == truth) & counted).sum(), counted.sum()]).float()
 
 
-def alignment_accuracy(
-    probs: Tensor, alignments: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None
-) -> Tensor:
+def alignment_accuracy(probs: Tensor, alignments: Tensor, key_valid: Tensor | None = None, query_valid: Tensor | None = None) -> Tensor:
     """Fraction of rows whose head-mean argmax is the true key (see :func:`alignment_counts`): ``[]``."""
     correct, counted = alignment_counts(probs, alignments, key_valid, query_valid)
     return correct / counted.clamp_min(1)

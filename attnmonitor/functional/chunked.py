@@ -25,6 +25,7 @@ MAX_PASS_BLOCK_BYTES = 4 * 2**20
 """Logits per block of the pass of logit maxima (:func:`qk_logit_max`): small blocks stay in cache and,
 under a causal mask, skip the keys after the block's last row (about 5x faster than one large block)."""
 
+
 class Chunk(NamedTuple):
     """``r`` query rows of one attention call."""
 
@@ -192,14 +193,30 @@ def qk_logit_max(
 
 
 def _qk_logit_max(
-    q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None, *, budget_bytes: int,
-    rows: Tensor | None, score_mod: ScoreMod | None,
+    q: Tensor,
+    k: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    *,
+    budget_bytes: int,
+    rows: Tensor | None,
+    score_mod: ScoreMod | None,
 ) -> Tensor:
     parts = [
         _row_max(logits, valid)
         for logits, valid, _, _ in _logit_chunks(
-            q, k, attn_mask, is_causal, scale, None, budget_bytes=min(budget_bytes, MAX_PASS_BLOCK_BYTES), rows=rows,
-            score_mod=score_mod, live_copies=1, causal_prefix=True,
+            q,
+            k,
+            attn_mask,
+            is_causal,
+            scale,
+            None,
+            budget_bytes=min(budget_bytes, MAX_PASS_BLOCK_BYTES),
+            rows=rows,
+            score_mod=score_mod,
+            live_copies=1,
+            causal_prefix=True,
         )
     ]
     return torch.cat(parts, -1)

@@ -57,13 +57,19 @@ class AttentionCall:
         """Row chunks (of ``rows`` only, if given) whose temporaries fit ``budget_bytes``; ``logit_max``:
         chunks of ``q``/``k`` also carry their rows' largest logits."""
         if self.probs is not None:
-            return probability_chunks(
-                self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes, masked=True, rows=rows
-            )
+            return probability_chunks(self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes, masked=True, rows=rows)
         assert self.q is not None and self.k is not None
         return qk_chunks(
-            self.q, self.k, self.attn_mask, self.is_causal, self.scale, self.query_valid, budget_bytes=budget_bytes, rows=rows,
-            score_mod=self.score_mod, logit_max=logit_max,
+            self.q,
+            self.k,
+            self.attn_mask,
+            self.is_causal,
+            self.scale,
+            self.query_valid,
+            budget_bytes=budget_bytes,
+            rows=rows,
+            score_mod=self.score_mod,
+            logit_max=logit_max,
         )
 
     def logit_row_max(self, budget_bytes: int, rows: Tensor | None = None) -> Tensor | None:
@@ -73,7 +79,13 @@ class AttentionCall:
             return self.logit_max
         assert self.q is not None and self.k is not None
         return qk_logit_max(
-            self.q, self.k, self.attn_mask, self.is_causal, self.scale, budget_bytes=budget_bytes, rows=rows,
+            self.q,
+            self.k,
+            self.attn_mask,
+            self.is_causal,
+            self.scale,
+            budget_bytes=budget_bytes,
+            rows=rows,
             score_mod=self.score_mod,
         )
 
@@ -137,8 +149,16 @@ def call_head_sums(
         fused = None
         if qk and call.score_mod is None and rows is None:
             fused = fused_row_statistics(
-                call.q, call.k, call.attn_mask, call.is_causal, call.scale, call.query_valid,
-                statistics=statistics, sink_tokens=sink_tokens, sink_keys=call.sink_keys, budget_bytes=budget_bytes,
+                call.q,
+                call.k,
+                call.attn_mask,
+                call.is_causal,
+                call.scale,
+                call.query_valid,
+                statistics=statistics,
+                sink_tokens=sink_tokens,
+                sink_keys=call.sink_keys,
+                budget_bytes=budget_bytes,
             )
         if fused is not None:
             sums, count = head_sums(*fused)

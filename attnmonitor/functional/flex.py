@@ -47,7 +47,10 @@ def flex_score_mod(score_mod: Callable[..., Tensor]) -> ScoreMod:
         device = scores.device
         with _indexing_as_ops():
             return vmapped(
-                scores, torch.arange(b, device=device), torch.arange(h, device=device), rows.to(device),
+                scores,
+                torch.arange(b, device=device),
+                torch.arange(h, device=device),
+                rows.to(device),
                 torch.arange(lk, device=device),
             )
 

@@ -25,8 +25,15 @@ from attnmonitor.functional.statistics import _normalized_entropy_from
 
 FUSED_STATISTICS = frozenset(
     {
-        "entropy", "normalized_entropy", "effective_support", "sink_mass", "self_weight", "prev_token_weight",
-        "next_token_weight", "distance", "max_logit",
+        "entropy",
+        "normalized_entropy",
+        "effective_support",
+        "sink_mass",
+        "self_weight",
+        "prev_token_weight",
+        "next_token_weight",
+        "distance",
+        "max_logit",
     }
 )
 """Statistics of the fused path; ``max_weight`` and ``sparsity`` need the probabilities. ``max_logit``

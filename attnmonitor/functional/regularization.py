@@ -29,9 +29,7 @@ def row_entropy(probs: Tensor, key_valid: Tensor | None = None) -> tuple[Tensor,
     return safe_entropy(p), n.clamp_min(1).log()
 
 
-def entropy_penalty(
-    probs: Tensor, key_valid: Tensor | None = None, *, target: float, relative: bool = True
-) -> Tensor:
+def entropy_penalty(probs: Tensor, key_valid: Tensor | None = None, *, target: float, relative: bool = True) -> Tensor:
     """Squared deviation of each row's entropy from a target: ``(H_i − t_i)^2``, ``[B, H, Lq]``.
 
     Args:
@@ -65,9 +63,7 @@ def sparsity_penalty(probs: Tensor, key_valid: Tensor | None = None) -> Tensor:
     return 1.0 - p.square().sum(-1)
 
 
-def clip_attention(
-    probs: Tensor, key_valid: Tensor | None = None, *, min: float = 0.0, max: float = 1.0
-) -> tuple[Tensor, Tensor]:
+def clip_attention(probs: Tensor, key_valid: Tensor | None = None, *, min: float = 0.0, max: float = 1.0) -> tuple[Tensor, Tensor]:
     """Project each row onto ``{min ≤ w_j ≤ max, Σ_j w_j = 1}`` over its valid keys (Euclidean, exact).
 
     The solution is ``w_j = clamp(p_j − τ, min, max)`` with ``τ`` such that the row sums to 1 (water

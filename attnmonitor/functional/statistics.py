@@ -43,7 +43,6 @@ bias or score modification) over valid query rows and valid keys: it needs the l
 probabilities (see :func:`logit_row_max` and :func:`head_max`)."""
 
 
-
 def split_statistics(statistics: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(averaged, maxed)``: the statistics averaged over valid rows and those reduced with max
     (:data:`MAX_STATISTICS`), each in the order given."""
@@ -381,7 +380,6 @@ def max_from_maxima(maxima: Tensor, counts: Tensor | None = None) -> Tensor:
     if counts is not None:
         unseen = unseen | (counts <= 0)
     return maxima.masked_fill(unseen, float("nan"))
-
 
 
 __all__ = [

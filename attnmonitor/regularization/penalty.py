@@ -94,4 +94,3 @@ class PenaltyTracker:
         if fraction is not None:
             out[tags.regularization("clip_fraction")] = fraction
         return out
-

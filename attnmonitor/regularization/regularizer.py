@@ -72,9 +72,7 @@ class AttentionRegularizer:
         clip = self.clip
         return clip is not None and (training or not clip.training_only) and layer_selected(layer, clip.layers)
 
-    def apply(
-        self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, training: bool = True
-    ) -> Tensor:
+    def apply(self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, training: bool = True) -> Tensor:
         """Collect this call's penalty terms (before clipping) and return the clipped probabilities."""
         if self._regularizes(layer, training):
             # a checkpointing recompute (inside backward) must repeat the same operations, and add nothing
@@ -86,9 +84,7 @@ class AttentionRegularizer:
             self._clipped = self._clipped + torch.stack([at_bound.sum(), valid.sum()]).detach().float().cpu()
         return probs
 
-    def _add_terms(
-        self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, keep: bool = True
-    ) -> None:
+    def _add_terms(self, layer: str, probs: Tensor, key_valid: Tensor | None, query_valid: Tensor | None, keep: bool = True) -> None:
         reg = self.regularizer
         assert reg is not None
         if not probs.requires_grad:  # reported by penalty(): never a silent zero
@@ -157,5 +153,3 @@ class AttentionRegularizer:
         hits, total = self._clipped.tolist()
         self._clipped = torch.zeros(2)
         return hits / total if total else None
-
-

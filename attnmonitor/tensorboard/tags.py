@@ -108,10 +108,6 @@ def custom_scalar_layout(statistics: Sequence[str]) -> dict[str, dict[str, list]
     """TensorBoard custom-scalar layout: per statistic, every layer's train and validation curves on
     one chart, and the means over layers on another (``SummaryWriter.add_custom_scalars``)."""
     return {
-        "attention by layer (train and val)": {
-            name: ["Multiline", [f"attn_(train|val)_layers/{name}/.*"]] for name in statistics
-        },
-        "attention, mean over layers and heads": {
-            name: ["Multiline", [f"attn_(train|val)/{name}$"]] for name in statistics
-        },
+        "attention by layer (train and val)": {name: ["Multiline", [f"attn_(train|val)_layers/{name}/.*"]] for name in statistics},
+        "attention, mean over layers and heads": {name: ["Multiline", [f"attn_(train|val)/{name}$"]] for name in statistics},
     }

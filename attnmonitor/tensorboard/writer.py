@@ -66,9 +66,7 @@ def example_scalars(stage: str, result: ExampleAnalysis) -> dict[str, float]:
     return {tags.example(stage, analysis, layer): value for (analysis, layer), value in result.scalars.items()}
 
 
-BOUNDED = frozenset(
-    {"normalized_entropy", "max_weight", "sparsity", "self_weight", "prev_token_weight", "next_token_weight", "sink_mass"}
-)
+BOUNDED = frozenset({"normalized_entropy", "max_weight", "sparsity", "self_weight", "prev_token_weight", "next_token_weight", "sink_mass"})
 """Statistics in [0, 1]: their atlases use a fixed colour scale, comparable across steps."""
 WEIGHTS = frozenset({"self_weight", "prev_token_weight", "next_token_weight", "sink_mass"})
 """Softmax weights: exactly 0 everywhere only when masked by construction (causal: no next token)."""

@@ -22,16 +22,33 @@ STATISTICS = ["entropy", "normalized_entropy", "max_weight", "distance", "prev_t
 def gpt2_config() -> transformers.GPT2Config:
     """2 layers, 4 heads, no dropout (the eager reference in eval mode sees the training attention)."""
     return transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=SEQ, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=SEQ,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
 
 
 def bert_config() -> transformers.BertConfig:
     """2 layers, 4 heads, no dropout, 2 labels."""
     return transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, max_position_embeddings=SEQ,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=SEQ,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+        pad_token_id=0,
     )
 
 
@@ -68,9 +85,18 @@ def samples(name: str, n: int, seed: int = 0) -> list[dict[str, Tensor]]:
 def arguments(output: str | Path, **overrides: Any) -> transformers.TrainingArguments:
     """Quiet CPU TrainingArguments logging to TensorBoard; no checkpoints; any field can be overridden."""
     options: dict[str, Any] = dict(
-        output_dir=str(output), report_to=["tensorboard"], use_cpu=True, save_strategy="no", disable_tqdm=True,
-        per_device_train_batch_size=3, per_device_eval_batch_size=3, logging_steps=1, max_grad_norm=0.0, seed=0,
-        dataloader_num_workers=0, log_level="error",
+        output_dir=str(output),
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        per_device_train_batch_size=3,
+        per_device_eval_batch_size=3,
+        logging_steps=1,
+        max_grad_norm=0.0,
+        seed=0,
+        dataloader_num_workers=0,
+        log_level="error",
     )
     return transformers.TrainingArguments(**{**options, **overrides})
 
@@ -151,9 +177,7 @@ def reference_statistics(name: str, weights: dict[str, Tensor], batch: dict[str,
 REGULARIZER = {"entropy_weight": LAMBDA_H, "entropy_target": TARGET, "sparsity_weight": LAMBDA_S}
 
 
-def reference_gradients(
-    name: str, weights: dict[str, Tensor], batches: list[dict[str, Tensor]], penalty: bool = True
-) -> dict[str, Tensor]:
+def reference_gradients(name: str, weights: dict[str, Tensor], batches: list[dict[str, Tensor]], penalty: bool = True) -> dict[str, Tensor]:
     """Float64 gradients of ``task + λ R`` over one optimizer step's micro-batches, written out by hand.
 
     GPT-2: ``task = Σ_i Σ_tokens CE / N`` (shifted labels, ``N`` valid targets of the whole step); BERT:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,8 +63,9 @@ def _signature(cls: type) -> inspect.Signature | None:
 
 
 @dataclass
-class Call:
-    """One running call of a target module."""
+class ModuleCall:
+    """One running call of a target module (an attention module's forward; the attention computations
+    inside it are :class:`~attnmonitor.functional.evaluation.AttentionCall` s)."""
 
     module: nn.Module
     name: str  # the module's qualified name
@@ -143,7 +144,7 @@ def common_prefix(a: list[str], b: list[str]) -> int:
 
 
 def judge(
-    call: Call, record: AttentionRecord, tracker: CallTracker, *, sink_tokens: int, query_mask: Tensor | None = None
+    call: ModuleCall, record: AttentionRecord, tracker: CallTracker, *, sink_tokens: int, query_mask: Tensor | None = None
 ) -> tuple[AttentionRecord, str | None]:
     """The record with its valid query rows and sink keys, from its own mask, and a warning or None.
 
@@ -176,7 +177,7 @@ def judge(
             )
     sinks = sink_keys(mask, lq, lk, sink_tokens, self_attention=call.kind == SELF, query_valid=valid)
     record = record.with_query_valid(None if valid is None else valid.unsqueeze(1))
-    return replace(record, sink_keys=sinks), warning
+    return record.with_call(sink_keys=sinks), warning
 
 
 def _num_heads(module: nn.Module) -> int:

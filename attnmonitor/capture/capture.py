@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from attnmonitor.capture.accumulator import Example, StatisticsAccumulator
-from attnmonitor.capture.calls import CROSS, Call, CallTracker, judge
+from attnmonitor.capture.calls import CROSS, CallTracker, ModuleCall, judge
 from attnmonitor.capture.discovery import Targets, is_attention_like, is_named_attention, resolve_targets, target_name
 from attnmonitor.capture.flex import flex_sites
 from attnmonitor.capture.hooks import CallHooks, in_backward
@@ -19,7 +19,7 @@ from attnmonitor.capture.records import AttentionRecord
 from attnmonitor.capture.report import CaptureReport
 from attnmonitor.checks import check_int
 from attnmonitor.config import CaptureConfig
-from attnmonitor.functional.evaluation import call_head_sums
+from attnmonitor.functional.evaluation import AttentionCall, call_head_sums
 from attnmonitor.functional.statistics import MAX_STATISTICS, POSITION_STATISTICS, STATISTICS
 
 _MIB = 2**20
@@ -267,13 +267,13 @@ class AttentionCapture:
         return dict(self.accumulator.counts)
 
     # calls ---------------------------------------------------------------------------------
-    def _started(self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _started(self, call: ModuleCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.enabled and self.example_tokens:
             example = self.accumulator.examples.setdefault(call.layer, Example())
             if example.inputs is None:
                 example.inputs = _first_states(call.module, (*args, kwargs.get("hidden_states"), kwargs.get("query")))
 
-    def _ended(self, call: Call, output: Any, produced: bool) -> None:
+    def _ended(self, call: ModuleCall, output: Any, produced: bool) -> None:
         if not produced:
             if id(call.module) in self._declared:
                 self.report.silent_module(call.name, call.module)
@@ -302,25 +302,26 @@ class AttentionCapture:
             regularizer = self.regularizer
             if regularizer is not None and regularizer.applies(call.name, call.training):
                 probs, key_valid = record.probabilities()
-                used = regularizer.apply(call.name, probs, key_valid, record.query_valid, call.training)
+                used = regularizer.apply(call.name, probs, key_valid, record.call.query_valid, call.training)
                 replacement = record.output(used)
                 logit_max = None  # the logits the softmax saw, before clipping
                 if self.enabled and self._wants_logit_max():
                     logit_max = record.call.logit_row_max(self.budget_bytes)
-                record = AttentionRecord(
+                used_call = AttentionCall(
                     probs=used.detach(),
                     key_valid=key_valid,
-                    query_valid=record.query_valid,
-                    sink_keys=record.sink_keys,
+                    query_valid=record.call.query_valid,
+                    sink_keys=record.call.sink_keys,
                     logit_max=logit_max,
                 )
+                record = AttentionRecord(used_call)
             if self.enabled and not in_backward():  # a checkpointing recompute is not a new forward
                 self._collect(call, record)
         except Exception as err:  # the monitor must never break the user's forward
             self.report.skip(call.layer, f"{type(err).__name__}: {err}")
         return replacement
 
-    def _collect(self, call: Call, record: AttentionRecord) -> None:
+    def _collect(self, call: ModuleCall, record: AttentionRecord) -> None:
         statistics = self.statistics
         if call.kind == CROSS:
             statistics = tuple(s for s in statistics if s not in POSITION_STATISTICS)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from attnmonitor.capture.records import AttentionRecord
+from attnmonitor.functional.evaluation import AttentionCall
 
 _HF_MODULE, _HF_NAME = "transformers.integrations.flex_attention", "compile_friendly_flex_attention"
 
@@ -107,17 +108,15 @@ def flex_record(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AttentionRecor
         mask = flex_mask(block_mask.mask_mod, batch, heads, q.shape[-2], k.shape[-2], q.device)
         mask, causal = _simplified(mask)
     scale = arguments["scale"]
-    return AttentionRecord(
+    call = AttentionCall(
         q=q,
         k=k,
-        v=v,
         attn_mask=mask,
         is_causal=causal,
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
         score_mod=None if score_mod is None or score_mod is getattr(flex, "_identity", None) else flex_score_mod(score_mod),
-        out_shape=(*q.shape[:-1], v.shape[-1]),
-        out_dtype=q.dtype,
     )
+    return AttentionRecord(call, v=v, out_shape=(*q.shape[:-1], v.shape[-1]), out_dtype=q.dtype)
 
 
 def _simplified(mask: Tensor) -> tuple[Tensor | None, bool]:

@@ -2,7 +2,7 @@
 
 Hooks go on three kinds of modules (all removed together, idempotently, also after an exception):
 
-- **targets**: each call becomes a :class:`~attnmonitor.capture.calls.Call` on a stack while it
+- **targets**: each call becomes a :class:`~attnmonitor.capture.calls.ModuleCall` on a stack while it
   runs (innermost last), and the interceptor is active inside it;
 - **fast-path hosts** (``nn.TransformerEncoder(Layer)``): the interceptor is active while they run,
   which keeps them off the eval-mode fused path that would skip their attention submodule;
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from attnmonitor.capture.calls import Call, CallTracker, attention_kind
+from attnmonitor.capture.calls import CallTracker, ModuleCall, attention_kind
 from attnmonitor.capture.discovery import fast_path_hosts, target_name
 
 
@@ -50,14 +50,14 @@ class CallHooks:
         interceptor: AbstractContextManager[Any],
         intercepting: Callable[[], bool],
         tracker: CallTracker,
-        on_start: Callable[[Call, tuple[Any, ...], dict[str, Any]], None],
-        on_end: Callable[[Call, Any, bool], None],
+        on_start: Callable[[ModuleCall, tuple[Any, ...], dict[str, Any]], None],
+        on_end: Callable[[ModuleCall, Any, bool], None],
     ) -> None:
         self.model, self.targets, self.tracker = model, targets, tracker
         self._names = {id(m): target_name(name, m) for name, m in targets.items()}
         self._interceptor, self._intercepting = interceptor, intercepting
         self._on_start, self._on_end = on_start, on_end
-        self.running: list[Call] = []
+        self.running: list[ModuleCall] = []
         """Target calls running now, innermost last."""
         self.records = 0
         """Attention computations seen so far (the capture counts them)."""
@@ -158,7 +158,7 @@ class CallHooks:
         layer = self.tracker.layer(name)
         self._enter_host(module, args)
         if self._frames[-1][0]:
-            self.running.append(Call(module, name, layer, attention_kind(module, args, kwargs), module.training))
+            self.running.append(ModuleCall(module, name, layer, attention_kind(module, args, kwargs), module.training))
             self._on_start(self.running[-1], args, kwargs)
 
     def _exit_target(self, module: nn.Module, args: Any, output: Any) -> None:

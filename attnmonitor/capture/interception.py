@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode, _pop_
 from attnmonitor.capture.flex import FlexPatch, FlexSite, flex_record
 from attnmonitor.capture.records import AttentionRecord, as_heads
 from attnmonitor.functional.chunked import key_valid_from_logits
+from attnmonitor.functional.evaluation import AttentionCall
 from attnmonitor.functional.statistics import logit_row_max
 
 _SDPA = F.scaled_dot_product_attention
@@ -69,17 +70,8 @@ def _sdpa_arguments(
     out_shape = (*query.shape[:-1], value.shape[-1])
     if query.dim() == 3:
         query, key, value, attn_mask = as_heads(query), as_heads(key), as_heads(value), as_heads(attn_mask)
-    return AttentionRecord(
-        q=query,
-        k=key,
-        v=value,
-        attn_mask=attn_mask,
-        is_causal=is_causal,
-        scale=scale,
-        dropout_p=dropout_p,
-        out_shape=out_shape,
-        out_dtype=query.dtype,
-    )
+    call = AttentionCall(q=query, k=key, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    return AttentionRecord(call, v=value, dropout_p=dropout_p, out_shape=out_shape, out_dtype=query.dtype)
 
 
 def _softmax_record(logits: Tensor, dim: int | None, probs: Tensor, heads: int = 0, logit_max: bool = True) -> AttentionRecord | None:
@@ -97,9 +89,8 @@ def _softmax_record(logits: Tensor, dim: int | None, probs: Tensor, heads: int =
         probs = probs.reshape(-1, heads, *probs.shape[1:])
     logits, probs = as_heads(logits), as_heads(probs)
     row_max = logit_row_max(logits.detach()) if logit_max else None  # [B, H, Lq]
-    return AttentionRecord(
-        probs=probs, key_valid=key_valid_from_logits(logits), out_shape=out_shape, out_dtype=out_dtype, logit_max=row_max
-    )
+    call = AttentionCall(probs=probs, key_valid=key_valid_from_logits(logits), logit_max=row_max)
+    return AttentionRecord(call, out_shape=out_shape, out_dtype=out_dtype)
 
 
 def _softmax_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:

@@ -3,101 +3,69 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnmonitor.functional.chunked import ScoreMod, key_valid_from_logits, qk_chunks
+from attnmonitor.functional.chunked import key_valid_from_logits, qk_chunks
 from attnmonitor.functional.evaluation import AttentionCall
 
 
 @dataclass(frozen=True)
 class AttentionRecord:
-    """One attention computation: either the probabilities the module used, or SDPA's or flex's inputs.
-
-    Exactly one of ``probs`` (eager softmax) or ``q``/``k`` (``scaled_dot_product_attention``,
-    ``flex_attention``) is set.
+    """One intercepted attention computation: what its statistics need, and what replacing its
+    probabilities needs.
 
     Attributes:
-        probs: ``[B, H, Lq, Lk]`` softmax output, before dropout.
-        key_valid: bool, broadcastable to ``[B, H, Lq, Lk]``, for ``probs``.
-        q: ``[B, H, Lq, D]`` queries of an SDPA call.
-        k: ``[B, Hkv, Lk, D]`` keys of an SDPA call.
-        v: ``[B, Hkv, Lk, Dv]`` values of an SDPA call.
-        attn_mask: SDPA's mask (bool: True = attend; float: additive).
-        is_causal: SDPA's ``is_causal``.
-        scale: SDPA's ``scale`` (None: ``1 / sqrt(D)``).
+        call: the computation's inputs (probabilities of an eager softmax, or ``q``/``k``, mask,
+            causality, scale and score modification of an SDPA or flex call; valid rows, sinks).
+        v: ``[B, Hkv, Lk, Dv]`` values of an SDPA or flex call.
         dropout_p: SDPA's dropout probability.
-        query_valid: bool, broadcastable to ``[B, H, Lq]``: False for padded query rows.
-        sink_keys: bool ``[B or 1, Lk]``: the keys counted by ``sink_mass`` (None: the first ones).
-        score_mod: a flex call's score modification (its ``mask_mod`` is in ``attn_mask``).
         out_shape: shape of the intercepted call's output (SDPA output or softmax result).
         out_dtype: dtype of that output.
-        logit_max: for ``probs``: ``[B, H, Lq]`` float32 largest softmax input of each row over its
-            valid keys (``-inf``: none), for ``max_logit``; None when not recorded.
     """
 
-    probs: Tensor | None = None
-    key_valid: Tensor | None = None
-    q: Tensor | None = None
-    k: Tensor | None = None
+    call: AttentionCall
     v: Tensor | None = None
-    attn_mask: Tensor | None = None
-    is_causal: bool = False
-    scale: float | None = None
     dropout_p: float = 0.0
-    query_valid: Tensor | None = None
-    sink_keys: Tensor | None = None
-    score_mod: ScoreMod | None = None
     out_shape: tuple[int, ...] = ()
     out_dtype: torch.dtype = torch.float32
-    logit_max: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(B, H, Lq, Lk)``."""
-        if self.probs is not None:
-            b, h, lq, lk = self.probs.shape
+        call = self.call
+        if call.probs is not None:
+            b, h, lq, lk = call.probs.shape
             return b, h, lq, lk
-        assert self.q is not None and self.k is not None
-        b, h, lq, _ = self.q.shape
-        return b, h, lq, self.k.shape[-2]
+        assert call.q is not None and call.k is not None
+        b, h, lq, _ = call.q.shape
+        return b, h, lq, call.k.shape[-2]
+
+    def with_call(self, **changes: Any) -> AttentionRecord:
+        """A copy whose call has ``changes`` (its fields)."""
+        return replace(self, call=replace(self.call, **changes))
 
     def with_query_valid(self, query_valid: Tensor | None) -> AttentionRecord:
         """A copy whose query mask is also restricted by ``query_valid`` (``[B, 1, Lq]``)."""
         if query_valid is None:
             return self
-        mask = query_valid if self.query_valid is None else self.query_valid & query_valid
-        return replace(self, query_valid=mask)
+        mask = query_valid if self.call.query_valid is None else self.call.query_valid & query_valid
+        return self.with_call(query_valid=mask)
 
     @property
     def device(self) -> torch.device:
-        tensor = self.probs if self.probs is not None else self.q
+        tensor = self.call.probs if self.call.probs is not None else self.call.q
         assert tensor is not None
         return tensor.device
-
-    @property
-    def call(self) -> AttentionCall:
-        """What the statistics need of this record (see :func:`attnmonitor.functional.call_head_sums`)."""
-        return AttentionCall(
-            self.probs,
-            self.key_valid,
-            self.q,
-            self.k,
-            self.attn_mask,
-            self.is_causal,
-            self.scale,
-            self.query_valid,
-            self.sink_keys,
-            self.score_mod,
-            self.logit_max,
-        )
 
     def key_mask(self) -> Tensor | None:
         """The call's own key mask as bool, 4-D, broadcastable to ``[B, H, Lq, Lk]`` (SDPA's ``is_causal``
         excluded), or None when it has none."""
-        mask = self.key_valid if self.probs is not None else self.attn_mask
+        call = self.call
+        mask = call.key_valid if call.probs is not None else call.attn_mask
         if mask is None:
             return None
         if mask.dtype != torch.bool:
@@ -108,8 +76,8 @@ class AttentionRecord:
 
     def probabilities(self) -> tuple[Tensor, Tensor | None]:
         """All ``[B, H, Lq, Lk]`` probabilities (differentiable) and their key mask."""
-        if self.probs is not None:
-            return self.probs, self.key_valid
+        if self.call.probs is not None:
+            return self.call.probs, self.call.key_valid
         (chunk,) = self.call.chunks(budget_bytes=1 << 62)
         return chunk.probs, chunk.key_valid
 
@@ -118,7 +86,7 @@ class AttentionRecord:
 
         Softmax: ``probs`` in the call's shape and dtype. SDPA: ``dropout(probs) @ v``.
         """
-        if self.probs is not None:
+        if self.call.probs is not None:
             return probs.to(self.out_dtype).reshape(self.out_shape)
         assert self.v is not None
         v = self.v
@@ -138,23 +106,23 @@ class AttentionRecord:
         indices (for token labels).
         """
         b, h, lq, lk = self.shape
-        start = 0
-        if self.query_valid is not None:
-            rows = self.query_valid[0].reshape(-1, lq).any(0).nonzero()
+        call, start = self.call, 0
+        if call.query_valid is not None:
+            rows = call.query_valid[0].reshape(-1, lq).any(0).nonzero()
             start = int(rows[0]) if rows.numel() else 0
-        if self.probs is not None:
-            probs, valid = self.probs[:1, :, start:].float(), _first_rows(self.key_valid, start, lq - start)
+        if call.probs is not None:
+            probs, valid = call.probs[:1, :, start:].float(), _first_rows(call.key_valid, start, lq - start)
         else:
-            assert self.q is not None and self.k is not None
+            assert call.q is not None and call.k is not None
             ((probs, valid, *_),) = qk_chunks(
-                self.q[:1],
-                self.k[:1],
-                _first_rows(self.attn_mask, 0, lq),
-                self.is_causal,
-                self.scale,
+                call.q[:1],
+                call.k[:1],
+                _first_rows(call.attn_mask, 0, lq),
+                call.is_causal,
+                call.scale,
                 budget_bytes=1 << 62,
-                rows=torch.arange(start, lq, device=self.q.device),
-                score_mod=self.score_mod,
+                rows=torch.arange(start, lq, device=call.q.device),
+                score_mod=call.score_mod,
             )
         valid = torch.ones_like(probs, dtype=torch.bool) if valid is None else valid.expand_as(probs)
         probs = probs.masked_fill(~valid, 0.0)
@@ -172,14 +140,14 @@ def unpack_query_heads(record: AttentionRecord, num_heads: int) -> AttentionReco
     ``[B, Hkv, H / Hkv, D]`` (query heads folded into the length) to avoid repeating keys. Given the
     module's ``num_heads``, such a record is returned with ``[B, H, 1, D]`` queries; others as they are.
     """
-    q, k = record.q, record.k
+    q, k = record.call.q, record.call.k
     if q is None or k is None or q.dim() != 4:
         return record
     b, hkv, rows, d = q.shape
-    mask = record.attn_mask
+    mask = record.call.attn_mask
     if hkv == num_heads or hkv * rows != num_heads or k.shape[1] != hkv or (mask is not None and mask.shape[-2] != 1):
         return record
-    return replace(record, q=q.reshape(b, num_heads, 1, d))
+    return record.with_call(q=q.reshape(b, num_heads, 1, d))
 
 
 def _first_rows(t: Tensor | None, start: int, rows: int) -> Tensor | None:

@@ -217,6 +217,7 @@ def _qk_logit_max(
             score_mod=score_mod,
             live_copies=1,
             causal_prefix=True,
+            scale_queries=True,
         )
     ]
     return torch.cat(parts, -1)
@@ -244,13 +245,16 @@ def _logit_chunks(
     score_mod: ScoreMod | None,
     live_copies: int = _LIVE_COPIES,
     causal_prefix: bool = False,
+    scale_queries: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor | None, Tensor, Tensor | None]]:
     """``(logits [B, H, r, Lk], key_valid, row indices [r], query_valid)`` by row chunks: the logits the
     softmax sees (scaled, plus the additive mask and the score modification), ``-inf`` on invalid keys of
     rows that have a valid key (fully masked rows keep finite logits: no NaN after the softmax).
 
     ``causal_prefix``: under ``is_causal`` (every row, no ``score_mod``), a chunk's logits stop at the key
-    of its last row (the keys after it are masked for every row of the chunk): ``[B, H, r, Lk']``."""
+    of its last row (the keys after it are masked for every row of the chunk): ``[B, H, r, Lk']``.
+    ``scale_queries``: scale the queries (``[r, D]``) rather than the logits (``[r, Lk]``); the logits
+    then differ in rounding from SDPA's order of operations (fine for maxima, not for probabilities)."""
     lq, lk, dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if q.shape[-3] != k.shape[-3]:
         if q.shape[-3] % k.shape[-3]:
@@ -268,12 +272,12 @@ def _logit_chunks(
     for start in range(0, index.numel(), step):
         stop = min(index.numel(), start + step)
         width = min(lk, stop) if prefix else lk  # top-left causal: row i sees keys j <= i
-        if causal_prefix:  # the pass of maxima: scale the queries ([r, D]), not the logits ([r, Lk])
+        if scale_queries:
             logits = (q[..., start:stop, :].to(dtype) * scale) @ keys_t[..., :width]  # [B, H, r, Lk]
         else:
             logits = q[..., start:stop, :].to(dtype) @ keys_t[..., :width]  # [B, H, r, Lk]
         in_place = not logits.requires_grad  # one full-size tensor fewer when no gradient is needed
-        if not causal_prefix:
+        if not scale_queries:
             logits = logits.mul_(scale) if in_place else logits * scale
         mask = _key_slice(_row_slice(additive, start, stop, -2), width)
         if mask is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from attnmonitor.alarms import AlarmsConfig, EntropyCollapseConfig, LogitGrowthConfig, SinkJumpConfig
-from attnmonitor.checks import as_config, check_bool, check_int, check_layers, check_number, layer_selected
+from attnmonitor.checks import as_config, check_bool, check_int, check_layers, check_number
 
 __all__ = [
     "AlarmsConfig",
@@ -34,10 +34,7 @@ __all__ = [
     "RegularizerConfig",
     "ScheduleConfig",
     "SinkJumpConfig",
-    "as_config",
     "as_options",
-    "check_int",
-    "layer_selected",
     "register_configs",
 ]
 

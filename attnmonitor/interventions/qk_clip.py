@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from attnmonitor.capture.discovery import innermost, is_attention_like, target_name
-from attnmonitor.config import QKClipConfig, layer_selected
+from attnmonitor.checks import layer_selected
+from attnmonitor.config import QKClipConfig
 
 SEPARATE = (("q_proj", "k_proj"), ("query", "key"), ("q_lin", "k_lin"), ("query_proj", "key_proj"), ("q", "k"))
 """Attribute names of separate query and key projections (Llama, BART, Whisper, CLIP, ...; BERT, ViT;

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from attnmonitor.capture.hooks import in_backward
-from attnmonitor.config import ClipConfig, RegularizerConfig, as_config, layer_selected
+from attnmonitor.checks import as_config, layer_selected
+from attnmonitor.config import ClipConfig, RegularizerConfig
 from attnmonitor.functional.regularization import clip_attention, entropy_penalty, sparsity_penalty
 
 

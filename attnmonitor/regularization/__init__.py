@@ -1,7 +1,7 @@
 """Regularizing attention: penalties added to the loss and exact clipping of attention weights.
 
-The Lightning integration (:mod:`attnmonitor.regularization.lightning`) is imported on its own, so
-that this package does not import Lightning.
+How the penalty enters each training loop's loss is the adapters' (:mod:`attnmonitor.integrations`);
+this package does not import Lightning.
 """
 
 from attnmonitor.config import ClipConfig, RegularizerConfig

@@ -53,41 +53,26 @@ class AttentionCall:
     score_mod: ScoreMod | None = None
     logit_max: Tensor | None = None
 
+    @property
+    def sdpa(self) -> tuple[Tensor, Tensor, Tensor | None, bool, float | None]:
+        """``(q, k, attn_mask, is_causal, scale)``: SDPA's own arguments, the leading ones of every
+        ``q``/``k`` function of :mod:`attnmonitor.functional` (not for probabilities)."""
+        assert self.q is not None and self.k is not None, "probabilities have no SDPA arguments"
+        return self.q, self.k, self.attn_mask, self.is_causal, self.scale
+
     def chunks(self, budget_bytes: int, rows: Tensor | None = None, logit_max: bool = False) -> Iterator[Chunk]:
         """Row chunks (of ``rows`` only, if given) whose temporaries fit ``budget_bytes``; ``logit_max``:
         chunks of ``q``/``k`` also carry their rows' largest logits."""
         if self.probs is not None:
             return probability_chunks(self.probs, self.key_valid, self.query_valid, budget_bytes=budget_bytes, masked=True, rows=rows)
-        assert self.q is not None and self.k is not None
-        return qk_chunks(
-            self.q,
-            self.k,
-            self.attn_mask,
-            self.is_causal,
-            self.scale,
-            self.query_valid,
-            budget_bytes=budget_bytes,
-            rows=rows,
-            score_mod=self.score_mod,
-            logit_max=logit_max,
-        )
+        return qk_chunks(*self.sdpa, self.query_valid, budget_bytes=budget_bytes, rows=rows, score_mod=self.score_mod, logit_max=logit_max)
 
     def logit_row_max(self, budget_bytes: int, rows: Tensor | None = None) -> Tensor | None:
         """``[B, H, r]`` largest logit of each row (of ``rows``, if given) over its valid keys (``-inf``:
         none): recorded for probabilities (every row), a pass of chunked maxima for ``q``/``k``."""
         if self.probs is not None:
             return self.logit_max
-        assert self.q is not None and self.k is not None
-        return qk_logit_max(
-            self.q,
-            self.k,
-            self.attn_mask,
-            self.is_causal,
-            self.scale,
-            budget_bytes=budget_bytes,
-            rows=rows,
-            score_mod=self.score_mod,
-        )
+        return qk_logit_max(*self.sdpa, budget_bytes=budget_bytes, rows=rows, score_mod=self.score_mod)
 
 
 @dataclass
@@ -149,11 +134,7 @@ def call_head_sums(
         fused = None
         if qk and call.score_mod is None and rows is None:
             fused = fused_row_statistics(
-                call.q,
-                call.k,
-                call.attn_mask,
-                call.is_causal,
-                call.scale,
+                *call.sdpa,
                 call.query_valid,
                 statistics=statistics,
                 sink_tokens=sink_tokens,

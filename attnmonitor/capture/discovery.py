@@ -40,13 +40,28 @@ def _source_kinds(cls: type) -> tuple[bool, bool]:
     return _SOURCE_KINDS[cls]
 
 
+def user_class(module: nn.Module) -> type:
+    """The class a module was written as: the first class of its MRO outside ``torch`` (FSDP2's
+    ``fully_shard`` swaps a module's class for a dynamic ``FSDP<Class>`` subclass defined in ``torch``),
+    or its own class for a module of ``torch`` itself.
+
+    Example:
+        >>> class SelfAttention(nn.Module): ...
+        >>> Swapped = type("FSDPSelfAttention", (SelfAttention,), {"__module__": "torch.distributed.fsdp"})
+        >>> user_class(Swapped()).__name__, user_class(nn.Linear(2, 2)).__name__
+        ('SelfAttention', 'Linear')
+    """
+    cls = type(module)
+    return next((c for c in cls.__mro__ if not c.__module__.startswith("torch.") and c is not object), cls)
+
+
 def _is_builtin(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.")
+    return user_class(module).__module__.startswith("torch.")
 
 
 def is_named_attention(module: nn.Module) -> bool:
     """``nn.MultiheadAttention`` or a class named like "*Attention*"/"*Attn*" (any softmax in it is attention)."""
-    return isinstance(module, nn.MultiheadAttention) or bool(_ATTENTION_CLASS.search(type(module).__name__))
+    return isinstance(module, nn.MultiheadAttention) or bool(_ATTENTION_CLASS.search(user_class(module).__name__))
 
 
 def is_attention_like(module: nn.Module) -> bool:
@@ -56,11 +71,11 @@ def is_attention_like(module: nn.Module) -> bool:
         return True
     if _is_builtin(module):
         return False
-    return bool(_ATTENTION_CLASS.search(type(module).__name__)) or _source_kinds(type(module))[0]
+    return bool(_ATTENTION_CLASS.search(user_class(module).__name__)) or _source_kinds(user_class(module))[0]
 
 
 def _calls_softmax(module: nn.Module) -> bool:
-    return not _is_builtin(module) and _source_kinds(type(module))[1]
+    return not _is_builtin(module) and _source_kinds(user_class(module))[1]
 
 
 def attention_like_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -87,7 +102,7 @@ def auto_targets(model: nn.Module) -> dict[str, nn.Module]:
 
 def target_name(name: str, module: nn.Module) -> str:
     """A target's layer name: its qualified name, or its class name for the model itself (name "")."""
-    return name or type(module).__name__
+    return name or user_class(module).__name__
 
 
 def innermost(targets: dict[str, nn.Module]) -> dict[str, nn.Module]:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from attnmonitor.capture.discovery import innermost, is_attention_like, target_name
 from attnmonitor.checks import layer_selected
@@ -48,10 +50,17 @@ class Rows:
     dim: int
 
     def scale(self, factors: Tensor) -> None:
-        """Multiply head ``h``'s entries by ``factors[h]`` (``[heads]``); heads with factor 1 are not written."""
+        """Multiply head ``h``'s entries by ``factors[h]`` (``[heads]``); heads with factor 1 are not written.
+
+        A sharded parameter (a DTensor: FSDP2, tensor parallel, both) scales the entries this process
+        holds, each by its own head's factor, whatever the shards' layout (even, uneven, strided).
+        """
         heads = factors.numel()
         changed = (factors != 1).nonzero().flatten()
         if not len(changed):
+            return
+        if isinstance(self.param, DTensor):
+            self._scale_shard(factors)
             return
         index = self.index.to(self.param.device).view(heads, -1)[changed]  # [changed, head_dim]
         per_entry = factors.to(self.param.device, self.param.dtype)[changed].unsqueeze(1).expand_as(index).flatten()
@@ -60,6 +69,29 @@ class Rows:
         index = index.flatten()
         with torch.no_grad():
             self.param.index_copy_(self.dim, index, self.param.index_select(self.dim, index) * per_entry.view(shape))
+
+    def _scale_shard(self, factors: Tensor) -> None:
+        """Per-entry factors along ``dim`` laid out as the parameter is sharded (no communication: every
+        process holds the same synced factors), multiplied into this process's local shard."""
+        param = self.param
+        assert isinstance(param, DTensor)
+        heads = factors.numel()
+        entry = torch.ones(param.shape[self.dim], dtype=factors.dtype)  # [entries along dim]
+        entry[self.index.view(heads, -1)] = factors.cpu().unsqueeze(1)
+        placements = [_along(p, self.dim) for p in param.placements]
+        local = distribute_tensor(entry.to(param.device), param.device_mesh, placements, src_data_rank=None).to_local()
+        shape = [1] * param.dim()
+        shape[self.dim] = -1
+        with torch.no_grad():
+            shard = param.to_local()
+            shard.mul_(local.to(shard.dtype).view(shape))
+
+
+def _along(placement: Placement, dim: int) -> Placement:
+    """The placement of a vector along a parameter's ``dim`` when the parameter is placed by ``placement``."""
+    if isinstance(placement, (Shard, _StridedShard)) and placement.dim == dim:
+        return _StridedShard(0, split_factor=placement.split_factor) if isinstance(placement, _StridedShard) else Shard(0)
+    return Replicate()
 
 
 @dataclass(frozen=True)

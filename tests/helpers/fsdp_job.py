@@ -1,0 +1,97 @@
+"""A real 2-process FSDP2 run (CPU, gloo) of one attention block with the monitor and QK-clip; driven by test_fsdp.py.
+
+    python tests/helpers/fsdp_job.py OUTPUT_DIR HEADS TAU
+
+``fully_shard`` swaps the classes for ``FSDP<Class>`` and shards every parameter by rows (``Shard(0)``);
+with 3 heads of 4 rows on 2 processes, head 1's rows straddle the two shards. Each process runs its
+half of the global batch; rank 0 writes the published scalars and the full weights after QK-clip.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a script
+
+HEAD_DIM, SEQ, BATCH, WORLD = 4, 6, 4, 2
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention through SDPA, heads derived from the projection width."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        dim = heads * HEAD_DIM
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, dtype=torch.float64) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, -1, HEAD_DIM).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.attn = SelfAttention(heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(x)
+
+
+def build(heads: int) -> Block:
+    """The block every run starts from (seed 0; query and key weights ×3: logits of a few units)."""
+    torch.manual_seed(0)
+    block = Block(heads)
+    with torch.no_grad():
+        block.attn.q.weight.mul_(3.0)
+        block.attn.k.weight.mul_(3.0)
+    return block
+
+
+def global_batch(heads: int) -> torch.Tensor:
+    return torch.randn(BATCH, SEQ, heads * HEAD_DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _run(rank: int, output: Path, heads: int, tau: float, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from torch.distributed.fsdp import fully_shard
+
+    from attnmonitor.integrations.loop import AttentionMonitorLoop
+
+    block = build(heads)
+    fully_shard(block.attn)
+    fully_shard(block)
+    options = dict(
+        capture={"statistics": ["entropy", "max_logit"]},
+        schedule={"every_n_steps": 1, "val_batches": 0},
+        dashboards={"per_head": True, "heatmaps": None, "analyses": False},
+        qk_clip={"tau": tau},
+    )
+    x = global_batch(heads)[rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD]
+    with AttentionMonitorLoop(block, **options) as monitor:
+        with monitor.step(0, None):
+            block(x).sum().backward()
+        scalars = monitor.log()
+    weights = {name: p.full_tensor() for name, p in block.named_parameters()}  # collective: every rank
+    if rank == 0:
+        torch.save({"scalars": scalars, "weights": weights, "class": type(block.attn).__name__}, output / "result.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out, heads, tau = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    mp.spawn(_run, args=(out, heads, tau, 29500 + os.getpid() % 1000), nprocs=WORLD)

@@ -59,21 +59,29 @@ class StatisticsAccumulator:
         """``{layer: Example}`` (see :class:`Example`)."""
         self.alignment: dict[str, Tensor] = {}
         """``{layer: [correct, total]}``: rows whose head-mean argmax is the ground-truth key."""
+        self.placement: dict[str, tuple[int, int]] = {}
+        """``{layer: (first global head, global heads)}`` of layers whose heads are split over processes
+        (tensor parallelism, see :mod:`attnmonitor.capture.sharding`); other layers hold every head."""
 
     def add_alignment(self, layer: str, correct_total: Tensor) -> None:
         self.alignment[layer] = correct_total + self.alignment.get(layer, 0)
+
+    def place(self, layer: str, placement: tuple[int, int] | None) -> None:
+        """Record that ``layer``'s heads here start at global head ``placement[0]`` of ``placement[1]`` (None: all here)."""
+        if placement is not None:
+            self.placement[layer] = placement
 
     @property
     def layers(self) -> list[str]:
         return list(self.counts)
 
     def heads(self) -> dict[str, int]:
-        """``{layer: number of heads}``."""
-        return {layer: count.numel() for layer, count in self.counts.items()}
+        """``{layer: number of heads}`` (global heads of a layer whose heads are split over processes)."""
+        return {layer: self.placement[layer][1] if layer in self.placement else count.numel() for layer, count in self.counts.items()}
 
     def rename(self, old: str, new: str) -> None:
         """Rename layer ``old`` to ``new`` everywhere, keeping the order of layers."""
-        for attribute in ("sums", "maxima", "counts", "examples", "alignment"):
+        for attribute in ("sums", "maxima", "counts", "examples", "alignment", "placement"):
             table = getattr(self, attribute)
             if old in table:
                 setattr(self, attribute, {new if k == old else k: v for k, v in table.items()})
@@ -117,11 +125,12 @@ class StatisticsAccumulator:
         counts = torch.zeros(len(heads), width, device=device)
         for row, layer in enumerate(heads):
             if layer in self.counts:
-                h = self.counts[layer].numel()
-                counts[row, :h] = self.counts[layer]
+                first = self.placement.get(layer, (0, 0))[0]
+                columns = slice(first, first + self.counts[layer].numel())  # the layer's heads held here, by global index
+                counts[row, columns] = self.counts[layer]
                 for index, name in enumerate(self.averaged):
                     if name in self.sums[layer]:  # a cross-attention layer lacks position statistics
-                        sums[index, row, :h] = self.sums[layer][name]
+                        sums[index, row, columns] = self.sums[layer][name]
         return sums, counts
 
     def max_grid(self, heads: dict[str, int], device: torch.device | None = None) -> Tensor:
@@ -133,5 +142,6 @@ class StatisticsAccumulator:
             for index, name in enumerate(self.maxed):
                 m = self.maxima.get(layer, {}).get(name)
                 if m is not None:
-                    maxima[index, row, : m.numel()] = m
+                    first = self.placement.get(layer, (0, 0))[0]
+                    maxima[index, row, first : first + m.numel()] = m
         return maxima

@@ -17,6 +17,7 @@ from attnmonitor.capture.hooks import CallHooks, in_backward
 from attnmonitor.capture.interception import AttentionInterceptor
 from attnmonitor.capture.records import AttentionRecord
 from attnmonitor.capture.report import CaptureReport
+from attnmonitor.capture.sharding import head_placement
 from attnmonitor.checks import check_int
 from attnmonitor.config import CaptureConfig
 from attnmonitor.functional.evaluation import AttentionCall, call_head_sums
@@ -137,6 +138,7 @@ class AttentionCapture:
         self.kinds: dict[str, str] = {}
         """``{layer: "self" | "cross"}`` of every layer captured since the capture was made."""
         self.report = CaptureReport()
+        self._placements: dict[tuple[int, int], tuple[int, int] | None] = {}
         self._row_generator = torch.Generator().manual_seed(0)
         self._declared = {id(m) for m in self.targets.values() if not auto or is_attention_like(m)}
         named = {id(m) for m in self.targets.values() if not auto or is_named_attention(m)}
@@ -282,6 +284,13 @@ class AttentionCapture:
             if example.outputs is None:
                 example.outputs = _first_states(call.module, output if isinstance(output, tuple) else (output,))
 
+    def _head_placement(self, module: nn.Module, local_heads: int) -> tuple[int, int] | None:
+        """Which global heads of ``module`` this process holds (tensor parallelism; None: all), once per module."""
+        key = (id(module), local_heads)
+        if key not in self._placements:
+            self._placements[key] = head_placement(module, local_heads)
+        return self._placements[key]
+
     def _split_shared(self, name: str) -> None:
         """A module turned out to be shared: what its first call recorded becomes ``name#0``."""
         self.accumulator.rename(name, f"{name}#0")
@@ -347,6 +356,7 @@ class AttentionCapture:
         if result.alignment is not None:
             self.accumulator.add_alignment(call.layer, result.alignment)
         refused = self.accumulator.add(call.layer, result.sums, result.count, result.maxima)
+        self.accumulator.place(call.layer, self._head_placement(call.module, result.count.numel()))
         if refused:
             self.report.skip(call.layer, refused)
         elif self.example_tokens:

@@ -1,10 +1,17 @@
-"""A real 2-process FSDP2 run (CPU, gloo) of one attention block with the monitor and QK-clip; driven by test_fsdp.py.
+"""Real multi-process runs (CPU, gloo) of one attention block with the monitor and QK-clip, sharded by a
+layout; driven by test_sharded.py.
 
-    python tests/helpers/fsdp_job.py OUTPUT_DIR HEADS TAU
+    python tests/helpers/sharded_job.py OUTPUT_DIR LAYOUT HEADS TAU
 
-``fully_shard`` swaps the classes for ``FSDP<Class>`` and shards every parameter by rows (``Shard(0)``);
-with 3 heads of 4 rows on 2 processes, head 1's rows straddle the two shards. Each process runs its
-half of the global batch; rank 0 writes the published scalars and the full weights after QK-clip.
+- ``fsdp`` (2 processes): ``fully_shard`` swaps the classes for ``FSDP<Class>`` and shards every
+  parameter by rows (``Shard(0)``); with 3 heads of 4 rows, head 1's rows straddle the two shards.
+  Each process runs its half of the global batch.
+- ``tp`` (2 processes): ``ColwiseParallel`` query/key/value, ``RowwiseParallel`` output: each process
+  computes half of the heads, on the whole global batch.
+- ``fsdp_tp`` (4 processes, mesh dp=2 × tp=2): tensor parallel inside, FSDP2 over the data dim
+  (strided shards); each data-parallel pair runs its half of the batch.
+
+Rank 0 writes the published scalars and the full weights after QK-clip.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a script
 
-HEAD_DIM, SEQ, BATCH, WORLD = 4, 6, 4, 2
+HEAD_DIM, SEQ, BATCH = 4, 6, 4
+WORLD = {"fsdp": 2, "tp": 2, "fsdp_tp": 4}
 
 
 class SelfAttention(nn.Module):
@@ -65,23 +73,41 @@ def global_batch(heads: int) -> torch.Tensor:
     return torch.randn(BATCH, SEQ, heads * HEAD_DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def _run(rank: int, output: Path, heads: int, tau: float, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _shard(block: Block, layout: str, rank: int) -> tuple[int, int]:
+    """Shard ``block`` as ``layout`` says; returns ``(data-parallel rank, data-parallel size)``."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    plan = {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(), "o": RowwiseParallel()}
+    if layout == "fsdp":
+        fully_shard(block.attn)
+        fully_shard(block)
+        return rank, WORLD[layout]
+    if layout == "tp":
+        parallelize_module(block.attn, init_device_mesh("cpu", (2,)), plan)
+        return 0, 1
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(block.attn, mesh["tp"], plan)
+    fully_shard(block.attn, mesh=mesh["dp"])
+    fully_shard(block, mesh=mesh["dp"])
+    return mesh["dp"].get_local_rank(), 2
+
+
+def _run(rank: int, output: Path, layout: str, heads: int, tau: float, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD[layout])
     from attnmonitor.integrations.loop import AttentionMonitorLoop
 
     block = build(heads)
-    fully_shard(block.attn)
-    fully_shard(block)
+    dp_rank, dp_size = _shard(block, layout, rank)
     options = dict(
         capture={"statistics": ["entropy", "max_logit"]},
         schedule={"every_n_steps": 1, "val_batches": 0},
         dashboards={"per_head": True, "heatmaps": None, "analyses": False},
         qk_clip={"tau": tau},
     )
-    x = global_batch(heads)[rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD]
+    x = global_batch(heads)[dp_rank * BATCH // dp_size : (dp_rank + 1) * BATCH // dp_size]
     with AttentionMonitorLoop(block, **options) as monitor:
         with monitor.step(0, None):
             block(x).sum().backward()
@@ -93,5 +119,5 @@ def _run(rank: int, output: Path, heads: int, tau: float, port: int) -> None:
 
 
 if __name__ == "__main__":
-    out, heads, tau = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    mp.spawn(_run, args=(out, heads, tau, 29500 + os.getpid() % 1000), nprocs=WORLD)
+    out, layout, heads, tau = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    mp.spawn(_run, args=(out, layout, heads, tau, 29500 + os.getpid() % 1000), nprocs=WORLD[layout])

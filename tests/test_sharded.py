@@ -1,6 +1,6 @@
-"""Real sharded processes (CPU, gloo): FSDP2, tensor parallel (DTensor) and both on a 2-D mesh. Per-head
-statistics and QK-clip equal one process over the global batch, with discovery by behaviour (no
-``targets``) through FSDP2's swapped classes and DTensor parameters."""
+"""Real sharded processes (CPU, gloo): FSDP2, tensor parallel (DTensor), both on a 2-D mesh, and a
+2-stage pipeline. Per-head statistics and QK-clip equal one process over the global batch, with
+discovery by behaviour (no ``targets``) through FSDP2's swapped classes and DTensor parameters."""
 
 import math
 import os
@@ -14,52 +14,70 @@ import torch
 from tests.helpers import sharded_job
 
 JOB = Path(sharded_job.__file__)
-CLASSES = {"fsdp": "FSDPSelfAttention", "tp": "SelfAttention", "fsdp_tp": "FSDPSelfAttention"}
+CLASSES = {"fsdp": "FSDPSelfAttention", "tp": "SelfAttention", "fsdp_tp": "FSDPSelfAttention", "pipeline": "SelfAttention"}
+PREFIXES = {"pipeline": ["blocks.0.", "blocks.1."]}
+"""Module-name prefixes of the layers of each layout's model (one block without a prefix otherwise)."""
 
 
-def _reference(heads: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Float64, written out: per-head mean row entropy and largest logit over the global batch, and the weights."""
-    block = sharded_job.build(heads)
-    weights = {name: p.detach().clone() for name, p in block.named_parameters()}
+def _reference(heads: int, prefixes: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Float64, written out, over the global batch: ``{layer: [H]}`` mean row entropy and largest logit of
+    each layer (blocks in sequence), and the initial weights."""
+    model = sharded_job.Stack(heads) if len(prefixes) > 1 else sharded_job.build(heads)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     x = sharded_job.global_batch(heads)
     b, t, _ = x.shape
-
-    def split(y):
-        return y.view(b, t, heads, sharded_job.HEAD_DIM).transpose(1, 2)  # [B, H, T, D]
-
-    q = split(x @ weights["attn.q.weight"].T + weights["attn.q.bias"])
-    k = split(x @ weights["attn.k.weight"].T + weights["attn.k.bias"])
-    logits = q @ k.transpose(-2, -1) / math.sqrt(sharded_job.HEAD_DIM)  # [B, H, T, T]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
-    entropy = -(probs * probs.clamp_min(1e-300).log()).sum(-1)  # [B, H, T]
-    max_logit = logits.masked_fill(~causal, float("-inf")).amax((0, 2, 3))  # [H]
-    return entropy.mean((0, 2)), max_logit, weights
+    entropy, max_logit = {}, {}
+
+    def project(prefix, name, y):
+        heads_of = (y @ weights[f"{prefix}attn.{name}.weight"].T + weights[f"{prefix}attn.{name}.bias"]).view(b, t, heads, -1)
+        return heads_of.transpose(1, 2)  # [B, H, T, D]
+
+    for prefix in prefixes:
+        q, k, v = (project(prefix, name, x) for name in "qkv")
+        logits = (q @ k.transpose(-2, -1) / math.sqrt(sharded_job.HEAD_DIM)).masked_fill(~causal, float("-inf"))  # [B, H, T, T]
+        probs = logits.softmax(-1)
+        entropy[f"{prefix}attn"] = -(probs * probs.clamp_min(1e-300).log()).sum(-1).mean((0, 2))
+        max_logit[f"{prefix}attn"] = logits.amax((0, 2, 3))
+        mixed = (probs @ v).transpose(1, 2).reshape(b, t, -1)
+        x = x + mixed @ weights[f"{prefix}attn.o.weight"].T + weights[f"{prefix}attn.o.bias"]  # the block's output
+    return entropy, max_logit, weights
+
+
+def _results(tmp_path: Path, layout: str) -> dict:
+    """Rank 0's published scalars and the weights after QK-clip (under ``pipeline``, each stage's own)."""
+    if layout != "pipeline":
+        return torch.load(tmp_path / "result.pt")
+    stages = [torch.load(tmp_path / f"result_rank{rank}.pt") for rank in range(2)]
+    return {**stages[0], "weights": {**stages[0]["weights"], **stages[1]["weights"]}}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("layout", "heads"),
-    [("fsdp", 4), ("fsdp", 3), ("tp", 4), ("fsdp_tp", 4)],  # fsdp with 3 heads of 4 rows on 2 shards: head 1 straddles them
+    [("fsdp", 4), ("fsdp", 3), ("tp", 4), ("fsdp_tp", 4), ("pipeline", 4)],  # fsdp, 3 heads of 4 rows on 2 shards: head 1 straddles them
 )
 def test_sharded_statistics_and_qk_clip_equal_one_process(tmp_path, layout, heads):
-    entropy, max_logit, weights = _reference(heads)
-    tau = float(max_logit.median())  # some heads clipped, some not
+    entropy, max_logit, weights = _reference(heads, PREFIXES.get(layout, [""]))
+    tau = float(torch.cat(list(max_logit.values())).median())  # some heads clipped, some not
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_", "RANK"))}
-    run = subprocess.run(
-        [sys.executable, str(JOB), str(tmp_path), layout, str(heads), repr(tau)], capture_output=True, text=True, timeout=300, env=env
-    )
+    command = [sys.executable, str(JOB), str(tmp_path), layout, str(heads), repr(tau)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
-    result = torch.load(tmp_path / "result.pt")
+    result = _results(tmp_path, layout)
     assert result["class"] == CLASSES[layout]  # found by behaviour through FSDP2's class swap, named as unwrapped
     scalars = result["scalars"]
-    for h in range(heads):
-        assert scalars[f"attn_train_heads/entropy/attn/head_{h}"] == pytest.approx(float(entropy[h]), rel=1e-5)
-        assert scalars[f"attn_train_heads/max_logit/attn/head_{h}"] == pytest.approx(float(max_logit[h]), rel=1e-5)
-    clipped = max_logit > tau
-    assert 0 < int(clipped.sum()) < heads and scalars["attn_reg/qk_clipped_heads"] == int(clipped.sum())
-    factor = torch.where(clipped, (tau / max_logit).sqrt(), torch.ones_like(max_logit)).repeat_interleave(sharded_job.HEAD_DIM)  # [rows]
+    clipped = 0
+    for layer in entropy:  # every layer published by rank 0, its stage's or not
+        for h in range(heads):
+            assert scalars[f"attn_train_heads/entropy/{layer}/head_{h}"] == pytest.approx(float(entropy[layer][h]), rel=1e-5)
+            assert scalars[f"attn_train_heads/max_logit/{layer}/head_{h}"] == pytest.approx(float(max_logit[layer][h]), rel=1e-5)
+        prefix, over = layer.removesuffix("attn"), max_logit[layer] > tau
+        clipped += int(over.sum())
+        factor = torch.where(over, (tau / max_logit[layer]).sqrt(), 1.0).repeat_interleave(sharded_job.HEAD_DIM)  # [rows]
+        for name in ("q.weight", "q.bias", "k.weight", "k.bias"):
+            key = f"{prefix}attn.{name}"
+            weights[key] = weights[key] * (factor.view(-1, 1) if name.endswith("weight") else factor)
+    assert 0 < clipped < heads * len(entropy) and scalars["attn_reg/qk_clipped_heads"] == clipped
     for name, expected in weights.items():
-        if name.startswith(("attn.q.", "attn.k.")):
-            expected = expected * (factor.view(-1, 1) if expected.dim() == 2 else factor)
         torch.testing.assert_close(result["weights"][name], expected, rtol=1e-6, atol=1e-12, msg=name)

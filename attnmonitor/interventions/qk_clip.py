@@ -225,6 +225,7 @@ class QKClip:
         if config.tau is None:
             raise ValueError("`qk_clip.tau` is None: QK-clip is off")
         self.tau = float(config.tau)
+        self.layers = config.layers
         named = {target_name(name, m): m for name, m in targets.items()}  # as the capture names layers
         self._modules = {name: m for name, m in named.items() if layer_selected(name, config.layers)}
         self._projections: dict[str, Projections | None] = {}  # None: not recognised (warned once, not clipped)
@@ -245,8 +246,9 @@ class QKClip:
 
     def apply(self, max_logit: Mapping[str, Tensor]) -> int:
         """Rescale after an optimizer step, from the step's ``{layer: [H]}`` maxima (NaN: a head not
-        seen); a shared module's layers ``name#i`` take the smallest factor of its calls. Returns the
-        number of heads clipped."""
+        seen); a shared module's layers ``name#i`` take the smallest factor of its calls. Only this
+        process's modules are rescaled (a pipeline stage holds some layers). Returns the number of
+        heads above ``tau`` in every selected layer of ``max_logit``, wherever they are held."""
         by_module: dict[str, Tensor] = {}
         for layer, values in max_logit.items():
             name = layer.split("#")[0]
@@ -254,7 +256,13 @@ class QKClip:
                 values = values.detach().float().cpu()
                 seen = by_module.get(name)
                 by_module[name] = values if seen is None else torch.fmax(seen, values)
-        clipped = 0
+        everywhere: dict[str, Tensor] = {}  # {module: [H]} of every selected layer, this process's or not
+        for layer, values in max_logit.items():
+            name = layer.split("#")[0]
+            if layer_selected(name, self.layers) and values.numel():
+                seen = everywhere.get(name)
+                everywhere[name] = values.float().cpu() if seen is None else torch.fmax(seen, values.float().cpu())
+        clipped = sum(int((values > self.tau).sum()) for values in everywhere.values())
         for name, values in by_module.items():
             projections = self._projections[name] if name in self._projections else self._late_projections(name)
             if projections is None:
@@ -267,7 +275,6 @@ class QKClip:
                 rows.scale(query)
             for rows in projections.key:
                 rows.scale(key)
-            clipped += int((values > self.tau).sum())
         return clipped
 
     def _late_projections(self, name: str) -> Projections | None:

@@ -10,8 +10,12 @@ layout; driven by test_sharded.py.
   computes half of the heads, on the whole global batch.
 - ``fsdp_tp`` (4 processes, mesh dp=2 × tp=2): tensor parallel inside, FSDP2 over the data dim
   (strided shards); each data-parallel pair runs its half of the batch.
+- ``pipeline`` (2 processes): a stack of two blocks split in two stages, as pipeline schedules split
+  a model (each stage keeps the full model's module names and drops the other stage's layers);
+  stage 0 sends its activations to stage 1 (the whole global batch).
 
-Rank 0 writes the published scalars and the full weights after QK-clip.
+Rank 0 writes the published scalars and the full weights after QK-clip (under ``pipeline``, each
+stage writes its own block's).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a script
 
 HEAD_DIM, SEQ, BATCH = 4, 6, 4
-WORLD = {"fsdp": 2, "tp": 2, "fsdp_tp": 4}
+WORLD = {"fsdp": 2, "tp": 2, "fsdp_tp": 4, "pipeline": 2}
 
 
 class SelfAttention(nn.Module):
@@ -59,14 +63,25 @@ class Block(nn.Module):
         return x + self.attn(x)
 
 
-def build(heads: int) -> Block:
-    """The block every run starts from (seed 0; query and key weights ×3: logits of a few units)."""
-    torch.manual_seed(0)
+def build(heads: int, seed: int = 0) -> Block:
+    """The block every run starts from (query and key weights ×3: logits of a few units)."""
+    torch.manual_seed(seed)
     block = Block(heads)
     with torch.no_grad():
         block.attn.q.weight.mul_(3.0)
         block.attn.k.weight.mul_(3.0)
     return block
+
+
+class Stack(nn.Module):
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([build(heads), build(heads, seed=1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 def global_batch(heads: int) -> torch.Tensor:
@@ -99,14 +114,30 @@ def _run(rank: int, output: Path, layout: str, heads: int, tau: float, port: int
     dist.init_process_group("gloo", rank=rank, world_size=WORLD[layout])
     from attnmonitor.integrations.loop import AttentionMonitorLoop
 
-    block = build(heads)
-    dp_rank, dp_size = _shard(block, layout, rank)
     options = dict(
         capture={"statistics": ["entropy", "max_logit"]},
         schedule={"every_n_steps": 1, "val_batches": 0},
         dashboards={"per_head": True, "heatmaps": None, "analyses": False},
         qk_clip={"tau": tau},
     )
+    if layout == "pipeline":
+        model = Stack(heads)
+        model.blocks[1 - rank] = nn.Identity()  # this stage's layers only, under the full model's names
+        x = global_batch(heads)
+        with AttentionMonitorLoop(model, **options) as monitor:
+            with monitor.step(0, None), torch.no_grad():
+                if rank == 0:
+                    dist.send(model.blocks[0](x), dst=1)
+                else:
+                    dist.recv(x, src=0)
+                    model.blocks[1](x)
+            scalars = monitor.log()
+        weights = {f"blocks.{rank}.{name}": p.detach() for name, p in model.blocks[rank].named_parameters()}
+        torch.save({"scalars": scalars, "weights": weights, "class": "SelfAttention"}, output / f"result_rank{rank}.pt")
+        dist.destroy_process_group()
+        return
+    block = build(heads)
+    dp_rank, dp_size = _shard(block, layout, rank)
     x = global_batch(heads)[dp_rank * BATCH // dp_size : (dp_rank + 1) * BATCH // dp_size]
     with AttentionMonitorLoop(block, **options) as monitor:
         with monitor.step(0, None):

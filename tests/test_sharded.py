@@ -1,7 +1,9 @@
-"""Real sharded processes (CPU, gloo): FSDP2, tensor parallel (DTensor), both on a 2-D mesh, and a
-2-stage pipeline. Per-head statistics and QK-clip equal one process over the global batch, with
-discovery by behaviour (no ``targets``) through FSDP2's swapped classes and DTensor parameters."""
+"""Real sharded processes (CPU, gloo): FSDP2, tensor parallel (DTensor), both on a 2-D mesh, a 2-stage
+pipeline (plain loop), and Lightning's ``ModelParallelStrategy``. Per-head statistics and QK-clip equal
+one process over the global batch, with discovery by behaviour (no ``targets``) through FSDP2's
+swapped classes and DTensor parameters."""
 
+import csv
 import math
 import os
 import subprocess
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import sharded_job
+from tests.helpers import model_parallel_job, sharded_job
 
 JOB = Path(sharded_job.__file__)
 CLASSES = {"fsdp": "FSDPSelfAttention", "tp": "SelfAttention", "fsdp_tp": "FSDPSelfAttention", "pipeline": "SelfAttention"}
@@ -81,3 +83,25 @@ def test_sharded_statistics_and_qk_clip_equal_one_process(tmp_path, layout, head
     assert 0 < clipped < heads * len(entropy) and scalars["attn_reg/qk_clipped_heads"] == clipped
     for name, expected in weights.items():
         torch.testing.assert_close(result["weights"][name], expected, rtol=1e-6, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dp", "tp"), [(1, 2), (2, 2)])
+def test_lightning_model_parallel_strategy_equals_one_process(tmp_path, dp, tp):
+    entropy, max_logit, weights = _reference(model_parallel_job.HEADS, [""])
+    tau = float(max_logit["attn"].median())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_", "RANK"))}
+    command = [sys.executable, str(Path(model_parallel_job.__file__)), str(tmp_path), str(dp), str(tp), repr(tau)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    (row,) = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    for h in range(model_parallel_job.HEADS):  # the LightningModule's attribute `block` prefixes the layer
+        assert float(row[f"attn_train_heads/entropy/block.attn/head_{h}"]) == pytest.approx(float(entropy["attn"][h]), rel=1e-5)
+        assert float(row[f"attn_train_heads/max_logit/block.attn/head_{h}"]) == pytest.approx(float(max_logit["attn"][h]), rel=1e-5)
+    over = max_logit["attn"] > tau
+    factor = torch.where(over, (tau / max_logit["attn"]).sqrt(), 1.0).repeat_interleave(sharded_job.HEAD_DIM)  # [rows]
+    clipped = torch.load(tmp_path / "weights.pt")
+    for name, expected in weights.items():
+        if name.startswith(("attn.q.", "attn.k.")):
+            expected = expected * (factor.view(-1, 1) if expected.dim() == 2 else factor)
+        torch.testing.assert_close(clipped[name], expected, rtol=1e-6, atol=1e-12, msg=name)

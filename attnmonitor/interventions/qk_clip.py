@@ -43,11 +43,20 @@ QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 @dataclass(frozen=True)
 class Rows:
     """The entries of one parameter that hold a query (or key) projection of every head, head by head
-    along ``dim`` (the output features: 0 for ``nn.Linear``'s ``[out, in]``, 1 for GPT-2's ``Conv1D``)."""
+    along ``dim`` (the output features: 0 for ``nn.Linear``'s ``[out, in]``, 1 for GPT-2's ``Conv1D``).
 
-    param: Tensor
+    The parameter is looked up on its module when used: sharding it later (FSDP2's ``fully_shard``,
+    ``parallelize_module``, Lightning's ``configure_model`` after the monitor's ``setup``) replaces it.
+    """
+
+    owner: nn.Module
+    name: str  # the parameter's attribute on ``owner``
     index: Tensor  # [heads · head_dim] long
     dim: int
+
+    @property
+    def param(self) -> Tensor:
+        return getattr(self.owner, self.name)
 
     def scale(self, factors: Tensor) -> None:
         """Multiply head ``h``'s entries by ``factors[h]`` (``[heads]``); heads with factor 1 are not written.
@@ -117,10 +126,9 @@ def _linear_rows(module: nn.Module, index: Tensor | None = None) -> tuple[Rows, 
     weight, dim = module.weight, _output_dim(module)
     if index is None:
         index = torch.arange(weight.shape[dim])
-    rows = [Rows(weight, index, dim)]
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, Tensor):
-        rows.append(Rows(bias, index, 0))
+    rows = [Rows(module, "weight", index, dim)]
+    if isinstance(getattr(module, "bias", None), Tensor):
+        rows.append(Rows(module, "bias", index, 0))
     return tuple(rows)
 
 
@@ -169,11 +177,11 @@ def find_projections(name: str, module: nn.Module, mapping: Mapping[str, Any], m
     if isinstance(module, nn.MultiheadAttention):
         e = module.embed_dim
         q, k = torch.arange(e), torch.arange(e, 2 * e)
-        bias = () if module.in_proj_bias is None else ((Rows(module.in_proj_bias, q, 0),), (Rows(module.in_proj_bias, k, 0),))
+        bias = () if module.in_proj_bias is None else ((Rows(module, "in_proj_bias", q, 0),), (Rows(module, "in_proj_bias", k, 0),))
         if module.in_proj_weight is not None:
-            weights = (Rows(module.in_proj_weight, q, 0),), (Rows(module.in_proj_weight, k, 0),)
+            weights = (Rows(module, "in_proj_weight", q, 0),), (Rows(module, "in_proj_weight", k, 0),)
         else:
-            weights = (Rows(module.q_proj_weight, q, 0),), (Rows(module.k_proj_weight, torch.arange(e), 0),)
+            weights = (Rows(module, "q_proj_weight", q, 0),), (Rows(module, "k_proj_weight", torch.arange(e), 0),)
         return Projections(weights[0] + (bias[0] if bias else ()), weights[1] + (bias[1] if bias else ()))
     for q_name, k_name in SEPARATE:
         q, k = getattr(module, q_name, None), getattr(module, k_name, None)

@@ -58,6 +58,9 @@ class CaptureConfig:
         sparsity_eps: a key is sparse when its weight is below ``sparsity_eps / n_i``.
         sample_rows: evaluate at most this many random query rows per call on the chunked path.
         pool_shared: one layer for a module called several times per forward (not ``name#i``).
+        head_shard: ``[index, count]`` for tensor parallelism without DTensor (Megatron-style column-parallel
+            query/key/value): this process computes the ``index``-th of ``count`` equal slices of every
+            attention layer's heads, in order. None: read from DTensor parameters, or every head is here.
     """
 
     targets: Any = "auto"
@@ -67,6 +70,7 @@ class CaptureConfig:
     sparsity_eps: float = 0.1
     sample_rows: int | None = None
     pool_shared: bool = False
+    head_shard: list[int] | None = None
 
     def __post_init__(self) -> None:
         from attnmonitor.functional.statistics import check_statistics
@@ -89,6 +93,15 @@ class CaptureConfig:
             raise ValueError(f"`capture.sparsity_eps` must be in (0, 1], got {eps!r}")
         check_int("capture.sample_rows", self.sample_rows, 1, optional=True)
         check_bool("capture.pool_shared", self.pool_shared)
+        if self.head_shard is not None:
+            shard = self.head_shard
+            if not (
+                isinstance(shard, (list, tuple)) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+            ):
+                raise ValueError(f"`capture.head_shard` must be [index, count] (two ints) or None, got {shard!r}")
+            if not 0 <= shard[0] < shard[1]:
+                raise ValueError(f"`capture.head_shard` needs 0 <= index < count, got {list(shard)}")
+            self.head_shard = list(shard)
 
 
 @dataclass
@@ -378,6 +391,11 @@ class MonitorOptions:
         needs = {f"alarms.{rule.name}": rule.reads for rule in (self.alarms.rules.values() if self.alarms else ())}
         if self.qk_clip is not None:
             needs["qk_clip"] = ("max_logit",)
+            if self.capture.head_shard is not None:
+                raise ValueError(
+                    "`qk_clip` with `capture.head_shard` (tensor parallelism without DTensor) is not supported: QK-clip "
+                    "cannot tell which rows of the local projections hold which head; use DTensor parallelism, or set `qk_clip` to None"
+                )
         for option, read in needs.items():
             for statistic in read:
                 if statistic not in statistics:

@@ -16,7 +16,13 @@ import torch
 from tests.helpers import model_parallel_job, sharded_job
 
 JOB = Path(sharded_job.__file__)
-CLASSES = {"fsdp": "FSDPSelfAttention", "tp": "SelfAttention", "fsdp_tp": "FSDPSelfAttention", "pipeline": "SelfAttention"}
+CLASSES = {
+    "fsdp": "FSDPSelfAttention",
+    "tp": "SelfAttention",
+    "fsdp_tp": "FSDPSelfAttention",
+    "manual_tp": "SelfAttention",
+    "pipeline": "SelfAttention",
+}
 PREFIXES = {"pipeline": ["blocks.0.", "blocks.1."]}
 """Module-name prefixes of the layers of each layout's model (one block without a prefix otherwise)."""
 
@@ -57,7 +63,14 @@ def _results(tmp_path: Path, layout: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("layout", "heads"),
-    [("fsdp", 4), ("fsdp", 3), ("tp", 4), ("fsdp_tp", 4), ("pipeline", 4)],  # fsdp, 3 heads of 4 rows on 2 shards: head 1 straddles them
+    [
+        ("fsdp", 4),
+        ("fsdp", 3),
+        ("tp", 4),
+        ("fsdp_tp", 4),
+        ("manual_tp", 4),
+        ("pipeline", 4),
+    ],  # fsdp, 3 heads of 4 rows on 2 shards: head 1 straddles them
 )
 def test_sharded_statistics_and_qk_clip_equal_one_process(tmp_path, layout, heads):
     entropy, max_logit, weights = _reference(heads, PREFIXES.get(layout, [""]))
@@ -80,6 +93,8 @@ def test_sharded_statistics_and_qk_clip_equal_one_process(tmp_path, layout, head
         for name in ("q.weight", "q.bias", "k.weight", "k.bias"):
             key = f"{prefix}attn.{name}"
             weights[key] = weights[key] * (factor.view(-1, 1) if name.endswith("weight") else factor)
+    if layout == "manual_tp":  # no QK-clip: the statistics only
+        return
     assert 0 < clipped < heads * len(entropy) and scalars["attn_reg/qk_clipped_heads"] == clipped
     for name, expected in weights.items():
         torch.testing.assert_close(result["weights"][name], expected, rtol=1e-6, atol=1e-12, msg=name)
@@ -105,3 +120,12 @@ def test_lightning_model_parallel_strategy_equals_one_process(tmp_path, dp, tp):
         if name.startswith(("attn.q.", "attn.k.")):
             expected = expected * (factor.view(-1, 1) if expected.dim() == 2 else factor)
         torch.testing.assert_close(clipped[name], expected, rtol=1e-6, atol=1e-12, msg=name)
+
+
+def test_qk_clip_is_refused_without_dtensor_head_placement():
+    from attnmonitor import MonitorOptions
+
+    with pytest.raises(ValueError, match=r"`qk_clip` with `capture.head_shard` .* is not supported"):
+        MonitorOptions(capture={"head_shard": [0, 2]}, qk_clip={"tau": 10})
+    with pytest.raises(ValueError, match=r"`capture.head_shard` needs 0 <= index < count, got \[2, 2\]"):
+        MonitorOptions(capture={"head_shard": [2, 2]})

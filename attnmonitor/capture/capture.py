@@ -84,6 +84,9 @@ class AttentionCapture:
         pool_shared: a module called several times in one forward (a layer shared across depths, as
             in ALBERT) is reported per call position, ``name#0``, ``name#1``, ...; True pools its calls
             under ``name``.
+        head_shard: ``[index, count]``: this process computes the ``index``-th of ``count`` equal slices
+            of every layer's heads (tensor parallelism without DTensor); its heads are reported at their
+            global index (see :mod:`attnmonitor.capture.sharding`).
 
     Raises:
         ValueError: on invalid arguments, or when ``targets`` selects no module.
@@ -112,11 +115,12 @@ class AttentionCapture:
         regularizer: Regularizer | None = None,
         sample_rows: int | None = None,
         pool_shared: bool = False,
+        head_shard: list[int] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         try:
-            options = CaptureConfig(targets, statistics, memory_budget_mb, sink_tokens, sparsity_eps, sample_rows, pool_shared)
+            options = CaptureConfig(targets, statistics, memory_budget_mb, sink_tokens, sparsity_eps, sample_rows, pool_shared, head_shard)
         except ValueError as err:  # named as this constructor's arguments, not the monitor's `capture` group
             raise ValueError(str(err).replace("`capture.", "`")) from None
         statistics = tuple(options.statistics)
@@ -129,6 +133,7 @@ class AttentionCapture:
         self.sink_tokens, self.sparsity_eps = sink_tokens, sparsity_eps
         self.example_tokens, self.sample_rows = example_tokens, sample_rows
         self.regularizer = regularizer
+        self.head_shard = options.head_shard
         self.accumulator = StatisticsAccumulator(statistics)
         """Where statistics go, and which (its ``statistics``); swap it to keep separate sets (the
         monitor's train, val and alarm captures)."""
@@ -288,7 +293,11 @@ class AttentionCapture:
         """Which global heads of ``module`` this process holds (tensor parallelism; None: all), once per module."""
         key = (id(module), local_heads)
         if key not in self._placements:
-            self._placements[key] = head_placement(module, local_heads)
+            placement = head_placement(module, local_heads)
+            if placement is None and self.head_shard is not None:
+                index, count = self.head_shard
+                placement = (index * local_heads, count * local_heads)
+            self._placements[key] = placement
         return self._placements[key]
 
     def _split_shared(self, name: str) -> None:

@@ -10,6 +10,10 @@ layout; driven by test_sharded.py.
   computes half of the heads, on the whole global batch.
 - ``fsdp_tp`` (4 processes, mesh dp=2 × tp=2): tensor parallel inside, FSDP2 over the data dim
   (strided shards); each data-parallel pair runs its half of the batch.
+- ``manual_tp`` (2 processes): tensor parallelism without DTensor (Megatron-style): each process's
+  query/key/value projections are plain ``nn.Linear`` holding half of the heads (rows sliced from
+  the full block), told to the monitor by ``capture.head_shard``; the whole global batch on each.
+  No QK-clip (refused with ``head_shard``).
 - ``pipeline`` (2 processes): a stack of two blocks split in two stages, as pipeline schedules split
   a model (each stage keeps the full model's module names and drops the other stage's layers);
   stage 0 sends its activations to stage 1 (the whole global batch).
@@ -33,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a script
 
 HEAD_DIM, SEQ, BATCH = 4, 6, 4
-WORLD = {"fsdp": 2, "tp": 2, "fsdp_tp": 4, "pipeline": 2}
+WORLD = {"fsdp": 2, "tp": 2, "fsdp_tp": 4, "manual_tp": 2, "pipeline": 2}
 
 
 class SelfAttention(nn.Module):
@@ -102,6 +106,17 @@ def _shard(block: Block, layout: str, rank: int) -> tuple[int, int]:
     if layout == "tp":
         parallelize_module(block.attn, init_device_mesh("cpu", (2,)), plan)
         return 0, 1
+    if layout == "manual_tp":  # this process's half of the heads: rows of q, k, v; columns of o
+        rows = slice(rank * block.attn.q.out_features // 2, (rank + 1) * block.attn.q.out_features // 2)
+        for name in "qkv":
+            full = getattr(block.attn, name)
+            part = nn.Linear(full.in_features, rows.stop - rows.start, dtype=torch.float64)
+            part.weight.data, part.bias.data = full.weight.data[rows].clone(), full.bias.data[rows].clone()
+            setattr(block.attn, name, part)
+        o = nn.Linear(rows.stop - rows.start, block.attn.o.out_features, dtype=torch.float64)
+        o.weight.data = block.attn.o.weight.data[:, rows].clone()
+        block.attn.o = o
+        return 0, 1
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     parallelize_module(block.attn, mesh["tp"], plan)
     fully_shard(block.attn, mesh=mesh["dp"])
@@ -138,12 +153,15 @@ def _run(rank: int, output: Path, layout: str, heads: int, tau: float, port: int
         return
     block = build(heads)
     dp_rank, dp_size = _shard(block, layout, rank)
+    if layout == "manual_tp":
+        options.update(capture={**options["capture"], "head_shard": [rank, 2]}, qk_clip=None)
     x = global_batch(heads)[dp_rank * BATCH // dp_size : (dp_rank + 1) * BATCH // dp_size]
     with AttentionMonitorLoop(block, **options) as monitor:
         with monitor.step(0, None):
             block(x).sum().backward()
         scalars = monitor.log()
-    weights = {name: p.full_tensor() for name, p in block.named_parameters()}  # collective: every rank
+    # collective on every rank (manual_tp: this process's slices, not compared)
+    weights = {name: p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for name, p in block.named_parameters()}
     if rank == 0:
         torch.save({"scalars": scalars, "weights": weights, "class": type(block.attn).__name__}, output / "result.pt")
     dist.destroy_process_group()

@@ -176,3 +176,31 @@ def test_cross_attention_whose_queries_are_unknown_counts_every_row_and_says_so(
 def test_a_model_without_attention_names_what_to_do():
     with pytest.raises(ValueError, match="has no attention module"):
         AttentionCapture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+@pytest.mark.parametrize("wrap", ["checkpoint", "compile", "both"])
+def test_layers_keep_their_unwrapped_names_under_wrappers(wrap):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from tests.helpers.models import SdpaAttention, TinyTransformer
+
+    torch.manual_seed(3)
+    model = TinyTransformer(SdpaAttention, causal=True, dropout=0.0).eval()
+    ids = torch.randint(50, (2, 8))
+    with AttentionCapture(model) as plain, torch.no_grad():
+        model(ids)
+    wrapped = model
+    if wrap in ("checkpoint", "both"):
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(layer)  # the attention module under `_checkpoint_wrapped_module`
+    if wrap in ("compile", "both"):
+        wrapped = torch.compile(model, backend="eager")  # the model under `_orig_mod`
+    assert any(part in n for n, _ in wrapped.named_modules() for part in ("_checkpoint_wrapped_module", "_orig_mod"))
+    with AttentionCapture(wrapped) as cap, torch.no_grad():
+        wrapped(ids)
+    assert cap.layers == plain.layers and cap.target_names == plain.target_names
+    for name, value in plain.stats().items():
+        torch.testing.assert_close(cap.stats()[name], value, rtol=1e-5, atol=1e-6)
+    with AttentionCapture(wrapped, targets=[r"layers\.\d+"]) as named, torch.no_grad():  # regexes name the unwrapped model
+        wrapped(ids)
+    assert named.layers == plain.layers

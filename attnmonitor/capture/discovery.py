@@ -100,9 +100,25 @@ def auto_targets(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+WRAPPER_ATTRIBUTES = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+"""Where wrappers keep the module they wrap (``torch.compile``, activation checkpointing, FSDP1): not
+part of a layer's name."""
+
+
+def unwrapped_name(name: str) -> str:
+    """A qualified module name without the wrappers' attributes (:data:`WRAPPER_ATTRIBUTES`).
+
+    Example:
+        >>> unwrapped_name("_orig_mod.blocks.0._checkpoint_wrapped_module.attn")
+        'blocks.0.attn'
+    """
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_ATTRIBUTES)
+
+
 def target_name(name: str, module: nn.Module) -> str:
-    """A target's layer name: its qualified name, or its class name for the model itself (name "")."""
-    return name or user_class(module).__name__
+    """A target's layer name: its qualified name as in the unwrapped model, or its class name for the
+    model itself (name "")."""
+    return unwrapped_name(name) or user_class(module).__name__
 
 
 def innermost(targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -126,21 +142,24 @@ def resolve_targets(model: nn.Module, targets: Targets = "auto") -> dict[str, nn
             compiled = [re.compile(p) for p in patterns]
         except re.error as err:
             raise ValueError(f"`targets` holds an invalid regular expression: {err}") from err
-        selected = {n: m for n, m in model.named_modules() if any(p.fullmatch(n) for p in compiled)}
+        selected = {n: m for n, m in model.named_modules() if any(p.fullmatch(n) or p.fullmatch(unwrapped_name(n)) for p in compiled)}
+        # a wrapper and the module it wraps share the unwrapped name: keep the wrapped (innermost) one
+        innermost_of = {unwrapped_name(n): n for n in sorted(selected, key=len)}
+        selected = {n: m for n, m in selected.items() if innermost_of[unwrapped_name(n)] == n}
     elif callable(targets):
         selected = {n: m for n, m in model.named_modules() if targets(n, m)}
     else:
         raise ValueError(f'`targets` must be "auto", a regex, a list of regexes or a predicate (name, module) -> bool, got {targets!r}')
     if not selected:
-        existing = sorted(attention_like_modules(model))
+        existing = sorted(unwrapped_name(name) for name in attention_like_modules(model))
         if not existing:
             raise ValueError(
-                f"{type(model).__name__} has no attention module (no nn.MultiheadAttention, no module class named "
+                f"{user_class(model).__name__} has no attention module (no nn.MultiheadAttention, no module class named "
                 f'like "*Attention*"/"*Attn*" and none calling SDPA, flex attention or a softmax); pass `targets=` '
                 "regexes naming the modules that compute attention"
             )
         raise ValueError(
-            f"`targets`={targets!r} selects no module of {type(model).__name__}; regexes must fully match qualified "
+            f"`targets`={targets!r} selects no module of {user_class(model).__name__}; regexes must fully match qualified "
             f"module names. Attention-like modules: {existing}"
         )
     return selected

@@ -35,7 +35,7 @@ from attnmonitor.config import MonitorOptions
 from attnmonitor.dashboards import Dashboards
 from attnmonitor.health import TrainingHealth
 from attnmonitor.interventions.qk_clip import QKClip
-from attnmonitor.metrics.state import StageStatistics
+from attnmonitor.metrics.state import StageStatistics, global_rank
 from attnmonitor.regularization.penalty import PenaltyTracker
 from attnmonitor.regularization.regularizer import AttentionRegularizer
 from attnmonitor.schedule import CaptureKind, Schedule
@@ -286,13 +286,8 @@ class MonitorEngine:
 
     def _warn(self, message: str, key: str | None = None) -> None:
         """Warn on global rank zero; with a ``key``, once per key."""
-        if _rank() != 0 or key in self._warned:
+        if global_rank() != 0 or key in self._warned:
             return
         if key is not None:
             self._warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _rank() -> int:
-    distributed = torch.distributed
-    return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0

@@ -59,41 +59,27 @@ class Rows:
         return getattr(self.owner, self.name)
 
     def scale(self, factors: Tensor) -> None:
-        """Multiply head ``h``'s entries by ``factors[h]`` (``[heads]``); heads with factor 1 are not written.
+        """Multiply head ``h``'s entries by ``factors[h]`` (``[heads]``); entries of heads with factor 1
+        are multiplied by 1 (unchanged bit for bit), and nothing is written when every factor is 1.
 
         A sharded parameter (a DTensor: FSDP2, tensor parallel, both) scales the entries this process
-        holds, each by its own head's factor, whatever the shards' layout (even, uneven, strided).
+        holds, each by its own head's factor, whatever the shards' layout (even, uneven, strided): the
+        per-entry factors are laid out as the parameter is (no communication: every process holds the
+        same synced factors).
         """
-        heads = factors.numel()
-        changed = (factors != 1).nonzero().flatten()
-        if not len(changed):
+        if bool((factors == 1).all()):
             return
-        if isinstance(self.param, DTensor):
-            self._scale_shard(factors)
-            return
-        index = self.index.to(self.param.device).view(heads, -1)[changed]  # [changed, head_dim]
-        per_entry = factors.to(self.param.device, self.param.dtype)[changed].unsqueeze(1).expand_as(index).flatten()
-        shape = [1] * self.param.dim()
-        shape[self.dim] = -1
-        index = index.flatten()
-        with torch.no_grad():
-            self.param.index_copy_(self.dim, index, self.param.index_select(self.dim, index) * per_entry.view(shape))
-
-    def _scale_shard(self, factors: Tensor) -> None:
-        """Per-entry factors along ``dim`` laid out as the parameter is sharded (no communication: every
-        process holds the same synced factors), multiplied into this process's local shard."""
         param = self.param
-        assert isinstance(param, DTensor)
-        heads = factors.numel()
         entry = torch.ones(param.shape[self.dim], dtype=factors.dtype)  # [entries along dim]
-        entry[self.index.view(heads, -1)] = factors.cpu().unsqueeze(1)
-        placements = [_along(p, self.dim) for p in param.placements]
-        local = distribute_tensor(entry.to(param.device), param.device_mesh, placements, src_data_rank=None).to_local()
+        entry[self.index.view(factors.numel(), -1)] = factors.cpu().unsqueeze(1)
+        if isinstance(param, DTensor):
+            placements = [_along(p, self.dim) for p in param.placements]
+            entry = distribute_tensor(entry.to(param.device), param.device_mesh, placements, src_data_rank=None).to_local()
+            param = param.to_local()
         shape = [1] * param.dim()
         shape[self.dim] = -1
         with torch.no_grad():
-            shard = param.to_local()
-            shard.mul_(local.to(shard.dtype).view(shape))
+            param.mul_(entry.to(param.device, param.dtype).view(shape))
 
 
 def _along(placement: Placement, dim: int) -> Placement:
@@ -257,21 +243,17 @@ class QKClip:
         seen); a shared module's layers ``name#i`` take the smallest factor of its calls. Only this
         process's modules are rescaled (a pipeline stage holds some layers). Returns the number of
         heads above ``tau`` in every selected layer of ``max_logit``, wherever they are held."""
-        by_module: dict[str, Tensor] = {}
-        for layer, values in max_logit.items():
-            name = layer.split("#")[0]
-            if name in self._modules and values.numel():
-                values = values.detach().float().cpu()
-                seen = by_module.get(name)
-                by_module[name] = values if seen is None else torch.fmax(seen, values)
-        everywhere: dict[str, Tensor] = {}  # {module: [H]} of every selected layer, this process's or not
+        by_module: dict[str, Tensor] = {}  # {module: [H]} of every selected layer, this process's or not
         for layer, values in max_logit.items():
             name = layer.split("#")[0]
             if layer_selected(name, self.layers) and values.numel():
-                seen = everywhere.get(name)
-                everywhere[name] = values.float().cpu() if seen is None else torch.fmax(seen, values.float().cpu())
-        clipped = sum(int((values > self.tau).sum()) for values in everywhere.values())
+                values = values.detach().float().cpu()
+                seen = by_module.get(name)
+                by_module[name] = values if seen is None else torch.fmax(seen, values)
+        clipped = sum(int((values > self.tau).sum()) for values in by_module.values())
         for name, values in by_module.items():
+            if name not in self._modules:  # another pipeline stage's
+                continue
             projections = self._projections[name] if name in self._projections else self._late_projections(name)
             if projections is None:
                 continue

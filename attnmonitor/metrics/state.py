@@ -81,6 +81,11 @@ class HeadStatisticGrid(Metric):
         return {name: values[name] for name in self.statistics}
 
 
+def global_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def gather_layers(local: Mapping[str, int], known: Sequence[str] = ()) -> dict[str, int]:
     """``{layer: heads}`` seen here and on every other process, in first-seen order after ``known``.
 

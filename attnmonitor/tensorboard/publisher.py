@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from attnmonitor.metrics.state import global_rank
 from attnmonitor.schedule import due
 from attnmonitor.tensorboard.writer import write_scalars
 
@@ -24,7 +25,7 @@ class WriterPublisher:
 
     def __init__(self, writer: Any, device: torch.device, every_n_steps: int) -> None:
         self.device, self.every_n_steps = device, every_n_steps
-        self.writer = writer if _global_rank() == 0 else None
+        self.writer = writer if global_rank() == 0 else None
         self.figures_missing = None if writer is not None else "no SummaryWriter was passed to `log()` / `log_eval()`."
         self.scalars: dict[str, float] = {}
 
@@ -35,8 +36,3 @@ class WriterPublisher:
 
     def logs_at(self, step: int) -> bool:
         return due(step, self.every_n_steps)
-
-
-def _global_rank() -> int:
-    distributed = torch.distributed
-    return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0

@@ -61,6 +61,11 @@ class CaptureConfig:
         head_shard: ``[index, count]`` for tensor parallelism without DTensor (Megatron-style column-parallel
             query/key/value): this process computes the ``index``-th of ``count`` equal slices of every
             attention layer's heads, in order. None: read from DTensor parameters, or every head is here.
+        context_parallel: how each process's positions map to the sequence under context parallelism
+            (``"contiguous"`` or ``"head_tail"``, see :mod:`attnmonitor.capture.context_parallel`): keys are
+            gathered over ``context_parallel_group`` on captured calls. None: every process holds whole sequences.
+        context_parallel_group: the context-parallel process group or 1-D ``DeviceMesh`` (Python only;
+            None: every process).
     """
 
     targets: Any = "auto"
@@ -71,6 +76,8 @@ class CaptureConfig:
     sample_rows: int | None = None
     pool_shared: bool = False
     head_shard: list[int] | None = None
+    context_parallel: str | None = None
+    context_parallel_group: Any = None
 
     def __post_init__(self) -> None:
         from attnmonitor.functional.statistics import check_statistics
@@ -102,6 +109,10 @@ class CaptureConfig:
             if not 0 <= shard[0] < shard[1]:
                 raise ValueError(f"`capture.head_shard` needs 0 <= index < count, got {list(shard)}")
             self.head_shard = list(shard)
+        from attnmonitor.capture.context_parallel import LAYOUTS
+
+        if self.context_parallel is not None and self.context_parallel not in LAYOUTS:
+            raise ValueError(f"`capture.context_parallel` must be one of {list(LAYOUTS)} or None, got {self.context_parallel!r}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from attnmonitor.capture.accumulator import Example, StatisticsAccumulator
 from attnmonitor.capture.calls import CROSS, CallTracker, ModuleCall, judge
+from attnmonitor.capture.context_parallel import ContextParallel
 from attnmonitor.capture.discovery import Targets, is_attention_like, is_named_attention, resolve_targets, target_name
 from attnmonitor.capture.flex import flex_sites
 from attnmonitor.capture.hooks import CallHooks, in_backward
@@ -87,6 +88,9 @@ class AttentionCapture:
         head_shard: ``[index, count]``: this process computes the ``index``-th of ``count`` equal slices
             of every layer's heads (tensor parallelism without DTensor); its heads are reported at their
             global index (see :mod:`attnmonitor.capture.sharding`).
+        context_parallel: ``"contiguous"`` or ``"head_tail"``: each process holds these positions of
+            every sequence; keys are gathered over ``context_parallel_group`` (None: every process) on
+            captured SDPA calls (see :mod:`attnmonitor.capture.context_parallel`).
 
     Raises:
         ValueError: on invalid arguments, or when ``targets`` selects no module.
@@ -116,11 +120,24 @@ class AttentionCapture:
         sample_rows: int | None = None,
         pool_shared: bool = False,
         head_shard: list[int] | None = None,
+        context_parallel: str | None = None,
+        context_parallel_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         try:
-            options = CaptureConfig(targets, statistics, memory_budget_mb, sink_tokens, sparsity_eps, sample_rows, pool_shared, head_shard)
+            options = CaptureConfig(
+                targets,
+                statistics,
+                memory_budget_mb,
+                sink_tokens,
+                sparsity_eps,
+                sample_rows,
+                pool_shared,
+                head_shard,
+                context_parallel,
+                context_parallel_group,
+            )
         except ValueError as err:  # named as this constructor's arguments, not the monitor's `capture` group
             raise ValueError(str(err).replace("`capture.", "`")) from None
         statistics = tuple(options.statistics)
@@ -134,6 +151,7 @@ class AttentionCapture:
         self.example_tokens, self.sample_rows = example_tokens, sample_rows
         self.regularizer = regularizer
         self.head_shard = options.head_shard
+        self.context_parallel = None if context_parallel is None else ContextParallel(context_parallel, context_parallel_group)
         self.accumulator = StatisticsAccumulator(statistics)
         """Where statistics go, and which (its ``statistics``); swap it to keep separate sets (the
         monitor's train, val and alarm captures)."""
@@ -348,15 +366,24 @@ class AttentionCapture:
         self.kinds.setdefault(call.layer, call.kind)
         b, _, lq, _ = record.shape
         alignments = self.alignments if self.alignments is not None and tuple(self.alignments.shape) == (b, lq) else None
-        result = call_head_sums(
-            record.call,
-            statistics=statistics,
-            sink_tokens=self.sink_tokens,
-            sparsity_eps=self.sparsity_eps,
-            budget_bytes=self.budget_bytes,
-            rows=_sampled_rows(lq, self.sample_rows, self._row_generator),
-            alignments=alignments,
-        )
+        if self.context_parallel is not None:
+            result = self.context_parallel.head_sums(
+                record.call,
+                statistics=statistics,
+                sink_tokens=self.sink_tokens,
+                sparsity_eps=self.sparsity_eps,
+                budget_bytes=self.budget_bytes,
+            )
+        else:
+            result = call_head_sums(
+                record.call,
+                statistics=statistics,
+                sink_tokens=self.sink_tokens,
+                sparsity_eps=self.sparsity_eps,
+                budget_bytes=self.budget_bytes,
+                rows=_sampled_rows(lq, self.sample_rows, self._row_generator),
+                alignments=alignments,
+            )
         # -inf is a maximum's "no valid row", not an error
         checked = [*result.sums.values(), *(m.masked_fill(m == float("-inf"), 0.0) for m in result.maxima.values())]
         if checked and not bool(torch.isfinite(torch.stack(checked)).all()):  # one sync

@@ -217,6 +217,17 @@ _ROW_FUNCTIONS = {
 }
 
 
+KEY_ADDITIVE_STATISTICS: tuple[str, ...] = ("entropy", "distance", "self_weight", "prev_token_weight", "next_token_weight", "sink_mass")
+"""Sums over keys: with probabilities normalised over all of a row's keys, a row's value is the sum of
+its values over disjoint blocks of keys (how key shards of context parallelism are merged)."""
+
+
+def key_additive_values(ctx: RowContext, names: Sequence[str]) -> dict[str, Tensor]:
+    """``{name: [B, H, Lq]}`` of :data:`KEY_ADDITIVE_STATISTICS` over the keys of ``ctx`` (its invalid
+    rows are not zeroed: they hold the sums of their zero probabilities)."""
+    return {name: _ROW_FUNCTIONS[name](ctx).expand(ctx.probs.shape[:-1]) for name in names}
+
+
 def _sink_mass(ctx: RowContext) -> Tensor:
     if ctx.sink_keys is None:
         return ctx.p[..., : ctx.sink_tokens].sum(-1)
@@ -383,6 +394,7 @@ def max_from_maxima(maxima: Tensor, counts: Tensor | None = None) -> Tensor:
 
 
 __all__ = [
+    "KEY_ADDITIVE_STATISTICS",
     "MAX_STATISTICS",
     "POSITION_STATISTICS",
     "ROW_STATISTICS",
@@ -392,6 +404,7 @@ __all__ = [
     "check_statistics",
     "head_max",
     "head_sums",
+    "key_additive_values",
     "logit_row_max",
     "max_from_maxima",
     "max_row_counts",

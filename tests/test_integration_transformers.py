@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from attnmonitor.config import MonitorOptions  # noqa: E402
 from attnmonitor.integrations.transformers import AttentionMonitorCallback, AttentionMonitorTrainer  # noqa: E402
-from tests.helpers import hf_ddp_job  # noqa: E402
+from tests.helpers import hf_ddp_job, hf_sharded_job  # noqa: E402
 from tests.helpers.events import read_events  # noqa: E402
 from tests.helpers.hf_trainer import (  # noqa: E402
     REGULARIZER,
@@ -28,11 +28,13 @@ from tests.helpers.hf_trainer import (  # noqa: E402
     build,
     concat,
     layer_names,
+    masks,
     reference_gradients,
     reference_statistics,
     samples,
     tensorboard_dir,
 )
+from tests.helpers.reference import head_means  # noqa: E402
 
 HEADS = 4
 
@@ -237,6 +239,44 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     assert not torch.equal(ranks[0]["eval"]["input_ids"], ranks[1]["eval"]["input_ids"])  # the evaluation set is sharded
     trained = ranks[0]["eval_weights"]
     _assert_logged_equal_reference(events, "val", "gpt2", 1, reference_statistics("gpt2", trained, evaluation), prefix="eval")
+
+
+def _tiny_llama(path: Path) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_by_transformers_equals_one_process(tmp_path):
+    """The Trainer on a Llama sharded by ``from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))``:
+    FSDP2 ``Shard(0)`` parameters, each process its own data; logged per-head statistics equal the float64
+    eager attentions of one process over the global batch."""
+    _tiny_llama(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
+    job = [hf_sharded_job.__file__, str(tmp_path / "model"), str(tmp_path / "out"), "fsdp"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *job]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in range(2)]
+    assert all(rank["sharded"] and rank["placements"] == "(Shard(dim=0),)" for rank in ranks)
+    batch = concat([micro for rank in ranks for micro in rank["train"]])
+    assert len(batch["input_ids"]) == 2 * hf_sharded_job.BATCH and not torch.equal(
+        ranks[0]["train"][0]["input_ids"], ranks[1]["train"][0]["input_ids"]
+    )
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="eager", dtype=torch.float64)
+    with torch.no_grad():
+        attentions = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True).attentions
+    key_valid, query_valid = masks("gpt2", batch["attention_mask"])  # causal and padded, as GPT-2's
+    (logs,) = ranks[0]["logs"]
+    for i, probs in enumerate(attentions):
+        expected = head_means(probs, key_valid, query_valid)
+        for statistic in STATISTICS:
+            for h in range(HEADS):
+                logged = logs[f"attn_train_heads/{statistic}/model.layers.{i}.self_attn/head_{h}"]
+                assert logged == pytest.approx(float(expected[statistic][h]), rel=1e-5, abs=1e-6), (i, statistic, h)
 
 
 def test_the_hf_trainer_example_runs(tmp_path):

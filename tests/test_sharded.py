@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import model_parallel_job, sharded_job
+from tests.helpers import fabric_job, model_parallel_job, sharded_job
 
 JOB = Path(sharded_job.__file__)
 CLASSES = {
@@ -120,6 +120,28 @@ def test_lightning_model_parallel_strategy_equals_one_process(tmp_path, dp, tp):
         if name.startswith(("attn.q.", "attn.k.")):
             expected = expected * (factor.view(-1, 1) if expected.dim() == 2 else factor)
         torch.testing.assert_close(clipped[name], expected, rtol=1e-6, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dp", "tp"), [(2, 1), (1, 2)])
+def test_fabric_model_parallel_strategy_equals_one_process(tmp_path, dp, tp):
+    """Fabric's ``setup_module`` wrapper is not part of the layer names; FSDP2 or TP, statistics and QK-clip exact."""
+    entropy, max_logit, weights = _reference(fabric_job.HEADS, [""])
+    tau = float(max_logit["attn"].median())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_", "RANK"))}
+    command = [sys.executable, str(Path(fabric_job.__file__)), str(tmp_path), str(dp), str(tp), repr(tau)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = torch.load(tmp_path / "result.pt")
+    assert result["class"] == ("FSDPSelfAttention" if dp > 1 else "SelfAttention")
+    for h in range(fabric_job.HEADS):
+        assert result["scalars"][f"attn_train_heads/entropy/attn/head_{h}"] == pytest.approx(float(entropy["attn"][h]), rel=1e-5)
+        assert result["scalars"][f"attn_train_heads/max_logit/attn/head_{h}"] == pytest.approx(float(max_logit["attn"][h]), rel=1e-5)
+    factor = torch.where(max_logit["attn"] > tau, (tau / max_logit["attn"]).sqrt(), 1.0).repeat_interleave(sharded_job.HEAD_DIM)
+    for name, expected in weights.items():
+        if name.startswith(("attn.q.", "attn.k.")):
+            expected = expected * (factor.view(-1, 1) if expected.dim() == 2 else factor)
+        torch.testing.assert_close(result["weights"][name], expected, rtol=1e-6, atol=1e-12, msg=name)
 
 
 def test_qk_clip_is_refused_without_dtensor_head_placement():

@@ -100,9 +100,9 @@ def auto_targets(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-WRAPPER_ATTRIBUTES = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
-"""Where wrappers keep the module they wrap (``torch.compile``, activation checkpointing, FSDP1): not
-part of a layer's name."""
+WRAPPER_ATTRIBUTES = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_forward_module"})
+"""Where wrappers keep the module they wrap (``torch.compile``, activation checkpointing, FSDP1, Lightning
+Fabric's ``setup_module``): not part of a layer's name."""
 
 
 def unwrapped_name(name: str) -> str:

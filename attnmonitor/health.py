@@ -45,7 +45,8 @@ class TrainingHealth:
                 for rule in dict.fromkeys(f.rule for f in self.firings):
                     writer.add_text(alarm_tag(rule), "\n".join(f"- {f.message()}" for f in self.firings if f.rule == rule), step)
         if self.qk_clip is not None:
-            maxima = {layer: synced.values["max_logit"][row, :heads] for row, (layer, heads) in enumerate(synced.heads.items())}
+            grid = synced.values["max_logit"].cpu()  # one device-to-host copy for every layer
+            maxima = {layer: grid[row, :heads] for row, (layer, heads) in enumerate(synced.heads.items())}
             scalars[tags.regularization("qk_clipped_heads")] = float(self.qk_clip.apply(maxima))
         return scalars
 

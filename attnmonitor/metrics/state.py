@@ -6,6 +6,11 @@ DDP: sums and counts, never means of means); ``maxima [M, L, H]`` of the statist
 (``max_logit``) with ``"max"``. Layers appear while the model runs (shared modules,
 discovery by behaviour), so before a reduction the processes agree on the layer list and head counts
 (:func:`gather_layers`).
+
+Across processes, two ``all_reduce`` calls (sums and counts packed in one, maxima in the other): the
+bytes each process sends and receives do not grow with the number of processes, where torchmetrics'
+own sync gathers every process's states (``world_size ×`` the grid on every process; gigabytes at
+10⁴ processes, see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -70,15 +75,25 @@ class HeadStatisticGrid(Metric):
         return self._values(self.sums, self.counts, self.maxima)
 
     def synced(self) -> tuple[dict[str, Tensor], Tensor]:
-        """``({statistic: [L, H]} means and maxima, [L, H] counts)`` over every process (all must call it)."""
-        with self.sync_context():
-            sums, counts, maxima = self.sums.clone(), self.counts.clone(), self.maxima.clone()
+        """``({statistic: [L, H]} means and maxima, [L, H] counts)`` over every process (all must call it):
+        one ``all_reduce`` of the packed sums and counts, one of the maxima."""
+        packed = torch.cat([self.sums.flatten(), self.counts.flatten()])
+        maxima = self.maxima.clone()
+        if _distributed():
+            dist.all_reduce(packed, dist.ReduceOp.SUM)
+            if maxima.numel():
+                dist.all_reduce(maxima, dist.ReduceOp.MAX)
+        sums, counts = packed[: self.sums.numel()].view_as(self.sums), packed[self.sums.numel() :].view_as(self.counts)
         return self._values(sums, counts, maxima), counts
 
     def _values(self, sums: Tensor, counts: Tensor, maxima: Tensor) -> dict[str, Tensor]:
         values = {name: mean_from_sums(sums[i], counts) for i, name in enumerate(self.averaged)}
         values.update({name: max_from_maxima(maxima[i], counts) for i, name in enumerate(self.maxed)})
         return {name: values[name] for name in self.statistics}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def global_rank() -> int:
@@ -102,6 +117,29 @@ def gather_layers(local: Mapping[str, int], known: Sequence[str] = ()) -> dict[s
         for layer, heads in part.items():
             merged[layer] = max(merged.get(layer, 0), heads)
     return merged
+
+
+class LayerAgreement:
+    """Every process's ``{layer: heads}``, merged (:func:`gather_layers`), gathered again only when some
+    process's layers or the known layers changed since the last call: otherwise one ``all_reduce`` of
+    one number instead of an ``all_gather_object`` whose bytes grow with the number of processes.
+
+    Every process must call it at the same points, as :func:`gather_layers`.
+    """
+
+    def __init__(self) -> None:
+        self._seen: tuple[dict[str, int], tuple[str, ...]] | None = None  # this process's last (local, known)
+        self._merged: dict[str, int] = {}
+
+    def __call__(self, local: Mapping[str, int], known: Sequence[str], device: torch.device) -> dict[str, int]:
+        seen = (dict(local), tuple(known))
+        changed = torch.tensor([float(seen != self._seen)], device=device)
+        if _distributed():
+            dist.all_reduce(changed, dist.ReduceOp.MAX)
+        if bool(changed.item()):
+            self._merged = gather_layers(local, known)
+        self._seen = seen
+        return dict(self._merged)
 
 
 @dataclass
@@ -132,12 +170,13 @@ class StageStatistics:
     def __init__(self, statistics: Sequence[str]) -> None:
         self.accumulator = StatisticsAccumulator(statistics)
         self._metric: HeadStatisticGrid | None = None  # reused while the layer grid keeps its shape
+        self._layers = LayerAgreement()
 
     def sync(self, known_layers: Sequence[str], device: torch.device, cross_layers: Collection[str] = ()) -> Synced | None:
         """Reduce the accumulated statistics over every process (all must call it; layers in
         ``known_layers`` order, then new ones); None when no process captured anything."""
         accumulator = self.accumulator
-        heads = gather_layers(accumulator.heads(), known_layers)
+        heads = self._layers(accumulator.heads(), known_layers, device)
         if not any(heads.values()):
             return None
         sums, counts = accumulator.grid(heads, device=device)

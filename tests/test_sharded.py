@@ -151,3 +151,11 @@ def test_qk_clip_is_refused_without_dtensor_head_placement():
         MonitorOptions(capture={"head_shard": [0, 2]}, qk_clip={"tau": 10})
     with pytest.raises(ValueError, match=r"`capture.head_shard` needs 0 <= index < count, got \[2, 2\]"):
         MonitorOptions(capture={"head_shard": [2, 2]})
+
+
+def test_processes_disagreeing_on_head_counts_are_warned():
+    from attnmonitor.metrics.state import merge_layers
+
+    with pytest.warns(RuntimeWarning, match=r"different head counts for \{'attn': \[4, 6\]\}"):
+        merged = merge_layers([{"attn": 4, "mlp_attn": 2}, {"attn": 6, "mlp_attn": 2}], {})
+    assert merged == {"attn": 6, "mlp_attn": 2}

@@ -15,6 +15,7 @@ own sync gathers every process's states (``world_size ×`` the grid on every pro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,9 +114,27 @@ def gather_layers(local: Mapping[str, int], known: Sequence[str] = ()) -> dict[s
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, dict(local))
         parts = gathered
+    return merge_layers(parts, merged)
+
+
+def merge_layers(parts: Sequence[Mapping[str, int]], merged: dict[str, int]) -> dict[str, int]:
+    """Every process's ``{layer: heads}`` merged into ``merged`` (the largest count of a layer), with a
+    warning when processes disagree on a layer's (global) head count: tensor-parallel slices of
+    unequal sizes, or a wrong ``capture.head_shard``, whose statistics would land on the wrong heads."""
+    seen: dict[str, set[int]] = {}
     for part in parts:
         for layer, heads in part.items():
             merged[layer] = max(merged.get(layer, 0), heads)
+            seen.setdefault(layer, set()).add(heads)
+    disagreeing = {layer: sorted(counts) for layer, counts in seen.items() if len(counts) > 1}
+    if disagreeing:
+        warnings.warn(
+            f"attnmonitor: processes report different head counts for {disagreeing}: their heads cannot be "
+            "placed consistently (tensor-parallel slices must be equal; check `capture.head_shard`); the "
+            "per-head statistics of these layers are not reliable.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return merged
 
 

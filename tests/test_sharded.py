@@ -100,6 +100,15 @@ def test_sharded_statistics_and_qk_clip_equal_one_process(tmp_path, layout, head
         torch.testing.assert_close(result["weights"][name], expected, rtol=1e-6, atol=1e-12, msg=name)
 
 
+def _assert_clipped_block(actual: dict, initial: dict, max_logit: torch.Tensor, tau: float) -> None:
+    """The weights of one block after QK-clip are its initial ones with the rows of heads above ``tau`` scaled."""
+    factor = torch.where(max_logit > tau, (tau / max_logit).sqrt(), 1.0).repeat_interleave(sharded_job.HEAD_DIM)  # [rows]
+    for name, expected in initial.items():
+        if name.startswith(("attn.q.", "attn.k.")):
+            expected = expected * (factor.view(-1, 1) if expected.dim() == 2 else factor)
+        torch.testing.assert_close(actual[name], expected, rtol=1e-6, atol=1e-12, msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("dp", "tp"), [(1, 2), (2, 2)])
 def test_lightning_model_parallel_strategy_equals_one_process(tmp_path, dp, tp):
@@ -113,13 +122,7 @@ def test_lightning_model_parallel_strategy_equals_one_process(tmp_path, dp, tp):
     for h in range(model_parallel_job.HEADS):  # the LightningModule's attribute `block` prefixes the layer
         assert float(row[f"attn_train_heads/entropy/block.attn/head_{h}"]) == pytest.approx(float(entropy["attn"][h]), rel=1e-5)
         assert float(row[f"attn_train_heads/max_logit/block.attn/head_{h}"]) == pytest.approx(float(max_logit["attn"][h]), rel=1e-5)
-    over = max_logit["attn"] > tau
-    factor = torch.where(over, (tau / max_logit["attn"]).sqrt(), 1.0).repeat_interleave(sharded_job.HEAD_DIM)  # [rows]
-    clipped = torch.load(tmp_path / "weights.pt")
-    for name, expected in weights.items():
-        if name.startswith(("attn.q.", "attn.k.")):
-            expected = expected * (factor.view(-1, 1) if expected.dim() == 2 else factor)
-        torch.testing.assert_close(clipped[name], expected, rtol=1e-6, atol=1e-12, msg=name)
+    _assert_clipped_block(torch.load(tmp_path / "weights.pt"), weights, max_logit["attn"], tau)
 
 
 @pytest.mark.slow
@@ -137,11 +140,7 @@ def test_fabric_model_parallel_strategy_equals_one_process(tmp_path, dp, tp):
     for h in range(fabric_job.HEADS):
         assert result["scalars"][f"attn_train_heads/entropy/attn/head_{h}"] == pytest.approx(float(entropy["attn"][h]), rel=1e-5)
         assert result["scalars"][f"attn_train_heads/max_logit/attn/head_{h}"] == pytest.approx(float(max_logit["attn"][h]), rel=1e-5)
-    factor = torch.where(max_logit["attn"] > tau, (tau / max_logit["attn"]).sqrt(), 1.0).repeat_interleave(sharded_job.HEAD_DIM)
-    for name, expected in weights.items():
-        if name.startswith(("attn.q.", "attn.k.")):
-            expected = expected * (factor.view(-1, 1) if expected.dim() == 2 else factor)
-        torch.testing.assert_close(result["weights"][name], expected, rtol=1e-6, atol=1e-12, msg=name)
+    _assert_clipped_block(result["weights"], weights, max_logit["attn"], tau)
 
 
 def test_qk_clip_is_refused_without_dtensor_head_placement():

@@ -60,13 +60,14 @@ class ContextParallel:
 
     Args:
         layout: one of :data:`LAYOUTS`.
-        group: the context-parallel process group (None: every process).
+        group: the context-parallel process group or 1-D ``DeviceMesh`` (None: every process).
     """
 
     def __init__(self, layout: str, group: Any = None) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"`capture.context_parallel` must be one of {list(LAYOUTS)} or None, got {layout!r}")
-        self.layout, self.group = layout, group
+        self.layout = layout
+        self.group = group.get_group() if hasattr(group, "get_group") else group  # a 1-D DeviceMesh
 
     def head_sums(
         self,

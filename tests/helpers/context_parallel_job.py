@@ -130,8 +130,13 @@ def _run(rank: int, output: Path, world: int, layout: str, mode: str, tau: float
     x, real = global_batch()
     x, real = x[:, positions[rank]], real[:, positions[rank]]
     model = build(mode)
+    capture = {"statistics": list(STATISTICS), "context_parallel": layout}
+    if world == 4:  # the group as a 1-D DeviceMesh (default: every process)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        capture["context_parallel_group"] = init_device_mesh("cpu", (world,))
     options = dict(
-        capture={"statistics": list(STATISTICS), "context_parallel": layout},
+        capture=capture,
         schedule={"every_n_steps": 1, "val_batches": 0},
         dashboards={"per_head": True, "heatmaps": None, "analyses": False},
         qk_clip={"tau": tau},

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: run as a script
 
 from attnmonitor.capture.context_parallel import shard_positions  # noqa: E402
+from tests.helpers import sharded_job  # noqa: E402
 
 HEADS, HEAD_DIM, SEQ, BATCH = 4, 4, 16, 2
 LENGTHS = (SEQ, 11)  # real tokens of each sequence (right padding)
@@ -150,8 +151,7 @@ def _run(rank: int, output: Path, world: int, layout: str, mode: str, tau: float
     if rank == 0:
         weights = {name: p.detach() for name, p in model.named_parameters()}
         torch.save({"scalars": scalars, "weights": weights}, output / "result.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    sharded_job.finish()
 
 
 if __name__ == "__main__":

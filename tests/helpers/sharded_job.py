@@ -149,7 +149,7 @@ def _run(rank: int, output: Path, layout: str, heads: int, tau: float, port: int
             scalars = monitor.log()
         weights = {f"blocks.{rank}.{name}": p.detach() for name, p in model.blocks[rank].named_parameters()}
         torch.save({"scalars": scalars, "weights": weights, "class": "SelfAttention"}, output / f"result_rank{rank}.pt")
-        _finish()
+        finish()
         return
     block = build(heads)
     dp_rank, dp_size = _shard(block, layout, rank)
@@ -164,14 +164,17 @@ def _run(rank: int, output: Path, layout: str, heads: int, tau: float, port: int
     weights = {name: p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for name, p in block.named_parameters()}
     if rank == 0:
         torch.save({"scalars": scalars, "weights": weights, "class": type(block.attn).__name__}, output / "result.pt")
-    _finish()
+    finish()
 
 
-def _finish() -> None:
-    """Leave the group together: no process tears its connections down while another still uses them
-    (under load, that aborted a process with 'terminate called without an active exception')."""
+def finish() -> None:
+    """Leave together and exit at once: under load, tearing the gloo group down (or the interpreter's
+    own shutdown) aborted a process with 'terminate called without an active exception' after its work
+    was done; the results are written before this, and exit code 0 tells ``mp.spawn`` all went well."""
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -407,6 +407,16 @@ class MonitorOptions:
                     "`qk_clip` with `capture.head_shard` (tensor parallelism without DTensor) is not supported: QK-clip "
                     "cannot tell which rows of the local projections hold which head; use DTensor parallelism, or set `qk_clip` to None"
                 )
+        if self.alarms is not None:
+            every, option = (self.alarms.every_n_steps, "alarms.every_n_steps")
+            if every is None:
+                every, option = (self.schedule.every_n_steps, "schedule.every_n_steps")
+            for rule in self.alarms.rules.values():
+                if every > rule.span // 4:
+                    raise ValueError(
+                        f"`alarms.{rule.name}.span` ({rule.span} steps) needs a capture every {rule.span // 4} steps or more often; "
+                        f"`{option}` is {every}: lower it or raise the span"
+                    )
         for option, read in needs.items():
             for statistic in read:
                 if statistic not in statistics:

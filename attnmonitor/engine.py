@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from attnmonitor.alarms import Actions, act
+from attnmonitor.alarms.report import logger
 from attnmonitor.batch import batch_tensor
 from attnmonitor.capture import AttentionCapture
 from attnmonitor.capture.calls import CROSS
@@ -201,7 +202,10 @@ class MonitorEngine:
         atlases, heatmaps = self.schedule.atlases(captured), self.schedule.heatmaps(captured)
         alarms = self.schedule.alarms_due(captured)
         self._publish(kind, captured + publisher.step_offset, publisher, atlases=atlases, heatmaps=heatmaps, alarms=alarms)
-        return act(self.health.firings, self._warn)
+        alarms = self.health.alarms
+        if alarms is None:
+            return Actions()
+        return act(self.health.firings, alarms.config.actions, alarms.hints, self._log)
 
     def _publish(self, stage: str, step: int, publisher: Publisher, *, atlases: bool, heatmaps: bool, alarms: bool = False) -> None:
         """Reduce the stage's capture across processes and publish it; a training one also runs the
@@ -254,6 +258,7 @@ class MonitorEngine:
             ("dashboards.heatmaps", options.dashboards.heatmaps),
             ("regularizer", options.regularizer),
             ("clip", options.clip),
+            ("qk_clip", options.qk_clip),
         ):
             patterns = getattr(config, "layers", None)
             if patterns is not None and not any(layer_selected(name, patterns) for name in capture.target_names):
@@ -283,6 +288,11 @@ class MonitorEngine:
         if self.capture is None:
             raise RuntimeError("attnmonitor: the monitor is not attached to a model (call attach(model) first)")
         return self.capture
+
+    def _log(self, level: int, message: str) -> None:
+        """Log on global rank zero, through the ``attnmonitor`` logger."""
+        if global_rank() == 0:
+            logger().log(level, message)
 
     def _warn(self, message: str, key: str | None = None) -> None:
         """Warn on global rank zero; with a ``key``, once per key."""

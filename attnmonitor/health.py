@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from attnmonitor.alarms import AttentionAlarms, Firing, alarm_tag
+from attnmonitor.alarms.report import lines
 from attnmonitor.config import MonitorOptions
 from attnmonitor.interventions.qk_clip import QKClip
 from attnmonitor.metrics.state import Synced
@@ -40,10 +41,12 @@ class TrainingHealth:
         self.firings = []
         if self.alarms is not None and alarms:
             self.firings = self.alarms.check(step, synced.layers, synced.values)
-            scalars.update(self.alarms.counts(self.firings))
+            scalars.update(self.alarms.scalars(self.firings))
             if writer is not None:
                 for rule in dict.fromkeys(f.rule for f in self.firings):
-                    writer.add_text(alarm_tag(rule), "\n".join(f"- {f.message()}" for f in self.firings if f.rule == rule), step)
+                    reported = lines([f for f in self.firings if f.rule == rule], self.alarms.hints)
+                    if reported:
+                        writer.add_text(alarm_tag(rule), "\n".join(f"- {line}" for _, line in reported), step)
         if self.qk_clip is not None:
             grid = synced.values["max_logit"].cpu()  # one device-to-host copy for every layer
             maxima = {layer: grid[row, :heads] for row, (layer, heads) in enumerate(synced.heads.items())}

@@ -1,18 +1,23 @@
 """Training-health alarms: the rules on synthetic histories, and in a real Lightning run where a head collapses."""
 
+import json
+import logging
+import re
+
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from attnmonitor import AttentionMonitor
-from attnmonitor.alarms import AttentionAlarms
+from attnmonitor.alarms import AttentionAlarms, Firing, act
 from attnmonitor.config import AlarmsConfig, MonitorOptions
 from attnmonitor.demo import TinyGPT
 from tests.helpers.events import read_events
 from tests.helpers.trainer import ignore_few_batches, ignore_no_validation_data, make_trainer
 
 LAYERS = ["a", "b"]
+CADENCE = 10
 
 
 def _alarms(**rules) -> AttentionAlarms:
@@ -20,82 +25,123 @@ def _alarms(**rules) -> AttentionAlarms:
     return AttentionAlarms(AlarmsConfig(**config))
 
 
-def _feed(alarms: AttentionAlarms, statistic: str, series: list[list[float]]) -> list:
-    """Check one capture per row of ``series`` (values of heads 0 and 1 of layer "a"; layer "b" constant)."""
-    fired = []
-    for step, heads in enumerate(series):
-        grid = torch.tensor([heads, [0.5, 0.5]])
-        fired.append(alarms.check(step, LAYERS, {statistic: grid}))
-    return fired
+def _feed(alarms: AttentionAlarms, series: dict[str, list[list[float]]], start: int = 0) -> list[list[Firing]]:
+    """Check one capture every ``CADENCE`` steps per row of each ``{statistic: rows}`` (row: the heads of
+    layer "a"; layer "b" holds 0.5 in every head); returns each capture's firings."""
+    n = len(next(iter(series.values())))
+    out = []
+    for i in range(n):
+        values = {s: torch.tensor([rows[i], [0.5] * len(rows[i])]) for s, rows in series.items()}
+        out.append(alarms.check(start + i * CADENCE, LAYERS, values))
+    return out
 
 
-def test_entropy_collapse_fires_on_a_fall_relative_to_the_head_history_only():
-    alarms = _alarms(entropy_collapse={"drop": 0.5, "min_drop": 0.1, "window": 4, "warmup": 3, "logit_floor": None})
-    # head 0: steady at 0.8 then falls to 0.2; head 1: focused by design (0.12), wobbling down to 0.07
-    series = [[0.8, 0.12], [0.8, 0.1], [0.8, 0.12], [0.8, 0.11], [0.2, 0.07]]
-    fired = _feed(alarms, "normalized_entropy", series)
-    assert all(not f for f in fired[:4])
-    (firing,) = fired[4]
-    assert (firing.rule, firing.layer, firing.head, firing.value) == ("entropy_collapse", "a", 0, pytest.approx(0.2))
-    assert firing.history == pytest.approx((0.8, 0.8, 0.8, 0.8)) and firing.step == 4
-    assert "layer 'a' head 0" in firing.message() and "normalized_entropy = 0.2" in firing.message()
+def _geometric(start: float, factor_per_span: float, captures: int, span: int = 100) -> list[float]:
+    return [start * factor_per_span ** (i * CADENCE / span) for i in range(captures)]
 
 
-def test_entropy_collapse_with_a_logit_floor_needs_large_logits_too():
-    """Two heads fall alike; only the one whose max_logit is above the floor (a runaway, not a learnt
-    sharpening) fires."""
-    alarms = _alarms(entropy_collapse={"window": 3, "warmup": 2})  # logit_floor 30 by default
-    assert alarms.statistics == ("normalized_entropy", "max_logit")
-    entropy = [[0.9, 0.9], [0.9, 0.9], [0.2, 0.2]]
-    logits = [[5.0, 5.0], [6.0, 6.0], [12.0, 150.0]]
-    fired = [
-        alarms.check(step, ["a"], {"normalized_entropy": torch.tensor([e]), "max_logit": torch.tensor([m])})
-        for step, (e, m) in enumerate(zip(entropy, logits, strict=True))
+def test_logit_growth_grades_sustained_geometric_growth_and_ignores_learning():
+    growing = _geometric(40.0, 3.0, 31)  # x3 per 100 steps for 300 steps: the pattern of a divergence
+    learning = [2.0 * 1.8**i for i in range(8)] + [200.0] * 23  # from 2 to 200 in 80 steps, then flat
+    alarms = _alarms(logit_growth={})  # defaults: span 100, factor 2, sustain 2, heads_fraction 0.5, floor 20
+    captures = _feed(alarms, {"max_logit": [[g, g, l] for g, l in zip(growing, learning)]})
+    severity = {(f.step, f.head): f.severity for fs in captures for f in fs if f.layer == "a" and f.change != "cleared"}
+    assert not any(head == 2 for _, head in severity)  # the learning head: its growth started below the floor
+    # warning once a span of growth is observed (the earlier quarter-span window must exist: step 100 on)
+    assert severity[(100, 0)] == "warning" and (90, 0) not in severity
+    # critical after two spans of growth, in 2 of the layer's 3 heads (>= half)
+    assert severity[(200, 0)] == "critical" and severity[(190, 0)] == "warning"
+    assert not any(f.layer == "b" for fs in captures for f in fs)  # constant: quiet
+
+
+def test_logit_growth_critical_needs_the_share_of_heads_and_a_ceiling_is_off_by_default():
+    growing, flat = _geometric(40.0, 3.0, 31), [500.0] * 31
+    captures = _feed(_alarms(logit_growth={}), {"max_logit": [[g, flat[i], flat[i], flat[i]] for i, g in enumerate(growing)]})
+    severities = {f.severity for fs in captures for f in fs}
+    assert severities == {"warning"}  # one head of 4 < heads_fraction 0.5; 500 is no ceiling by default
+    captures = _feed(_alarms(logit_growth={"ceiling": 400.0, "factor": 100.0}), {"max_logit": [[10.0, 500.0]] * 3})
+    assert [(f.head, f.severity) for f in captures[0] if f.layer == "a"] == [(1, "warning")]
+
+
+def test_entropy_collapse_is_info_unless_logits_keep_growing():
+    entropy = [[0.8, 0.8]] * 11 + [[0.2, 0.2]] * 2
+    logits = [[30.0, 30.0]] * 8 + [[30.0, 90.0]] * 5  # head 1's logits tripled over the span
+    captures = _feed(_alarms(entropy_collapse={}), {"normalized_entropy": entropy, "max_logit": logits})
+    assert [(f.head, f.severity, f.change) for f in captures[11] if f.layer == "a"] == [(0, "info", "started"), (1, "warning", "started")]
+    assert [(f.head, f.change) for f in captures[12] if f.layer == "a"] == [(0, "firing"), (1, "firing")]
+
+
+def test_sink_jump_is_info():
+    captures = _feed(_alarms(sink_jump={}), {"sink_mass": [[0.1, 0.1]] * 5 + [[0.9, 0.1]]})
+    assert [(f.layer, f.head, f.severity) for f in captures[5]] == [("a", 0, "info")]
+
+
+def test_an_episode_is_reported_once_escalates_and_clears():
+    alarms = _alarms(logit_growth={"span": 40, "sustain": 2, "heads_fraction": 0.0})
+    logits = _geometric(40.0, 3.0, 12, span=40) + [40.0 * 3.0**2.75] * 6
+    captures = _feed(alarms, {"max_logit": [[v, 30.0] for v in logits]})
+    changes = [(f.step, f.change, f.severity) for fs in captures for f in fs if f.layer == "a" and f.head == 0]
+    assert changes[0] == (40, "started", "warning")
+    assert (80, "escalated", "critical") in changes
+    assert changes[-1][1] == "cleared" and changes[-1][2] == "critical"  # growth stopped
+    assert [c for _, c, _ in changes[1:-1]] == ["firing", "firing", "firing", "escalated", "firing", "firing", "firing"]
+
+
+def test_act_writes_one_line_per_rule_and_severity_and_acts_once_per_episode():
+    received = []
+    config = AlarmsConfig(entropy_collapse=None, sink_jump=None, logit_growth={"span": 40, "heads_fraction": 0.0})
+    config.actions.update(warning=received.extend, critical="stop")
+    alarms = AttentionAlarms(config)
+    logged = []
+    actions = []
+    for fs in _feed(alarms, {"max_logit": [[v, v] for v in _geometric(40.0, 3.0, 12, span=40)]}):
+        actions.append(act(fs, config.actions, alarms.hints, lambda level, line: logged.append((level, line))))
+    started = [line for _, line in logged if "[warning]" in line]
+    assert started == [
+        "attnmonitor alarm [warning] logit_growth at step 40: max_logit of a heads 0, 1 (120, 120). "
+        "Usual remedies: a lower learning rate, `qk_clip` (tau about 100), or qk-layernorm in the model"
     ]
-    assert not fired[0] and not fired[1]
-    assert [(f.head, f.value) for f in fired[2]] == [(1, pytest.approx(0.2))]
+    assert [f.head for f in received] == [0, 1]  # the callable got the new firings only, once
+    assert [a.stop for a in actions].count(True) == 1  # critical started once (step 80): stop once
+    critical = next(line for _, line in logged if "[critical]" in line)
+    assert critical.startswith("attnmonitor alarm [critical] logit_growth at step 80: max_logit of a heads 0, 1")
 
 
-def test_no_rule_fires_before_its_warmup():
-    alarms = _alarms(entropy_collapse={"window": 5, "warmup": 5, "logit_floor": None})
-    fired = _feed(alarms, "normalized_entropy", [[0.9, 0.9], [0.9, 0.9], [0.1, 0.1]])
-    assert not any(fired)
-
-
-def test_logit_growth_by_ceiling_and_by_rate_above_the_floor():
-    alarms = _alarms(logit_growth={"ceiling": 50.0, "rate": 2.0, "floor": 10.0, "window": 3, "warmup": 2})
-    series = [[4.0, 12.0], [5.0, 12.0], [9.0, 30.0], [60.0, 30.0]]  # head 0: 9 > 2 x 4 but below the floor
-    fired = _feed(alarms, "max_logit", series)
-    assert not fired[0] and not fired[1]
-    assert [(f.head, f.value) for f in fired[2]] == [(1, 30.0)]  # 30 > 2 x 12
-    assert sorted((f.head, f.value) for f in fired[3]) == [(0, 60.0), (1, 30.0)]  # ceiling; 30 > 2 x 12 still
-
-
-def test_sink_jump_and_heads_not_observed():
-    alarms = _alarms(sink_jump={"jump": 0.3, "window": 3, "warmup": 2})
-    series = [[0.1, float("nan")], [0.12, 0.2], [0.11, float("nan")], [0.6, 0.9]]
-    fired = _feed(alarms, "sink_mass", series)
-    assert not any(fired[:3])
-    assert sorted(f.head for f in fired[3]) == [0, 1]  # head 1's history ignores the captures that did not see it
-
-
-def test_history_survives_a_state_dict_round_trip():
-    series = [[0.8, 0.8]] * 3 + [[0.2, 0.8]]
-    config = {"entropy_collapse": {"window": 3, "warmup": 3, "logit_floor": None}}
+def test_history_and_episodes_survive_a_state_dict_round_trip_with_another_interval():
+    config = {"logit_growth": {}}
+    series = {"max_logit": [[v, v] for v in _geometric(40.0, 3.0, 31)]}
     first = _alarms(**config)
-    _feed(first, "normalized_entropy", series[:3])
+    _feed(first, {"max_logit": series["max_logit"][:15]})  # up to step 140: warning episodes open
     resumed = _alarms(**config)
-    resumed.load_state_dict(first.state_dict())
-    assert [f.head for f in resumed.check(3, LAYERS, {"normalized_entropy": torch.tensor([series[3], [0.5, 0.5]])})] == [0]
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as checkpoints store it
+    # the resumed run looks every 20 steps instead of 10: the history is by step, so growth carries on
+    later = [
+        resumed.check(step, LAYERS, {"max_logit": torch.tensor([series["max_logit"][step // CADENCE], [0.5, 0.5]])})
+        for step in range(160, 310, 20)
+    ]
+    firings = [f for fs in later for f in fs if f.layer == "a"]
+    assert firings[0].change == "firing" and firings[0].since == 100  # the episode continues
+    assert any(f.change == "escalated" and f.severity == "critical" for f in firings)
 
 
 @pytest.mark.parametrize(
     ("alarms", "match"),
     [
         ({"entropy_collapse": {"drop": 1.5}}, r"`alarms.entropy_collapse.drop` must be a number in \[0.0, 1.0\], got 1.5"),
-        ({"sink_jump": {"window": 2, "warmup": 3}}, r"`alarms.sink_jump.warmup` \(3\) must be <= its `window` \(2\)"),
-        ({"entropy_collapse": {"action": "email"}}, r"must be one of \['warn', 'checkpoint', 'stop'\] or a callable, got 'email'"),
+        ({"logit_growth": {"factor": 0.5}}, r"`alarms.logit_growth.factor` must be a number in \[1.0, inf\], got 0.5"),
+        (
+            {"actions": {"critical": "email"}},
+            r"`alarms.actions.critical` must be one of \['log', 'warn', 'checkpoint', 'stop'\] or a callable, got 'email'",
+        ),
+        (
+            {"actions": {"fatal": "stop"}},
+            r"`alarms.actions` got unknown severities \['fatal'\]; accepted: \['info', 'warning', 'critical'\]",
+        ),
         ({"every_n_steps": 0}, r"`alarms.every_n_steps` must be an int >= 1 or None, got 0"),
+        (
+            {"every_n_steps": 50},
+            r"`alarms.entropy_collapse.span` \(100 steps\) needs a capture every 25 steps or more often; `alarms.every_n_steps` is 50",
+        ),
         ({"entropy_collapse": {"drop_by": 0.5}}, r"`alarms.entropy_collapse` got unknown keys \['drop_by'\]"),
     ],
 )
@@ -106,10 +152,13 @@ def test_invalid_alarm_options_are_rejected(alarms, match):
 
 def test_a_rule_needs_its_statistic():
     with pytest.raises(ValueError, match=r"`alarms.sink_jump` reads the statistic 'sink_mass', which is not among `capture.statistics`"):
-        alarms = {"logit_growth": None, "entropy_collapse": {"logit_floor": None}}
-        MonitorOptions(alarms=alarms, capture={"statistics": ["entropy", "normalized_entropy"]})
+        MonitorOptions(alarms={}, capture={"statistics": ["normalized_entropy", "max_logit"]})
     with pytest.raises(ValueError, match=r"`alarms.entropy_collapse` reads the statistic 'max_logit'"):
         MonitorOptions(alarms={"logit_growth": None}, capture={"statistics": ["normalized_entropy", "sink_mass"]})
+
+
+def test_the_lightning_state_key_does_not_change_with_the_intervals():
+    assert AttentionMonitor(schedule={"every_n_steps": 5}).state_key == AttentionMonitor(schedule={"every_n_steps": 50}).state_key
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,9 +188,11 @@ def _fit(tmp_path, action, alarm_every=None, steps=30):
     torch.manual_seed(0)
     model = TinyGPT(vocab_size=VOCAB, seq_len=SEQ, dim=32, layers=2, heads=2, lr=1e-3)
     alarms = {
-        "entropy_collapse": {"window": 4, "warmup": 3, "action": action},
-        "logit_growth": None,
+        # the sharpening multiplies every logit by 40 at once: growth over a span of 8 steps, critical at once
+        "logit_growth": {"span": 8, "sustain": 1, "floor": 0.0},
+        "entropy_collapse": {"span": 8},
         "sink_jump": None,
+        "actions": {"critical": action},
         "every_n_steps": alarm_every,
     }
     monitor = AttentionMonitor(
@@ -154,30 +205,36 @@ def _fit(tmp_path, action, alarm_every=None, steps=30):
 
 @ignore_few_batches
 @ignore_no_validation_data
-def test_a_collapse_stops_training_after_a_checkpoint_and_is_logged(tmp_path):
+def test_a_collapse_stops_training_after_a_checkpoint_and_is_logged(tmp_path, caplog):
     alarm_step = SHARPEN_AT + 1  # the first capture after the collapse (captures at odd steps)
-    with pytest.warns(RuntimeWarning, match=rf"alarm \[entropy_collapse\] at step {alarm_step}: layer 'blocks\.\d\.attn' head \d"):
+    with caplog.at_level(logging.WARNING, logger="attnmonitor"):
         trainer, _ = _fit(tmp_path, "stop")
+    lines = [r.getMessage() for r in caplog.records if r.name == "attnmonitor"]
+    assert re.fullmatch(
+        rf"attnmonitor alarm \[critical\] logit_growth at step {alarm_step}: max_logit of blocks\.0\.attn heads 0, 1 \(.*\); blocks\.1\.attn heads 0, 1 \(.*\)\. Usual remedies: .*",
+        lines[0],
+    )
+    assert "training stops after a checkpoint is saved" in lines[-1]
     assert trainer.global_step == alarm_step + 1  # stopped right after that step
     checkpoint = tmp_path / "tb" / "version_0" / "alarm_checkpoints" / f"step={alarm_step}.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == alarm_step + 1
     events = read_events(tmp_path / "tb" / "version_0")
-    counts = {e.step: e.value for e in events.Scalars("attn_alarm/entropy_collapse")}
+    counts = {e.step: e.value for e in events.Scalars("attn_alarm/logit_growth")}
     assert sorted(counts) == list(range(EVERY - 1, alarm_step + 1, EVERY))
-    assert counts[alarm_step] >= 1 and all(v == 0 for step, v in counts.items() if step < alarm_step)
-    text = events.Tensors("attn_alarm/entropy_collapse/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "normalized_entropy" in text and f"at step {alarm_step}" in text
+    assert counts[alarm_step] == 4 and all(v == 0 for step, v in counts.items() if step < alarm_step)
+    assert {e.step: e.value for e in events.Scalars("attn_alarm/severity")}[alarm_step] == 3
+    text = events.Tensors("attn_alarm/logit_growth/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "[critical] logit_growth" in text and f"at step {alarm_step}" in text
 
 
 @ignore_few_batches
 @ignore_no_validation_data
 def test_alarm_only_captures_feed_a_callable_between_regular_captures(tmp_path):
     received = []
-    with pytest.warns(RuntimeWarning, match="alarm"):
-        _, monitor = _fit(tmp_path, received.extend, alarm_every=2, steps=20)
+    _, monitor = _fit(tmp_path, received.extend, alarm_every=2, steps=20)
     assert received and min(f.step for f in received) == SHARPEN_AT + 1  # the alarm-only capture after the collapse
-    assert {f.rule for f in received} == {"entropy_collapse"} and all(f.action is not None for f in received)
+    assert {(f.rule, f.severity) for f in received} == {("logit_growth", "critical")} and all(f.new for f in received)
     events = read_events(tmp_path / "tb" / "version_0")
-    assert sorted(e.step for e in events.Scalars("attn_alarm/entropy_collapse")) == list(range(1, 20, 2))
+    assert sorted(e.step for e in events.Scalars("attn_alarm/logit_growth")) == list(range(1, 20, 2))
     assert sorted(e.step for e in events.Scalars("attn_train/entropy")) == [9, 19]  # regular captures only
-    assert monitor.state_dict()["alarms"]  # the history goes into checkpoints
+    assert monitor.state_dict()["alarms"]["history"]  # the history goes into checkpoints

@@ -240,6 +240,14 @@ def test_unrecognised_and_normalised_projections_are_errors_at_setup():
     with pytest.raises(ValueError, match=r"'layers.0' \(QKNormAttention\) normalises queries and keys"):
         QKClip(QKClipConfig(tau=1.0), model, resolve_targets(model))
 
+    class DisabledQKNormAttention(SdpaAttention):  # qk-layernorm switched off by a config flag
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+
+    model = TinyTransformer(DisabledQKNormAttention)
+    assert set(QKClip(QKClipConfig(tau=1.0), model, resolve_targets(model))._modules) == {"layers.0", "layers.1"}
+
 
 def test_options_are_checked():
     with pytest.raises(ValueError, match=r"`qk_clip.tau` must be"):

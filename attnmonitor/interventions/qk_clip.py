@@ -145,7 +145,7 @@ def find_projections(name: str, module: nn.Module, mapping: Mapping[str, Any], m
     Raises:
         ValueError: naming the module, when none of those applies or it normalises queries and keys.
     """
-    norms = [n for n in QK_NORMS if isinstance(getattr(module, n, None), nn.Module)]
+    norms = [n for n in QK_NORMS if isinstance(getattr(module, n, None), nn.Module) and not isinstance(getattr(module, n), nn.Identity)]
     if norms:
         raise ValueError(
             f"qk_clip: attention module '{name}' ({type(module).__name__}) normalises queries and keys after the "

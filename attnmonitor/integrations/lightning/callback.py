@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from attnmonitor.alarms import Actions
+from attnmonitor.alarms.report import logger
 from attnmonitor.config import MonitorOptions, as_options
 from attnmonitor.engine import MonitorEngine
 from attnmonitor.integrations.lightning.loss import TrainingStepWrapper
@@ -54,8 +55,8 @@ class AttentionMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        capture, schedule = self.options.capture, self.options.schedule
-        return self._generate_state_key(targets=repr(capture.targets), statistics=capture.statistics, every_n_steps=schedule.every_n_steps)
+        # what tells two monitors of one Trainer apart; not the intervals, so a resume may change them
+        return self._generate_state_key(targets=repr(self.options.capture.targets))
 
     def penalty(self) -> Tensor:
         """The regularizer's penalty for the attention computed since the last call (0-dim tensor).
@@ -139,6 +140,7 @@ class AttentionMonitor(Callback):
             step = actions.firings[0].step
             path = Path(trainer.log_dir or trainer.default_root_dir) / "alarm_checkpoints" / f"step={step}.ckpt"
             trainer.save_checkpoint(path)
-            rank_zero_warn(f"attnmonitor: alarm checkpoint saved to {path}", category=RuntimeWarning)
+            if trainer.is_global_zero:
+                logger().warning(f"attnmonitor: alarm checkpoint saved to {path}")
         if actions.stop:
             trainer.should_stop = True

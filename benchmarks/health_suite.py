@@ -239,7 +239,7 @@ def tune(runs: list[Run], every: int) -> tuple[LogitGrowthConfig, list[str]]:
     tuning = [r for r in runs if r.family in TUNING]
     log, best, best_key = [], None, None
     for values in itertools.product(*GRID.values()):
-        rule = LogitGrowthConfig(**dict(zip(GRID, values)))
+        rule = LogitGrowthConfig(**dict(zip(GRID, values, strict=False)))
         config = AlarmsConfig(logit_growth=rule, entropy_collapse=None, sink_jump=None)
         replays: dict[str, Detection] = {}
         critical = score(tuning, alarm_detector(config, every, ("critical",), replays))
@@ -249,7 +249,7 @@ def tune(runs: list[Run], every: int) -> tuple[LogitGrowthConfig, list[str]]:
         lead = statistics.median(critical.leads) if critical.leads else -1
         key = (critical.detected, lead, -warning.false_alarms)
         log.append(
-            f"{dict(zip(GRID, values))}: critical detects {critical.detected}/{critical.diverged}, median lead {lead}, "
+            f"{dict(zip(GRID, values, strict=False))}: critical detects {critical.detected}/{critical.diverged}, median lead {lead}, "
             f"healthy warnings {warning.false_alarms}"
         )
         if best_key is None or key > best_key:
@@ -260,7 +260,10 @@ def tune(runs: list[Run], every: int) -> tuple[LogitGrowthConfig, list[str]]:
 
 
 # tables -------------------------------------------------------------------------------------------------
-HEADER = "| detector | family | detected before the spike | median / min lead (steps) | false alarms per 1,000 healthy steps | healthy runs with any |"
+HEADER = (
+    "| detector | family | detected before the spike | median / min lead (steps) | false alarms per 1,000 healthy steps "
+    "| healthy runs with any |"
+)
 
 
 def table(runs: list[Run], config: AlarmsConfig, every: int) -> list[str]:
@@ -314,7 +317,7 @@ def draw(runs: list[Run], config: AlarmsConfig, every: int, path: Path) -> None:
         marks = [("critical alarm", found.first.get("critical"), "tab:red", "--")]
         marks += [
             (name, (BASELINES[name](run) or [None])[0], color, ":")
-            for name, color in zip(BASELINES, ("tab:orange", "tab:green", "tab:brown"))
+            for name, color in zip(BASELINES, ("tab:orange", "tab:green", "tab:brown"), strict=False)
         ]
         if run.spike is not None:
             marks.append(("loss spike", run.spike, "black", "-"))

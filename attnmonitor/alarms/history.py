@@ -26,14 +26,14 @@ class LayerHistory:
     def log_mean(self, statistic: str, start: float, end: float, now: Tensor | None = None) -> Tensor | None:
         """``[H]`` mean of ``log(statistic)`` over the captures with ``start < step <= end`` (and ``now``,
         this capture's values, if given); None without any."""
-        kept = [values[statistic] for at, values in zip(self.steps, self.values) if start < at <= end and statistic in values]
+        kept = [values[statistic] for at, values in zip(self.steps, self.values, strict=False) if start < at <= end and statistic in values]
         if now is not None:
             kept.append(now)
         return torch.stack(kept).clamp(min=1e-30).log().nanmean(0) if kept else None
 
     def mean(self, statistic: str, since: int) -> Tensor | None:
         """``[H]`` mean of ``statistic`` over the captures at or after step ``since`` (NaN: never observed)."""
-        kept = [values[statistic] for at, values in zip(self.steps, self.values) if at >= since and statistic in values]
+        kept = [values[statistic] for at, values in zip(self.steps, self.values, strict=False) if at >= since and statistic in values]
         return torch.stack(kept).nanmean(0) if kept else None
 
     def state_dict(self) -> dict[str, Any]:

@@ -76,8 +76,9 @@ class LogitGrowthConfig(AlarmRule):
     """A head's largest attention logit (``max_logit``) growing geometrically.
 
     ``warning``: ``max_logit`` grew by ``factor`` or more over the last ``span`` steps, from a value
-    above ``floor``, and is still growing (its last quarter span above the quarter before). ``critical``: it did so over each of the last ``sustain`` spans, for at
-    least ``heads_fraction`` of the layer's heads. A head that learns a sharp pattern grows its logits
+    above ``floor``, and is still growing (its last quarter span above the quarter before).
+    ``critical``: it did so over each of the last ``sustain`` spans, for at least
+    ``heads_fraction`` of the layer's heads. A head that learns a sharp pattern grows its logits
     once and levels off; the runs of the health suite that diverged through attention grew theirs by
     a constant factor per span, in most heads of a layer, until the loss broke.
 

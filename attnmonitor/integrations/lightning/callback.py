@@ -95,8 +95,8 @@ class AttentionMonitor(Callback):
         if trainer.max_steps == 0:
             rank_zero_warn("attnmonitor: `max_steps=0`: no training step will run, so nothing is captured.", category=RuntimeWarning)
         options = {"attnmonitor": self.options.loggable()}
-        for logger in trainer.loggers:
-            logger.log_hyperparams(options)
+        for each in trainer.loggers:
+            each.log_hyperparams(options)
         publisher = self._publisher
         if publisher is not None and publisher.tensorboard is not None and publisher.writer is not None:
             # after Lightning logged the module's own: all of them, compared by the monitor's means

@@ -58,9 +58,16 @@ class Run:
     max_logit: dict[int, float] = field(default_factory=dict)  # captured step -> largest max_logit
     seconds: float = 0.0
 
+    def first(self, *severities: str) -> int | None:
+        """The first step a firing of ``severities`` started or escalated."""
+        return min((f.step for f in self.firings.values() if f.severity in severities), default=None)
+
     @property
     def first_alarm(self) -> int | None:
-        return min((step for step, *_ in self.firings), default=None)
+        return self.first("warning", "critical")
+
+    def count(self, severity: str) -> int:
+        return sum(f.severity == severity for f in self.firings.values())
 
     @property
     def spike(self) -> int | None:
@@ -89,7 +96,8 @@ class Recorder(L.Callback):
         self.run.losses.append(float(outputs["loss"]))
         engine = self.monitor.engine
         for f in engine.health.firings:
-            self.run.firings.setdefault((f.step, f.rule, f.layer, f.head), f)
+            if f.new:  # episodes started or escalated
+                self.run.firings.setdefault((f.step, f.rule, f.layer, f.head), f)
         step = trainer.global_step - 1
         if due(step, engine.options.schedule.every_n_steps) and "attn_train/max_logit" in engine.latest:
             self.run.entropy[step] = engine.latest["attn_train/normalized_entropy"]
@@ -153,13 +161,16 @@ def main() -> None:
         failed |= ok is False
         verdict = "info" if ok is None else "PASS" if ok else "FAIL"
         row = (
-            f"{name:<30} {str(run.first_alarm):>11} {str(run.spike):>10} {lead:>5} {len(run.firings):>8} "
-            f"{run.final_loss:>10.3f}  {verdict}  {extra}({run.seconds:.0f} s)"
+            f"{name:<30} {str(run.first_alarm):>11} {str(run.first('critical')):>14} {str(run.spike):>10} {lead:>5} "
+            f"{run.count('warning'):>8} {run.count('critical'):>9} {run.final_loss:>10.3f}  {verdict}  {extra}({run.seconds:.0f} s)"
         )
         rows.append(row)
         print(row, flush=True)
 
-    header = f"{'run':<30} {'first alarm':>11} {'loss spike':>10} {'lead':>5} {'firings':>8} {'final loss':>10}  result"
+    header = (
+        f"{'run':<30} {'first alarm':>11} {'first critical':>14} {'loss spike':>10} {'lead':>5} {'warnings':>8} {'criticals':>9} "
+        f"{'final loss':>10}  result"
+    )
     print(header, flush=True)
     unstable = {}
     for seed in args.seeds:
@@ -178,7 +189,7 @@ def main() -> None:
     report(f"unstable lr 0.2+qk_clip seed {seed}", run, None, extra=f"unclipped final {milder.final_loss:.3f} ")
     for preset in args.stable:
         run = train([] if preset == "default" else [f"experiment={preset}"])
-        report(f"{preset} (stable)", run, not run.firings and run.spike is None)
+        report(f"{preset} (stable)", run, not run.count("critical") and run.spike is None)
     print(f"\n{header}\n" + "\n".join(rows))
     print("\nALL PASS" if not failed else "\nSOME FAILED")
 

@@ -6,7 +6,7 @@ that records, at every optimizer step, the loss, the gradient norm and every hea
 - ``seq2seq``: reverse a random sequence, encoder-decoder with cross-attention.
 
 Every model is a pre-LN transformer without biases, trained with AdamW (β2 0.95), a linear warm-up
-to the peak learning rate over the first half of the run, and a z-loss of 1e-4 on the output logits,
+to the peak learning rate over 300 steps (half of a run), and a z-loss of 1e-4 on the output logits,
 as large models are. ``qk_norm`` adds a LayerNorm on queries and keys (what stops attention logits
 from growing); ``head_lr`` multiplies the output layer's learning rate (a run that diverges through
 its output logits, not its attention).
@@ -38,10 +38,12 @@ class Scenario:
     qk_norm: bool = False
     head_lr: float = 1.0
     steps: int = 600
+    warmup: int = 300
 
     @property
     def name(self) -> str:
         extra = ("+qknorm" if self.qk_norm else "") + (f"+head_lr{self.head_lr:g}" if self.head_lr != 1 else "")
+        extra += f"+steps{self.steps}" if self.steps != 600 else ""
         return f"{self.family}{extra}/lr{self.lr:g}/seed{self.seed}"
 
 
@@ -184,12 +186,23 @@ def suite(seeds: tuple[int, ...] = (0, 1, 2)) -> list[Scenario]:
 
 
 def learning_rate(step: int, scenario: Scenario) -> float:
-    warmup = scenario.steps // 2
-    return scenario.lr * min(1.0, (step + 1) / warmup)
+    return scenario.lr * min(1.0, (step + 1) / scenario.warmup)
 
 
-def record(scenario: Scenario, qk_clip: dict | None = None) -> Trace:
-    """Train ``scenario`` with the monitor capturing ``STATISTICS`` at every step; optionally with QK-clip."""
+def _rescale_moments(optimizer: torch.optim.Optimizer, before: dict[Tensor, Tensor]) -> None:
+    """Scale AdamW's moments of the rows QK-clip just rescaled by the same factor (first moment) and
+    its square (second), so the next update keeps its ratio to the weights."""
+    for weight, old in before.items():
+        factor = (weight.detach() * old).sum(1) / old.square().sum(1).clamp(min=1e-30)  # [rows]
+        state = optimizer.state.get(weight)
+        if state and not torch.allclose(factor, torch.ones_like(factor)):
+            state["exp_avg"].mul_(factor[:, None])
+            state["exp_avg_sq"].mul_(factor.square()[:, None])
+
+
+def record(scenario: Scenario, qk_clip: dict | None = None, rescale_moments: bool = False) -> Trace:
+    """Train ``scenario`` with the monitor capturing ``STATISTICS`` at every step; optionally with QK-clip
+    (and, with ``rescale_moments``, the AdamW moments of the clipped rows rescaled alike)."""
     import time
 
     torch.manual_seed(scenario.seed)
@@ -223,8 +236,11 @@ def record(scenario: Scenario, qk_clip: dict | None = None) -> Trace:
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-            scalars = monitor.log()
+            losses.append(float(loss.detach()))
+            projections = [m.weight for name, m in model.named_modules() if name.endswith((".q", ".k"))]
+            before = {w: w.detach().clone() for w in projections} if rescale_moments else {}
+            scalars = monitor.log()  # QK-clip rescales here
+            _rescale_moments(optimizer, before)
             layers = monitor.engine.layers
             for statistic in STATISTICS:
                 grids[statistic].append([[_head_value(scalars, statistic, layer, h) for h in range(4)] for layer in layers])

@@ -226,37 +226,51 @@ def baseline_detector(fire: Callable[[Run], list[int]]) -> Callable[[Run], tuple
 
 # the tuning procedure ----------------------------------------------------------------------------------
 GRID = {
-    "span": (50, 100, 200),
+    "span": (50, 100),
     "factor": (1.5, 2.0, 3.0),
     "sustain": (1, 2, 3),
     "heads_fraction": (0.25, 0.5, 0.75),
-    "floor": (10.0, 20.0),
 }
+"""The ``logit_growth`` settings tried (``floor`` stays 20: e^-20 of the largest weight is a saturated softmax)."""
+
+_TUNING_RUNS: list[Run] = []
 
 
-def tune(runs: list[Run], every: int) -> tuple[LogitGrowthConfig, list[str]]:
-    """Choose ``logit_growth`` on the tuning families by the written procedure; returns it and a log."""
-    tuning = [r for r in runs if r.family in TUNING]
+def _init_worker(folder: Path) -> None:
+    torch.set_num_threads(1)
+    _TUNING_RUNS.extend(r for r in load(folder) if r.family in TUNING)
+
+
+def _evaluate(job: tuple[tuple, int]) -> tuple[tuple, Score, Score]:
+    values, every = job
+    config = AlarmsConfig(logit_growth=LogitGrowthConfig(**dict(zip(GRID, values, strict=True))), entropy_collapse=None, sink_jump=None)
+    replays: dict[str, Detection] = {}
+    critical = score(_TUNING_RUNS, alarm_detector(config, every, ("critical",), replays))
+    warning = score(_TUNING_RUNS, alarm_detector(config, every, ("warning",), replays))
+    return values, critical, warning
+
+
+def tune(folder: Path, every: int, workers: int) -> tuple[LogitGrowthConfig, list[str]]:
+    """Choose ``logit_growth`` on the tuning families by the written procedure; returns it and a log line per setting."""
+    import multiprocessing
+
+    jobs = [(values, every) for values in itertools.product(*GRID.values())]
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (folder,)) as pool:
+        results = pool.map(_evaluate, jobs)
     log, best, best_key = [], None, None
-    for values in itertools.product(*GRID.values()):
-        rule = LogitGrowthConfig(**dict(zip(GRID, values, strict=False)))
-        config = AlarmsConfig(logit_growth=rule, entropy_collapse=None, sink_jump=None)
-        replays: dict[str, Detection] = {}
-        critical = score(tuning, alarm_detector(config, every, ("critical",), replays))
-        warning = score(tuning, alarm_detector(config, every, ("warning",), replays))
-        if critical.false_alarms:
-            continue
+    for values, critical, warning in results:
         lead = statistics.median(critical.leads) if critical.leads else -1
-        key = (critical.detected, lead, -warning.false_alarms)
+        setting = dict(zip(GRID, values, strict=True))
         log.append(
-            f"{dict(zip(GRID, values, strict=False))}: critical detects {critical.detected}/{critical.diverged}, median lead {lead}, "
-            f"healthy warnings {warning.false_alarms}"
+            f"{setting}: critical on healthy runs {critical.false_alarms}, detects {critical.detected}/{critical.diverged}, "
+            f"median lead {lead}; warnings on healthy runs {warning.false_alarms}"
         )
-        if best_key is None or key > best_key:
-            best, best_key = rule, key
+        key = (critical.detected, lead, -warning.false_alarms)
+        if critical.false_alarms == 0 and (best_key is None or key > best_key):
+            best, best_key = setting, key
     if best is None:
         raise SystemExit("no setting of the grid is free of critical firings on the healthy tuning runs")
-    return best, log
+    return LogitGrowthConfig(**best), log
 
 
 # tables -------------------------------------------------------------------------------------------------
@@ -331,6 +345,39 @@ def draw(runs: list[Run], config: AlarmsConfig, every: int, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def qk_clip_table(folder: Path, suite: list[Run]) -> list[str]:
+    """Per peak learning rate of the recorded QK-clip runs (``health_suite_record.py --qk-clip``): runs
+    that spiked and final losses without QK-clip, with it, and with it and the AdamW moments of the
+    clipped rows rescaled, against the same seed's stable run (the family's lowest learning rate)."""
+    runs: dict[tuple[str, float, str], list[tuple[int, Run]]] = {}
+    for path in sorted(folder.glob("*.json")):
+        trace = json.loads(path.read_text())
+        s = trace["scenario"]
+        variant = "qk_clip + moments" if path.stem.endswith("+moments") else "qk_clip" if "+qkclip" in path.stem else "none"
+        run = Run(path.stem, s["family"], s, trace["losses"], trace["grad_norms"], trace["layers"], trace["stats"])
+        run.spike = first_spike(run.losses)
+        runs.setdefault((s["family"], s["lr"], variant), []).append((s["seed"], run))
+    for run in suite:  # the suite's own runs without QK-clip
+        s = run.scenario
+        if not s["qk_norm"] and s["head_lr"] == 1:
+            runs.setdefault((run.family, s["lr"], "none"), []).append((s["seed"], run))
+    rows = ["| family | peak lr | QK-clip | loss spikes | final loss per seed | vs the stable run (lowest lr) |", "|" + "---|" * 6]
+    families = sorted({f for f, _, v in runs if v != "none"})
+    for family in families:
+        lrs = sorted(lr for f, lr, _ in runs if f == family)
+        stable = dict(runs[(family, lrs[0], "none")])
+        for lr in sorted(set(lrs)):
+            for variant in ("none", "qk_clip", "qk_clip + moments"):
+                seeds = sorted(runs.get((family, lr, variant), []), key=lambda x: x[0])
+                if not seeds:
+                    continue
+                spikes = sum(r.spike is not None for _, r in seeds)
+                finals = " / ".join(f"{r.final_loss:.3g}" for _, r in seeds)
+                ratio = " / ".join(f"{r.final_loss / stable[seed].final_loss:.2f}x" if seed in stable else "–" for seed, r in seeds)
+                rows.append(f"| {family} | {lr:g} | {variant} | {spikes}/{len(seeds)} | {finals} | {ratio} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traces", type=Path, default=Path("outputs/health_suite"))
@@ -338,6 +385,9 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="choose logit_growth by the procedure instead of the defaults")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--figure", type=Path, default=None)
+    parser.add_argument("--qk-clip-traces", type=Path, default=None, help="also tabulate the QK-clip runs recorded here")
+    parser.add_argument("--workers", type=int, default=2, help="processes of the --tune search")
+    parser.add_argument("--tuning-log", type=Path, default=None, help="with --tune: write every setting's scores here")
     args = parser.parse_args()
     runs = load(args.traces)
     labels = {label: sum(r.label == label for r in runs) for label in ("attention", "elsewhere", "healthy", "degraded")}
@@ -345,13 +395,16 @@ def main() -> None:
     config = AlarmsConfig()
     out = []
     if args.tune:
-        rule, log = tune(runs, args.every)
-        print("\n".join(log[-5:]))
+        rule, log = tune(args.traces, args.every, args.workers)
+        if args.tuning_log is not None:
+            args.tuning_log.write_text("\n".join(log) + "\n")
         print(f"chosen: {rule}")
         config = AlarmsConfig(logit_growth=rule)
     else:
         print(f"defaults: {config.logit_growth}")
     out += table(runs, config, args.every) + ["", *runs_table(runs, config, args.every)]
+    if args.qk_clip_traces is not None:
+        out += ["", *qk_clip_table(args.qk_clip_traces, runs)]
     print("\n".join(out))
     if args.markdown is not None:
         args.markdown.write_text("\n".join(out) + "\n")

@@ -102,6 +102,7 @@ def trained() -> list[int]:
     """The captures of a run, up to the stop."""
     return [s for s in CAPTURES if s <= stop_step()]
 
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The number of training batches .* is smaller than the logging interval"),
     pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from attnmonitor import AttentionMonitor
-from attnmonitor.alarms import AttentionAlarms, Firing, act
+from attnmonitor.alarms import AttentionAlarms, Firing, LogitGrowthConfig, act
 from attnmonitor.config import AlarmsConfig, MonitorOptions
 from attnmonitor.demo import TinyGPT
 from tests.helpers.events import read_events
@@ -40,10 +40,13 @@ def _geometric(start: float, factor_per_span: float, captures: int, span: int = 
     return [start * factor_per_span ** (i * CADENCE / span) for i in range(captures)]
 
 
+SUSTAINED = {"span": 100, "factor": 2.0, "sustain": 2, "heads_fraction": 0.5, "floor": 20.0}
+
+
 def test_logit_growth_grades_sustained_geometric_growth_and_ignores_learning():
     growing = _geometric(40.0, 3.0, 31)  # x3 per 100 steps for 300 steps: the pattern of a divergence
     learning = [2.0 * 1.8**i for i in range(8)] + [200.0] * 23  # from 2 to 200 in 80 steps, then flat
-    alarms = _alarms(logit_growth={})  # defaults: span 100, factor 2, sustain 2, heads_fraction 0.5, floor 20
+    alarms = _alarms(logit_growth=SUSTAINED)
     captures = _feed(alarms, {"max_logit": [[g, g, x] for g, x in zip(growing, learning, strict=True)]})
     severity = {(f.step, f.head): f.severity for fs in captures for f in fs if f.layer == "a" and f.change != "cleared"}
     assert not any(head == 2 for _, head in severity)  # the learning head: its growth started below the floor
@@ -55,8 +58,9 @@ def test_logit_growth_grades_sustained_geometric_growth_and_ignores_learning():
 
 
 def test_logit_growth_critical_needs_the_share_of_heads_and_a_ceiling_is_off_by_default():
+    assert LogitGrowthConfig().ceiling is None
     growing, flat = _geometric(40.0, 3.0, 31), [500.0] * 31
-    captures = _feed(_alarms(logit_growth={}), {"max_logit": [[g, flat[i], flat[i], flat[i]] for i, g in enumerate(growing)]})
+    captures = _feed(_alarms(logit_growth=SUSTAINED), {"max_logit": [[g, flat[i], flat[i], flat[i]] for i, g in enumerate(growing)]})
     severities = {f.severity for fs in captures for f in fs}
     assert severities == {"warning"}  # one head of 4 < heads_fraction 0.5; 500 is no ceiling by default
     captures = _feed(_alarms(logit_growth={"ceiling": 400.0, "factor": 100.0}), {"max_logit": [[10.0, 500.0]] * 3})
@@ -66,7 +70,7 @@ def test_logit_growth_critical_needs_the_share_of_heads_and_a_ceiling_is_off_by_
 def test_entropy_collapse_is_info_unless_logits_keep_growing():
     entropy = [[0.8, 0.8]] * 11 + [[0.2, 0.2]] * 2
     logits = [[30.0, 30.0]] * 8 + [[30.0, 90.0]] * 5  # head 1's logits tripled over the span
-    captures = _feed(_alarms(entropy_collapse={}), {"normalized_entropy": entropy, "max_logit": logits})
+    captures = _feed(_alarms(entropy_collapse={"span": 100, "logit_factor": 2.0}), {"normalized_entropy": entropy, "max_logit": logits})
     assert [(f.head, f.severity, f.change) for f in captures[11] if f.layer == "a"] == [(0, "info", "started"), (1, "warning", "started")]
     assert [(f.head, f.change) for f in captures[12] if f.layer == "a"] == [(0, "firing"), (1, "firing")]
 
@@ -77,7 +81,7 @@ def test_sink_jump_is_info():
 
 
 def test_an_episode_is_reported_once_escalates_and_clears():
-    alarms = _alarms(logit_growth={"span": 40, "sustain": 2, "heads_fraction": 0.0})
+    alarms = _alarms(logit_growth={"span": 40, "factor": 2.0, "sustain": 2, "heads_fraction": 0.0})
     logits = _geometric(40.0, 3.0, 12, span=40) + [40.0 * 3.0**2.75] * 6
     captures = _feed(alarms, {"max_logit": [[v, 30.0] for v in logits]})
     changes = [(f.step, f.change, f.severity) for fs in captures for f in fs if f.layer == "a" and f.head == 0]
@@ -89,7 +93,9 @@ def test_an_episode_is_reported_once_escalates_and_clears():
 
 def test_act_writes_one_line_per_rule_and_severity_and_acts_once_per_episode():
     received = []
-    config = AlarmsConfig(entropy_collapse=None, sink_jump=None, logit_growth={"span": 40, "heads_fraction": 0.0})
+    config = AlarmsConfig(
+        entropy_collapse=None, sink_jump=None, logit_growth={"span": 40, "factor": 2.0, "sustain": 2, "heads_fraction": 0.0}
+    )
     config.actions.update(warning=received.extend, critical="stop")
     alarms = AttentionAlarms(config)
     logged = []
@@ -108,7 +114,7 @@ def test_act_writes_one_line_per_rule_and_severity_and_acts_once_per_episode():
 
 
 def test_history_and_episodes_survive_a_state_dict_round_trip_with_another_interval():
-    config = {"logit_growth": {}}
+    config = {"logit_growth": SUSTAINED}
     series = {"max_logit": [[v, v] for v in _geometric(40.0, 3.0, 31)]}
     first = _alarms(**config)
     _feed(first, {"max_logit": series["max_logit"][:15]})  # up to step 140: warning episodes open
@@ -140,7 +146,7 @@ def test_history_and_episodes_survive_a_state_dict_round_trip_with_another_inter
         ({"every_n_steps": 0}, r"`alarms.every_n_steps` must be an int >= 1 or None, got 0"),
         (
             {"every_n_steps": 50},
-            r"`alarms.entropy_collapse.span` \(100 steps\) needs a capture every 25 steps or more often; `alarms.every_n_steps` is 50",
+            r"`alarms.entropy_collapse.span` \(50 steps\) needs a capture every 12 steps or more often; `alarms.every_n_steps` is 50",
         ),
         ({"entropy_collapse": {"drop_by": 0.5}}, r"`alarms.entropy_collapse` got unknown keys \['drop_by'\]"),
     ],
@@ -214,7 +220,7 @@ def test_a_collapse_stops_training_after_a_checkpoint_and_is_logged(tmp_path, ca
     assert re.fullmatch(
         rf"attnmonitor alarm \[critical\] logit_growth at step {alarm_step}: max_logit of {heads}\. Usual remedies: .*", lines[0]
     )
-    assert "training stops after a checkpoint is saved" in lines[-1]
+    assert "training stops after a checkpoint is saved" in lines[-2] and lines[-1].startswith("attnmonitor: alarm checkpoint saved to")
     assert trainer.global_step == alarm_step + 1  # stopped right after that step
     checkpoint = tmp_path / "tb" / "version_0" / "alarm_checkpoints" / f"step={alarm_step}.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == alarm_step + 1

@@ -4,6 +4,7 @@ float64 references from the models' own eager attentions, and gradients written 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -289,15 +290,16 @@ def test_the_hf_trainer_example_runs(tmp_path):
     assert [e.step for e in events.Scalars("train/attn_train/entropy")] == [2, 4]
 
 
-def test_an_alarm_with_action_stop_saves_and_stops_the_trainer_and_qk_clip_rescales(tmp_path):
-    """Every head's max_logit is above a ceiling of 0: the rule fires at its second capture (warm-up 1),
-    the Trainer saves a checkpoint there and stops; QK-clip (tau below every head at first) runs after every step."""
+def test_an_alarm_with_action_stop_saves_and_stops_the_trainer_and_qk_clip_rescales(tmp_path, caplog):
+    """Every head's max_logit is above a ceiling of 0: a warning at the first capture, whose action is
+    "stop": the Trainer saves a checkpoint there and stops; QK-clip (tau below every head at first) runs
+    after every step."""
     model = build("gpt2")
     query_before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
-    growth = {"ceiling": 0.0, "rate": None, "warmup": 1, "window": 1, "action": "stop"}
+    growth = {"ceiling": 0.0, "factor": 1e9, "span": 4}
     monitor = AttentionMonitorCallback(
         qk_clip={"tau": 1e-3},
-        alarms={"entropy_collapse": None, "sink_jump": None, "logit_growth": growth, "every_n_steps": 1},
+        alarms={"entropy_collapse": None, "sink_jump": None, "logit_growth": growth, "actions": {"warning": "stop"}, "every_n_steps": 1},
         schedule={"every_n_steps": 5, "val_batches": 0},
         dashboards={"heatmaps": None, "analyses": False},
     )
@@ -307,12 +309,14 @@ def test_an_alarm_with_action_stop_saves_and_stops_the_trainer_and_qk_clip_resca
         train_dataset=samples("gpt2", 30),
         callbacks=[monitor],
     )
-    with pytest.warns(RuntimeWarning, match=r"alarm \[logit_growth\] at step 2: layer 'transformer.h.0.attn' head 0"):
+    with caplog.at_level(logging.WARNING, logger="attnmonitor"):
         trainer.train()
-    assert trainer.state.global_step == 2  # stopped after the step the alarm fired at (logged at the Trainer's step 2)
-    assert (tmp_path / "checkpoint-2").is_dir()
+    lines = [r.getMessage() for r in caplog.records if r.name == "attnmonitor"]
+    assert lines[0].startswith("attnmonitor alarm [warning] logit_growth at step 1: max_logit of transformer.h.0.attn heads 0, 1, 2, 3 (")
+    assert trainer.state.global_step == 1  # stopped after the step the alarm fired at (the Trainer's step 1)
+    assert (tmp_path / "checkpoint-1").is_dir()
     clipped = [entry["attn_reg/qk_clipped_heads"] for entry in trainer.state.log_history if "attn_reg/qk_clipped_heads" in entry]
-    assert len(clipped) == 2 and clipped[0] == 8.0  # after each step; the first: 2 layers x 4 heads
+    assert clipped == [8.0]  # after the step: 2 layers x 4 heads
     d = 32
     query_after = model.transformer.h[0].attn.c_attn.weight.detach()
     assert (query_after[:, : 2 * d].abs() < query_before[:, : 2 * d].abs() * 0.5).all()  # queries and keys shrunk

@@ -98,9 +98,9 @@ class LogitGrowthConfig(AlarmRule):
     value_of: ClassVar[str] = "max_logit"
     hint: ClassVar[str] = "usual remedies: a lower learning rate, `qk_clip` (tau about 100), or qk-layernorm in the model"
 
-    span: int = 100
-    factor: float = 2.0
-    sustain: int = 2
+    span: int = 50
+    factor: float = 3.0
+    sustain: int = 1
     heads_fraction: float = 0.5
     floor: float = 20.0
     ceiling: float | None = None
@@ -156,10 +156,10 @@ class EntropyCollapseConfig(AlarmRule):
     value_of: ClassVar[str] = "normalized_entropy"
     hint: ClassVar[str] = "with growing logits this is how attention-logit divergence starts: see `logit_growth`"
 
-    span: int = 100
+    span: int = 50
     drop: float = 0.5
     min_drop: float = 0.1
-    logit_factor: float | None = 2.0
+    logit_factor: float | None = 3.0
     logit_floor: float = 20.0
 
     def __post_init__(self) -> None:
@@ -200,7 +200,7 @@ class SinkJumpConfig(AlarmRule):
     reads: ClassVar[tuple[str, ...]] = ("sink_mass",)
     value_of: ClassVar[str] = "sink_mass"
 
-    span: int = 100
+    span: int = 50
     jump: float = 0.3
 
     def __post_init__(self) -> None:

@@ -47,10 +47,11 @@ def main(output: str) -> None:
     model = TinyGPT(vocab_size=50, seq_len=16, dim=32, layers=2, heads=4, lr=0.05)
     ids = torch.randint(50, (64, 17), generator=torch.Generator().manual_seed(0))
     recorder = Recorder(Path(output))
-    growth = {"ceiling": None, "rate": 1.05, "floor": 0.0, "window": 2, "warmup": 1, "action": recorder.record}
+    growth = {"span": 4, "factor": 1.0, "sustain": 1, "heads_fraction": 0.0, "floor": 0.0}  # any head not shrinking
+    actions = {"warning": recorder.record, "critical": recorder.record}
     monitor = AttentionMonitor(
         qk_clip={"tau": TAU},
-        alarms={"entropy_collapse": None, "sink_jump": None, "logit_growth": growth, "every_n_steps": 1},
+        alarms={"entropy_collapse": None, "sink_jump": None, "logit_growth": growth, "actions": actions, "every_n_steps": 1},
         schedule={"every_n_steps": 4},
         dashboards={"heatmaps": None, "analyses": False},
     )

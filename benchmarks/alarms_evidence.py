@@ -43,6 +43,7 @@ COMMON = [
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
     "callbacks.attention_monitor.alarms.every_n_steps=10",
+    "callbacks.attention_monitor.alarms.actions.critical=warn",  # no logger here: no alarm checkpoints either
     "callbacks.attention_monitor.dashboards.heatmaps=null",
     "callbacks.attention_monitor.dashboards.analyses=false",
 ]

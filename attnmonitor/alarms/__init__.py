@@ -156,7 +156,7 @@ class AttentionAlarms:
         self.hints = {name: rule.hint for name, rule in self.rules.items()}
         self._keep = 2 * max((rule.span_steps for rule in self.rules.values()), default=0)
         self._history: dict[str, LayerHistory] = {}
-        self.episodes = Episodes()
+        self.episodes = Episodes({name: rule.span_steps for name, rule in self.rules.items()})
 
     def check(self, step: int, layers: Sequence[str], values: Mapping[str, Tensor]) -> list[Firing]:
         """Grade every head of the ``{statistic: [L, H]}`` of a capture at optimizer ``step`` (NaN: not

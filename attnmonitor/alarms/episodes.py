@@ -44,13 +44,20 @@ class Episode:
 
     since: int
     severity: int  # highest so far, 1 + index in SEVERITIES
+    last: int  # the last step it fired
 
 
 class Episodes:
-    """The open episode of every (rule, layer, head)."""
+    """The open episode of every (rule, layer, head).
 
-    def __init__(self) -> None:
+    Args:
+        quiet_steps: ``{rule: steps}`` an episode must stay quiet before it clears (a head whose
+            growth pauses for a capture or two is still the same episode); 0 where not given.
+    """
+
+    def __init__(self, quiet_steps: Mapping[str, int] | None = None) -> None:
         self.open: dict[tuple[str, str, int], Episode] = {}
+        self.quiet_steps = dict(quiet_steps or {})
 
     def update(self, rule: str, statistic: str, layer: str, grades: Mapping[int, tuple[int, float]], step: int) -> list[Firing]:
         """Advance the episodes of ``rule`` in ``layer`` from this capture's ``{head: (severity, value)}``
@@ -60,18 +67,19 @@ class Episodes:
             key = (rule, layer, head)
             episode = self.open.get(key)
             if severity == 0:
-                if episode is not None:
+                if episode is not None and step - episode.last >= self.quiet_steps.get(rule, 0):
                     del self.open[key]
                     firings.append(
                         Firing(rule, SEVERITIES[episode.severity - 1], statistic, layer, head, value, step, episode.since, "cleared")
                     )
                 continue
             if episode is None:
-                change, episode = "started", self.open.setdefault(key, Episode(step, severity))
+                change, episode = "started", self.open.setdefault(key, Episode(step, severity, step))
             elif severity > episode.severity:
                 change, episode.severity = "escalated", severity
             else:
                 change = "firing"
+            episode.last = step
             firings.append(Firing(rule, SEVERITIES[severity - 1], statistic, layer, head, value, step, episode.since, change))
         return firings
 
@@ -79,4 +87,6 @@ class Episodes:
         return [{"rule": r, "layer": layer, "head": h, **asdict(e)} for (r, layer, h), e in self.open.items()]
 
     def load_state_dict(self, state: list[Mapping[str, Any]]) -> None:
-        self.open = {(e["rule"], e["layer"], int(e["head"])): Episode(int(e["since"]), int(e["severity"])) for e in state}
+        self.open = {
+            (e["rule"], e["layer"], int(e["head"])): Episode(int(e["since"]), int(e["severity"]), int(e.get("last", e["since"]))) for e in state
+        }

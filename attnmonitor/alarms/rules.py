@@ -62,7 +62,7 @@ class AlarmRule:
 
     @property
     def span_steps(self) -> int:
-        """Steps of history the rule reads."""
+        """Steps of history the rule reads; also how long an episode stays quiet before it clears."""
         return 0
 
     def grade(self, history: LayerHistory, now: Mapping[str, Tensor], step: int) -> Tensor:

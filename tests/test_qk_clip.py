@@ -249,6 +249,13 @@ def test_unrecognised_and_normalised_projections_are_errors_at_setup():
     assert set(QKClip(QKClipConfig(tau=1.0), model, resolve_targets(model))._modules) == {"layers.0", "layers.1"}
 
 
+def test_layers_matching_no_attention_module_are_an_error_at_setup():
+    from attnmonitor.integrations.loop import AttentionMonitorLoop
+
+    with pytest.raises(ValueError, match=r"`qk_clip.layers`=\['nomatch'\] matches none of the attention layers"):
+        AttentionMonitorLoop(TinyTransformer(), qk_clip={"tau": 10.0, "layers": ["nomatch"]})
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match=r"`qk_clip.tau` must be"):
         QKClipConfig(tau=0)

@@ -88,5 +88,6 @@ class Episodes:
 
     def load_state_dict(self, state: list[Mapping[str, Any]]) -> None:
         self.open = {
-            (e["rule"], e["layer"], int(e["head"])): Episode(int(e["since"]), int(e["severity"]), int(e.get("last", e["since"]))) for e in state
+            (e["rule"], e["layer"], int(e["head"])): Episode(int(e["since"]), int(e["severity"]), int(e.get("last", e["since"])))
+            for e in state
         }

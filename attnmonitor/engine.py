@@ -205,7 +205,7 @@ class MonitorEngine:
         alarms = self.health.alarms
         if alarms is None:
             return Actions()
-        return act(self.health.firings, alarms.config.actions, alarms.hints, self._log)
+        return act(self.health.firings, alarms.config.actions, alarms.hints, self._log, alarms.open_before)
 
     def _publish(self, stage: str, step: int, publisher: Publisher, *, atlases: bool, heatmaps: bool, alarms: bool = False) -> None:
         """Reduce the stage's capture across processes and publish it; a training one also runs the

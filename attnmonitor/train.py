@@ -18,6 +18,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from attnmonitor.alarms.report import logger
 from attnmonitor.config import register_configs
 from attnmonitor.integrations.lightning import AttentionMonitor, AttentionProgressBar
 
@@ -36,6 +37,7 @@ def quiet() -> None:
     for action, message, category in QUIET:
         warnings.filterwarnings(action, message=message, category=category)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
+    logger(console=True)  # alarm lines above the progress bar
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:

@@ -115,6 +115,18 @@ def test_act_writes_one_line_per_rule_and_severity_and_acts_once_per_episode():
     assert critical.startswith("attnmonitor alarm [critical] logit_growth at step 80: max_logit of a heads 0, 1")
 
 
+def test_a_checkpoint_is_asked_once_while_critical_episodes_overlap():
+    config = AlarmsConfig(entropy_collapse=None, sink_jump=None, logit_growth={"span": 40, "factor": 2.0, "heads_fraction": 0.0})
+    alarms = AttentionAlarms(config)
+    late = [40.0] * 3 + _geometric(40.0, 3.0, 9, span=40)  # head 1 starts growing 30 steps after head 0
+    requests = []
+    for i, heads in enumerate(zip(_geometric(40.0, 3.0, 12, span=40), late, strict=True)):
+        fs = alarms.check(i * CADENCE, LAYERS, {"max_logit": torch.tensor([heads, [0.5, 0.5]])})
+        starts = {f.head for f in fs if f.layer == "a" and f.change == "started"}
+        requests.append((starts, act(fs, config.actions, alarms.hints, lambda level, line: None, alarms.open_before).checkpoint))
+    assert [r for r in requests if r[0]] == [({0}, True), ({1}, False)]  # head 1's episode began while head 0's was open
+
+
 def test_history_and_episodes_survive_a_state_dict_round_trip_with_another_interval():
     config = {"logit_growth": SUSTAINED}
     series = {"max_logit": [[v, v] for v in _geometric(40.0, 3.0, 31)]}

@@ -9,7 +9,7 @@ already reduced across processes, so every process takes the same decisions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,11 +119,16 @@ class Actions:
 
 
 def act(
-    firings: Sequence[Firing], actions: Mapping[str, Any], hints: Mapping[str, str], log: Callable[[int, str], None] | None = None
+    firings: Sequence[Firing],
+    actions: Mapping[str, Any],
+    hints: Mapping[str, str],
+    log: Callable[[int, str], None] | None = None,
+    already_open: Collection[str] = (),
 ) -> Actions:
     """Report the firings (one line per rule and severity; ``warn`` and above on the console) and call
     each callable action once with its new firings; returns the checkpoint / stop requested by
-    episodes that started or escalated now, for the adapter to carry out."""
+    episodes that started or escalated now, for the adapter to carry out, unless an episode of that
+    severity was already open (one checkpoint per spell of trouble, not per head)."""
     if not firings:
         return Actions()
     emit = log if log is not None else (lambda level, message: logger().log(level, message))
@@ -134,7 +139,7 @@ def act(
         mine = [f for f in new if actions[f.severity] is action]
         if mine:
             action(mine)
-    requested = {actions[f.severity] for f in new if isinstance(actions[f.severity], str)}
+    requested = {actions[f.severity] for f in new if isinstance(actions[f.severity], str) and f.severity not in already_open}
     stop = "stop" in requested
     if stop:
         emit(30, f"attnmonitor: an alarm with action 'stop' fired at step {firings[0].step}: training stops after a checkpoint is saved.")
@@ -157,12 +162,15 @@ class AttentionAlarms:
         self._keep = 2 * max((rule.span_steps for rule in self.rules.values()), default=0)
         self._history: dict[str, LayerHistory] = {}
         self.episodes = Episodes({name: rule.span_steps for name, rule in self.rules.items()})
+        self.open_before: set[str] = set()
+        """Severities of the episodes open before the last :meth:`check` (their actions were taken)."""
 
     def check(self, step: int, layers: Sequence[str], values: Mapping[str, Tensor]) -> list[Firing]:
         """Grade every head of the ``{statistic: [L, H]}`` of a capture at optimizer ``step`` (NaN: not
         observed) with every rule, then add the capture to the history. Returns the firings (new,
         continuing and cleared), by rule, layer and head."""
         firings = []
+        self.open_before = {SEVERITIES[e.severity - 1] for e in self.episodes.open.values()}
         grids = {s: grid.detach().float().cpu() for s, grid in values.items() if s in self.statistics}
         for row, layer in enumerate(layers):
             now = {s: g[row] for s, g in grids.items()}

@@ -27,11 +27,12 @@ class _ProgressBarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def logger() -> logging.Logger:
-    """The ``attnmonitor`` logger; where logging is not configured (no root handler), it gets a
-    progress-bar-safe handler of its own, as Lightning does for its logger."""
+def logger(console: bool = False) -> logging.Logger:
+    """The ``attnmonitor`` logger. Where logging is not configured (no root handler), or with
+    ``console`` (the main job: Hydra's console handler would glue lines onto the progress bar), it
+    gets a progress-bar-safe handler of its own and stops propagating, as Lightning does for its logger."""
     log = logging.getLogger(LOGGER_NAME)
-    if not log.handlers and not logging.getLogger().handlers:
+    if not log.handlers and (console or not logging.getLogger().handlers):
         log.addHandler(_ProgressBarSafeHandler())
         log.propagate = False
     return log

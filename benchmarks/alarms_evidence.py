@@ -12,9 +12,10 @@ steps (``alarms.every_n_steps=10``) and no logger:
   twice its running minimum and that minimum + 1 nat, after 50 steps, or not finite), and the lead
   time in steps;
 - the same with ``qk_clip.tau=100``: whether the loss spikes, and its final loss (mean of the last 20
-  steps) against the unstable run's; and both at a peak learning rate of 0.2 on the first seed (the
+  steps) against the unstable run's ("info": this divergence is through the output logits); and both at a peak learning rate of 0.2 on the first seed (the
   attention collapses, the loss does not spike: final losses only, "info");
-- the stable presets over their full runs: the number of firings (false alarms) and spikes.
+- the stable presets over their full runs: warnings and criticals (false alarms; PASS without a
+  critical) and spikes.
 
 With ``--figure``, the loss, mean normalised entropy and largest ``max_logit`` of the first unstable
 seed, with its first alarm and spike marked, are drawn to that file.
@@ -182,7 +183,8 @@ def main() -> None:
             draw(run, args.figure)
     for seed in args.seeds:
         run = train(["experiment=unstable", f"seed={seed}", "callbacks.attention_monitor.qk_clip.tau=100"])
-        report(f"unstable+qk_clip seed {seed}", run, run.spike is None, extra=f"unclipped final {unstable[seed].final_loss:.3f} ")
+        # info: this divergence is through the output logits, which QK-clip does not hold (docs/guide.md)
+        report(f"unstable+qk_clip seed {seed}", run, None, extra=f"unclipped final {unstable[seed].final_loss:.3f} ")
     seed = args.seeds[0]  # a learning rate where the attention collapses but the loss does not spike
     milder = train(["experiment=unstable", "model.lr=0.2", f"seed={seed}"])
     report(f"unstable lr 0.2 seed {seed}", milder, None)

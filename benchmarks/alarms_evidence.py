@@ -12,7 +12,8 @@ steps (``alarms.every_n_steps=10``) and no logger:
   twice its running minimum and that minimum + 1 nat, after 50 steps, or not finite), and the lead
   time in steps;
 - the same with ``qk_clip.tau=100``: whether the loss spikes, and its final loss (mean of the last 20
-  steps) against the unstable run's ("info": this divergence is through the output logits); and both at a peak learning rate of 0.2 on the first seed (the
+  steps) against the unstable run's ("info": this divergence is through the output logits); and
+  both at a peak learning rate of 0.2 on the first seed (the
   attention collapses, the loss does not spike: final losses only, "info");
 - the stable presets over their full runs: warnings and criticals (false alarms; PASS without a
   critical) and spikes.

@@ -9,6 +9,7 @@ already reduced across processes, so every process takes the same decisions.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,7 +134,7 @@ def act(
         return Actions()
     emit = log if log is not None else (lambda level, message: logger().log(level, message))
     for severity, line in lines(firings, hints):
-        emit(30 if actions[severity] != "log" else 10, line)  # logging.WARNING / logging.DEBUG
+        emit(logging.WARNING if actions[severity] != "log" else logging.DEBUG, line)
     new = [f for f in firings if f.new]
     for action in {id(a): a for a in actions.values() if callable(a)}.values():
         mine = [f for f in new if actions[f.severity] is action]
@@ -142,7 +143,10 @@ def act(
     requested = {actions[f.severity] for f in new if isinstance(actions[f.severity], str) and f.severity not in already_open}
     stop = "stop" in requested
     if stop:
-        emit(30, f"attnmonitor: an alarm with action 'stop' fired at step {firings[0].step}: training stops after a checkpoint is saved.")
+        emit(
+            logging.WARNING,
+            f"attnmonitor: an alarm with action 'stop' fired at step {firings[0].step}: training stops after a checkpoint is saved.",
+        )
     return Actions(checkpoint=stop or "checkpoint" in requested, stop=stop, firings=tuple(firings))
 
 

@@ -203,3 +203,22 @@ def test_role_changes_are_described():
     after = torch.tensor([[0, 1], [5, 3]])
     assert role_changes(before, after, ["a", "b"]) == ["a head 1: focused -> previous_token", "b head 1: broad -> sink"]
     assert role_changes(None, after, ["a", "b"]) == []
+
+
+def test_tokens_that_are_markdown_stay_in_their_cells_as_tensorboard_renders_them():
+    """A corpus with tables has `|` tokens: the interpretation table escapes every token, so TensorBoard's
+    own Markdown renderer shows each row's cells in their columns, with the tokens as written."""
+    import re
+
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    from attnmonitor.analysis.example import interpretation_table
+
+    tokens = ["|", "<s>", "**", "a_b", "x"]
+    probs = torch.softmax(torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(0)), -1)
+    html = markdown_to_safe_html(interpretation_table(probs, None, tokens, top_k=2))
+    rows = re.findall(r"<tr>(.*?)</tr>", html, flags=re.S)
+    cells = [re.findall(r"<t[dh]>(.*?)</t[dh]>", row, flags=re.S) for row in rows]
+    assert [len(c) for c in cells] == [4] * 6  # header + 5 queries: query, attends to, entropy, self
+    assert [c[0] for c in cells[1:]] == ["|", "&lt;s&gt;", "**", "a_b", "x"]  # literal, unformatted
+    assert all(re.fullmatch(r"\d\.\d{3}", c[2]) for c in cells[1:])  # the entropy column holds entropies

@@ -179,6 +179,15 @@ def _window(labels: Sequence[str] | None, start: int, length: int) -> list[str] 
     return list(labels[start : start + length])
 
 
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]#|~"} | {"<": "&lt;", ">": "&gt;", "\n": " ", "&": "&amp;"})
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` as the literal content of a Markdown table cell: a token such as ``|``, ``*`` or
+    ``<s>`` neither splits the row nor formats it."""
+    return text.translate(_MARKDOWN)
+
+
 def interpretation_table(
     probs: Tensor,
     key_valid: Tensor | None,
@@ -194,8 +203,11 @@ def interpretation_table(
     is False for cross-attention (query ``i`` and key ``i`` are different sequences).
     """
     tq, tk = probs.shape[-2:]
-    labels = list(tokens[:tk]) if tokens is not None else [str(i) for i in range(tk)]
-    queries = list(query_tokens[:tq]) if query_tokens is not None else (labels[:tq] if self_column else [f"q{i}" for i in range(tq)])
+    labels = [markdown_cell(t) for t in tokens[:tk]] if tokens is not None else [str(i) for i in range(tk)]
+    if query_tokens is not None:
+        queries = [markdown_cell(t) for t in query_tokens[:tq]]
+    else:
+        queries = labels[:tq] if self_column else [f"q{i}" for i in range(tq)]
     mean = probs.float().mean(0)  # [Tq, Tk]
     keys = key_valid.any(0) if key_valid is not None else None
     weights, indices = top_k_attended(mean, top_k, keys)

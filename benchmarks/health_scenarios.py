@@ -3,7 +3,9 @@ that records, at every optimizer step, the loss, the gradient norm and every hea
 
 - ``lm``: word-level language modelling on the shipped corpus (``pydoc_data``), causal decoder;
 - ``copy``: copy a random sequence after a separator (needs near one-hot attention), causal decoder;
-- ``seq2seq``: reverse a random sequence, encoder-decoder with cross-attention.
+- ``seq2seq``: reverse a random sequence, encoder-decoder with cross-attention;
+- ``sort``: write a random sequence sorted after a separator, causal decoder (the second round's
+  held-out family: see ``docs/alarms.md``).
 
 Every model is a pre-LN transformer without biases, trained with AdamW (β2 0.95), a linear warm-up
 to the peak learning rate over 300 steps (half of a run), and a z-loss of 1e-4 on the output logits,
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from attnmonitor.integrations.loop import AttentionMonitorLoop
 
 STATISTICS = ("normalized_entropy", "max_logit", "sink_mass")
-FAMILIES = ("lm", "copy", "seq2seq")
+FAMILIES = ("lm", "copy", "seq2seq", "sort")
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class Task:
             self.vocab, self.length, self.half = 34, 33, 16  # 32 symbols, separator 32, padding 33 unused
         elif family == "seq2seq":
             self.vocab, self.length = 34, 13  # 32 symbols, start token 32
+        elif family == "sort":
+            self.vocab, self.length, self.half = 34, 25, 12  # 32 symbols, separator 32
         else:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -144,9 +148,10 @@ class Task:
             starts = torch.randint(0, len(ids) - self.length - 1, (b,), generator=generator)
             window = torch.stack([ids[s : s + self.length + 1] for s in starts.tolist()])
             return window[:, :-1], None, window[:, 1:], torch.ones(b, self.length, dtype=torch.bool)
-        if self.family == "copy":
+        if self.family in ("copy", "sort"):
             symbols = torch.randint(0, 32, (b, self.half), generator=generator)
-            seq = torch.cat([symbols, torch.full((b, 1), 32), symbols], 1)  # [B, 33]
+            answer = symbols if self.family == "copy" else symbols.sort(1).values
+            seq = torch.cat([symbols, torch.full((b, 1), 32), answer], 1)  # [B, 2 half + 1]
             mask = torch.zeros(b, self.length, dtype=torch.bool)
             mask[:, self.half : -1] = True  # from the separator on: predict the copy
             targets = torch.cat([seq[:, 1:], torch.zeros(b, 1, dtype=torch.long)], 1)
@@ -169,9 +174,9 @@ class Trace:
     seconds: float
 
 
-LEARNING_RATES = {"copy": (0.03, 0.1, 0.3), "seq2seq": (0.01, 0.02, 0.03), "lm": (0.03, 0.1, 0.3, 1.0)}
+LEARNING_RATES = {"copy": (0.03, 0.1, 0.3), "seq2seq": (0.01, 0.02, 0.03), "lm": (0.03, 0.1, 0.3, 1.0), "sort": (0.01, 0.1, 0.3)}
 """Each family's peak learning rates: clearly stable, borderline, clearly unstable (without qk-layernorm)."""
-ELSEWHERE = {"copy": 0.1, "seq2seq": 0.02, "lm": 0.3}
+ELSEWHERE = {"copy": 0.1, "seq2seq": 0.02, "lm": 0.3, "sort": 0.1}
 """The peak learning rate of each family's runs that diverge through their output logits (qk-layernorm on,
 the output layer's learning rate 30x)."""
 

@@ -2,10 +2,10 @@
 on healthy runs they were not tuned on?
 
     python benchmarks/health_suite_record.py            # record the suite's runs (about 15 minutes on 2 cores)
-    python benchmarks/health_suite.py [--traces outputs/health_suite] [--every 10] [--tune]
-                                      [--markdown docs/alarms-results.md] [--figure docs/health-suite.png]
+    python benchmarks/health_suite.py [--traces outputs/health_suite] [--round 2] [--every 10] [--tune]
+                                      [--markdown FILE] [--figure docs/health-suite.png] [--qk-clip-traces outputs/qk_clip]
 
-Each recorded run (``health_scenarios.py``: families ``lm``, ``copy``, ``seq2seq``, a learning-rate
+Each recorded run (``health_scenarios.py``: families ``lm``, ``copy``, ``seq2seq``, ``sort``, a learning-rate
 sweep with and without qk-layernorm, runs diverging through their output logits, 3 seeds) is labelled
 from its loss alone, before any detector is looked at:
 
@@ -22,10 +22,11 @@ read every step's loss or gradient norm: Lightning's ``SpikeDetection`` (its def
 z-score over a 128-step window (as OLMo-core uses), on the loss and on the gradient norm.
 
 ``--tune`` runs the written procedure of ``docs/alarms.md``: every ``logit_growth`` setting of a grid
-is scored on the tuning families (``copy``, ``lm``) only; the chosen one must have no ``critical``
-firing on their healthy runs and detect the most attention divergences before the spike (ties: the
-longest median lead, then the fewest warnings on healthy runs); the table then reports every family,
-the held-out ``seq2seq`` apart.
+is scored on the round's tuning families only; the chosen one must have no ``critical`` firing on
+their healthy runs and detect the most attention divergences before the spike (ties: the longest
+median lead, then the fewest warnings on healthy runs); the table then reports the tuning families
+and, apart, the held-out one (round 1: tune on ``copy`` and ``lm``, hold out ``seq2seq``; round 2:
+tune on those three, hold out ``sort``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ import torch
 
 from attnmonitor.alarms import AlarmsConfig, AttentionAlarms, LogitGrowthConfig
 
-TUNING, HELD_OUT = ("copy", "lm"), ("seq2seq",)
+ROUNDS = {1: (("copy", "lm"), ("seq2seq",)), 2: (("copy", "lm", "seq2seq"), ("sort",))}
+"""``{round: (tuning families, held-out family)}``: the first round held ``seq2seq`` out; the second
+tunes on it too and holds out ``sort``, a family added after the first round's results."""
 SPIKE_FACTOR, SPIKE_RISE, SPIKE_AFTER = 2.0, 1.0, 50
 
 
@@ -81,13 +84,16 @@ def first_spike(losses: list[float]) -> int | None:
     return None
 
 
-def load(folder: Path) -> list[Run]:
+def load(folder: Path, families: tuple[str, ...] | None = None) -> list[Run]:
+    """The recorded runs of ``families`` (default: all), labelled."""
     runs = []
     for path in sorted(folder.glob("*.json")):
         if "+qkclip" in path.name:
             continue
         trace = json.loads(path.read_text())
         s = trace["scenario"]
+        if families is not None and s["family"] not in families:
+            continue
         runs.append(Run(path.stem, s["family"], s, trace["losses"], trace["grad_norms"], trace["layers"], trace["stats"]))
     best = {}
     for run in runs:
@@ -236,9 +242,9 @@ GRID = {
 _TUNING_RUNS: list[Run] = []
 
 
-def _init_worker(folder: Path) -> None:
+def _init_worker(folder: Path, tuning: tuple[str, ...]) -> None:
     torch.set_num_threads(1)
-    _TUNING_RUNS.extend(r for r in load(folder) if r.family in TUNING)
+    _TUNING_RUNS.extend(load(folder, tuning))
 
 
 def _evaluate(job: tuple[tuple, int]) -> tuple[tuple, Score, Score]:
@@ -250,12 +256,12 @@ def _evaluate(job: tuple[tuple, int]) -> tuple[tuple, Score, Score]:
     return values, critical, warning
 
 
-def tune(folder: Path, every: int, workers: int) -> tuple[LogitGrowthConfig, list[str]]:
+def tune(folder: Path, tuning: tuple[str, ...], every: int, workers: int) -> tuple[LogitGrowthConfig, list[str]]:
     """Choose ``logit_growth`` on the tuning families by the written procedure; returns it and a log line per setting."""
     import multiprocessing
 
     jobs = [(values, every) for values in itertools.product(*GRID.values())]
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (folder,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (folder, tuning)) as pool:
         results = pool.map(_evaluate, jobs)
     log, best, best_key = [], None, None
     for values, critical, warning in results:
@@ -280,14 +286,14 @@ HEADER = (
 )
 
 
-def table(runs: list[Run], config: AlarmsConfig, every: int) -> list[str]:
+def table(runs: list[Run], config: AlarmsConfig, every: int, tuning: tuple[str, ...], held_out: tuple[str, ...]) -> list[str]:
     replays: dict[str, Detection] = {}
     detectors = {
         "attnmonitor critical": alarm_detector(config, every, ("critical",), replays),
         "attnmonitor warning or critical": alarm_detector(config, every, ("warning", "critical"), replays),
         **{name: baseline_detector(fire) for name, fire in BASELINES.items()},
     }
-    groups = {"tuning (copy, lm)": TUNING, "held out (seq2seq)": HELD_OUT}
+    groups = {f"tuning ({', '.join(tuning)})": tuning, f"held out ({', '.join(held_out)})": held_out}
     rows = [HEADER, "|" + "---|" * 6]
     for name, detect in detectors.items():
         for group, families in groups.items():
@@ -310,7 +316,7 @@ def runs_table(runs: list[Run], config: AlarmsConfig, every: int) -> list[str]:
     return rows
 
 
-def draw(runs: list[Run], config: AlarmsConfig, every: int, path: Path) -> None:
+def draw(runs: list[Run], config: AlarmsConfig, every: int, path: Path, held_out: tuple[str, ...]) -> None:
     """Loss and largest ``max_logit`` of a held-out diverging run and a held-out healthy one, with the
     first critical alarm and the baselines' first detections marked."""
     import matplotlib
@@ -318,8 +324,8 @@ def draw(runs: list[Run], config: AlarmsConfig, every: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    diverging = next(r for r in runs if r.family in HELD_OUT and r.label == "attention")
-    healthy = next(r for r in runs if r.family in HELD_OUT and r.label == "healthy" and not r.scenario["qk_norm"])
+    diverging = next(r for r in runs if r.family in held_out and r.label == "attention")
+    healthy = next(r for r in runs if r.family in held_out and r.label == "healthy" and not r.scenario["qk_norm"])
     fig, axes = plt.subplots(2, 2, figsize=(11, 5.5), sharex="col")
     for column, run in enumerate((diverging, healthy)):
         found = replay_alarms(run, config, every)
@@ -388,28 +394,30 @@ def main() -> None:
     parser.add_argument("--qk-clip-traces", type=Path, default=None, help="also tabulate the QK-clip runs recorded here")
     parser.add_argument("--workers", type=int, default=2, help="processes of the --tune search")
     parser.add_argument("--tuning-log", type=Path, default=None, help="with --tune: write every setting's scores here")
+    parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=2, help="which families tune and which is held out")
     args = parser.parse_args()
-    runs = load(args.traces)
+    tuning, held_out = ROUNDS[args.round]
+    runs = load(args.traces, tuning + held_out)
     labels = {label: sum(r.label == label for r in runs) for label in ("attention", "elsewhere", "healthy", "degraded")}
     print(f"{len(runs)} runs: {labels}")
     config = AlarmsConfig()
     out = []
     if args.tune:
-        rule, log = tune(args.traces, args.every, args.workers)
+        rule, log = tune(args.traces, tuning, args.every, args.workers)
         if args.tuning_log is not None:
             args.tuning_log.write_text("\n".join(log) + "\n")
         print(f"chosen: {rule}")
         config = AlarmsConfig(logit_growth=rule)
     else:
         print(f"defaults: {config.logit_growth}")
-    out += table(runs, config, args.every) + ["", *runs_table(runs, config, args.every)]
+    out += table(runs, config, args.every, tuning, held_out) + ["", *runs_table(runs, config, args.every)]
     if args.qk_clip_traces is not None:
         out += ["", *qk_clip_table(args.qk_clip_traces, runs)]
     print("\n".join(out))
     if args.markdown is not None:
         args.markdown.write_text("\n".join(out) + "\n")
     if args.figure is not None:
-        draw(runs, config, args.every, args.figure)
+        draw(runs, config, args.every, args.figure, held_out)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class LogitGrowthConfig(AlarmRule):
     span: int = 50
     factor: float = 3.0
     sustain: int = 1
-    heads_fraction: float = 0.5
+    heads_fraction: float = 0.75
     floor: float = 20.0
     ceiling: float | None = None
 

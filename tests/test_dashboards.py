@@ -191,3 +191,27 @@ def test_figure_jobs_beyond_the_queue_are_skipped_and_counted():
     release.set()
     worker.close()
     assert worker.skipped == 1
+
+
+def test_the_per_head_table_has_short_headers_a_legend_and_fixed_decimals():
+    """As TensorBoard's own Markdown renderer shows it: headers short enough not to wrap, values with
+    a fixed number of decimals, and a legend naming every column."""
+    import re
+
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    from attnmonitor.tensorboard.render import statistics_table
+
+    values = {
+        "normalized_entropy": torch.tensor([[0.05763, 0.5]]),
+        "prev_token_weight": torch.tensor([[1.0, float("nan")]]),
+        "max_logit": torch.tensor([[1234.5678, 3.0e6]]),
+    }
+    html = markdown_to_safe_html(statistics_table(values, torch.tensor([[True, True]]), ["blocks.0.attn"]))
+    cells = [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, flags=re.S) for row in re.findall(r"<tr>(.*?)</tr>", html, flags=re.S)]
+    assert cells == [
+        ["layer", "head", "H/Hmax", "prev", "logit"],
+        ["blocks.0.attn", "0", "0.058", "1.000", "1235"],
+        ["blocks.0.attn", "1", "0.500", "–", "3.0e+06"],
+    ]
+    assert "H/Hmax: normalized_entropy, prev: prev_token_weight, logit: max_logit" in html

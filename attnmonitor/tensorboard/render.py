@@ -117,21 +117,45 @@ def attention_heatmaps(
     return _rgb(fig)
 
 
+SHORT_NAMES = {
+    "entropy": "H",
+    "normalized_entropy": "H/Hmax",
+    "max_weight": "max w",
+    "sparsity": "sparse",
+    "effective_support": "support",
+    "distance": "dist",
+    "self_weight": "self",
+    "prev_token_weight": "prev",
+    "next_token_weight": "next",
+    "sink_mass": "sink",
+    "max_logit": "logit",
+}
+"""Column headers of the per-head table (its legend gives the full names)."""
+
+
 def statistics_table(values: dict[str, Tensor], observed: Tensor, layers: Sequence[str]) -> str:
-    """Markdown table, one row per (layer, head) with data, one column per statistic (NaN, a statistic
-    the layer does not define, is shown as "–")."""
+    """Markdown table, one row per (layer, head) with data, one column per statistic under a short
+    header (a legend below names them), every value with a fixed number of decimals (NaN, a
+    statistic the layer does not define, is shown as "–")."""
     names = list(values)
-    lines = ["| layer | head | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    header = [SHORT_NAMES.get(n, n) for n in names]
+    lines = ["| layer | head | " + " | ".join(header) + " |", "|---|--:|" + "--:|" * len(names)]
     for row, layer in enumerate(layers):
         for head in range(observed.shape[1]):
             if observed[row, head]:
                 cells = " | ".join(_cell(float(values[n][row, head])) for n in names)
                 lines.append(f"| {layer} | {head} | {cells} |")
-    return "\n".join(lines)
+    legend = ", ".join(f"{SHORT_NAMES[n]}: {n}" for n in names if n in SHORT_NAMES)
+    return "\n".join(lines) + (f"\n\n{legend}" if legend else "")
 
 
 def _cell(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:.4g}"
+    """A value in at most 7 characters: 3 decimals below 100, none above, powers of ten beyond 10⁵."""
+    if math.isnan(value):
+        return "–"
+    if abs(value) < 100:
+        return f"{value:.3f}"
+    return f"{value:.0f}" if abs(value) < 1e5 else f"{value:.1e}"
 
 
 def role_atlas(roles: Tensor, names: Sequence[str], layers: Sequence[str], title: str) -> np.ndarray:

@@ -1,10 +1,11 @@
 """Screenshots of TensorBoard's pages for a run, rendered by headless Chromium (for the README).
 
-    python docs/screenshots.py LOGDIR [--out docs]
+    python docs/screenshots.py LOGDIR [--out LOGDIR/screenshots]
 
 Starts ``tensorboard --logdir LOGDIR`` on a free loopback port, then for each page (Scalars, Custom
 Scalars, Images, Text, HParams) asks Debian's ``chromium`` (``apt-get install chromium``) for a
-screenshot, written to ``OUT/tensorboard-<page>.png``.
+screenshot, written to ``OUT/tensorboard-<page>.png`` (by default next to the run, so that the
+README's committed screenshots change only when ``--out docs`` is asked for).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def main() -> None:
     """Screenshot every page of a TensorBoard serving ``LOGDIR``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logdir")
-    parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser.add_argument("--out", default=None, help="default: LOGDIR/screenshots; the README's: docs")
     args = parser.parse_args()
+    args.out = args.out or str(Path(args.logdir) / "screenshots")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     port = _free_port()
     server = subprocess.Popen(

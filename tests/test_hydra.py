@@ -23,7 +23,7 @@ from attnmonitor.config import AttentionMonitorConfig, MonitorOptions, register_
 from attnmonitor.regularization import RegularizerConfig
 from tests.helpers.events import read_events, read_hparams
 
-EXPERIMENTS = [None, "reverse", "minilm", "regularized", "unstable"]
+EXPERIMENTS = [None, "reverse", "minilm", "regularized", "unstable", "reverse_unstable"]
 FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0"]
 
 

@@ -79,7 +79,30 @@ def _where(trainer: L.Trainer) -> str | None:
     if trainer.logger is None or not trainer.logger.log_dir:
         return None
     log_dir = Path(trainer.logger.log_dir).resolve()
-    return f"\nTensorBoard logs: {log_dir}\nView them with:   tensorboard --logdir {log_dir.parent}\n"
+    keep = _images_per_tag(trainer)
+    flag = f" --samples_per_plugin images={keep}" if keep else ""
+    return f"\nTensorBoard logs: {log_dir}\nView them with:   tensorboard --logdir {log_dir.parent}{flag}\n"
+
+
+def _images_per_tag(trainer: L.Trainer) -> int | None:
+    """An upper bound of the images the run writes under one tag (training atlases and heatmaps, and
+    validations), at least TensorBoard's default of 10, so that its reservoir keeps every one
+    (``images=0`` would show none: tensorboard#5550); None for a run without ``max_steps``."""
+    steps = trainer.max_steps
+    if steps is None or steps < 0:
+        return None
+    intervals = [
+        interval
+        for callback in trainer.callbacks  # type: ignore[attr-defined]
+        if isinstance(callback, AttentionMonitor)
+        for interval in (
+            callback.options.schedule.atlas_every_n_steps,
+            callback.options.dashboards.heatmaps.every_n_steps if callback.options.dashboards.heatmaps is not None else None,
+        )
+        if interval
+    ]
+    validations = steps // trainer.val_check_interval if isinstance(trainer.val_check_interval, int) else 0
+    return max(10, steps // min(intervals, default=steps + 1) + validations + 1)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

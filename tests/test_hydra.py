@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -162,6 +163,10 @@ def test_the_job_says_where_its_logs_are_before_training_and_at_the_end(tmp_path
     output = result.stdout
     line = f"tensorboard --logdir {tmp_path}/run"
     assert output.count(line) == 2
+    keep = int(re.search(rf"{re.escape(line)} --samples_per_plugin images=(\d+)", output).group(1))
+    events = read_events(tmp_path / "run" / "tensorboard")
+    written = max(len(events.Images(tag)) for tag in events.Tags()["images"])
+    assert written <= keep  # TensorBoard keeps every image the run wrote
     assert output.index(line) < output.index("Epoch 0")  # printed before the progress bar's first step
     assert "Tip:" not in output and "LeafSpec" not in output  # Lightning's tips and known noise are not printed
     assert "attn H" in output  # the progress bar shows the monitor's mean normalised entropy

@@ -200,12 +200,12 @@ class MonitorEngine:
         """Publish the capture of optimizer step ``captured`` (a light one: only the alarms and QK-clip);
         QK-clip; the alarms when due; what they ask for."""
         atlases, heatmaps = self.schedule.atlases(captured), self.schedule.heatmaps(captured)
-        alarms = self.schedule.alarms_due(captured)
-        self._publish(kind, captured + publisher.step_offset, publisher, atlases=atlases, heatmaps=heatmaps, alarms=alarms)
-        alarms = self.health.alarms
-        if alarms is None:
+        alarms_due = self.schedule.alarms_due(captured)
+        self._publish(kind, captured + publisher.step_offset, publisher, atlases=atlases, heatmaps=heatmaps, alarms=alarms_due)
+        rules = self.health.alarms
+        if rules is None:
             return Actions()
-        return act(self.health.firings, alarms.config.actions, alarms.hints, self._log, alarms.open_before)
+        return act(self.health.firings, rules.config.actions, rules.hints, self._log, rules.open_before)
 
     def _publish(self, stage: str, step: int, publisher: Publisher, *, atlases: bool, heatmaps: bool, alarms: bool = False) -> None:
         """Reduce the stage's capture across processes and publish it; a training one also runs the

@@ -48,7 +48,10 @@ class SdpaAttention(nn.Module):
             else:  # repeat the key/value heads, as many HF models do
                 k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
         dropout = self.dropout if self.training else 0.0
-        y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=self.causal, scale=self.scale, dropout_p=dropout, **extra)
+        causal = self.causal
+        if causal and attn_mask is not None:  # torch >= 2.14 refuses a mask with is_causal: fold causality into it
+            attn_mask, causal = attn_mask & torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril(), False
+        y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale, dropout_p=dropout, **extra)
         return self.o(y.transpose(1, 2).reshape(b, seq, c))
 
 

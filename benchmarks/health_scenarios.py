@@ -5,7 +5,9 @@ that records, at every optimizer step, the loss, the gradient norm and every hea
 - ``copy``: copy a random sequence after a separator (needs near one-hot attention), causal decoder;
 - ``seq2seq``: reverse a random sequence, encoder-decoder with cross-attention;
 - ``sort``: write a random sequence sorted after a separator, causal decoder (the second round's
-  held-out family: see ``docs/alarms.md``).
+  held-out family: see ``docs/alarms.md``);
+- ``recall``: associative recall (key-value pairs, then the keys in another order: predict each
+  value), a three-layer causal decoder (the third round's held-out family).
 
 Every model is a pre-LN transformer without biases, trained with AdamW (β2 0.95), a linear warm-up
 to the peak learning rate over 300 steps (half of a run), and a z-loss of 1e-4 on the output logits,
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from attnmonitor.integrations.loop import AttentionMonitorLoop
 
 STATISTICS = ("normalized_entropy", "max_logit", "sink_mass")
-FAMILIES = ("lm", "copy", "seq2seq", "sort")
+FAMILIES = ("lm", "copy", "seq2seq", "sort", "recall")
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,14 @@ class Task:
             self.vocab, self.length = 34, 13  # 32 symbols, start token 32
         elif family == "sort":
             self.vocab, self.length, self.half = 34, 25, 12  # 32 symbols, separator 32
+        elif family == "recall":
+            self.vocab, self.length, self.pairs = 33, 17, 4  # keys 0-15, values 16-31, separator 32
         else:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
     def model(self, qk_norm: bool) -> Transformer:
-        return Transformer(self.vocab, self.length, 64, 4, 2, qk_norm, encoder_layers=2 if self.family == "seq2seq" else 0)
+        layers = 3 if self.family == "recall" else 2
+        return Transformer(self.vocab, self.length, 64, 4, layers, qk_norm, encoder_layers=2 if self.family == "seq2seq" else 0)
 
     def batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         b = self.batch_size
@@ -154,6 +159,17 @@ class Task:
             seq = torch.cat([symbols, torch.full((b, 1), 32), answer], 1)  # [B, 2 half + 1]
             mask = torch.zeros(b, self.length, dtype=torch.bool)
             mask[:, self.half : -1] = True  # from the separator on: predict the copy
+            targets = torch.cat([seq[:, 1:], torch.zeros(b, 1, dtype=torch.long)], 1)
+            return seq, None, targets, mask
+        if self.family == "recall":
+            keys = torch.rand(b, 16, generator=generator).argsort(1)[:, : self.pairs]  # distinct keys
+            values = torch.randint(16, 32, (b, self.pairs), generator=generator)
+            order = torch.rand(b, self.pairs, generator=generator).argsort(1)
+            pairs = torch.stack([keys, values], 2).flatten(1)  # k1 v1 k2 v2 ...
+            queries = torch.stack([keys.gather(1, order), values.gather(1, order)], 2).flatten(1)
+            seq = torch.cat([pairs, torch.full((b, 1), 32), queries], 1)  # [B, 4 pairs + 1]
+            mask = torch.zeros(b, self.length, dtype=torch.bool)
+            mask[:, 2 * self.pairs + 1 :: 2] = True  # at each queried key: predict its value
             targets = torch.cat([seq[:, 1:], torch.zeros(b, 1, dtype=torch.long)], 1)
             return seq, None, targets, mask
         source = torch.randint(0, 32, (b, self.length - 1), generator=generator)
@@ -174,9 +190,15 @@ class Trace:
     seconds: float
 
 
-LEARNING_RATES = {"copy": (0.03, 0.1, 0.3), "seq2seq": (0.01, 0.02, 0.03), "lm": (0.03, 0.1, 0.3, 1.0), "sort": (0.01, 0.1, 0.3)}
+LEARNING_RATES = {
+    "copy": (0.03, 0.1, 0.3),
+    "seq2seq": (0.01, 0.02, 0.03),
+    "lm": (0.03, 0.1, 0.3, 1.0),
+    "sort": (0.01, 0.1, 0.3),
+    "recall": (0.01, 0.03, 0.1, 1.0),
+}
 """Each family's peak learning rates: clearly stable, borderline, clearly unstable (without qk-layernorm)."""
-ELSEWHERE = {"copy": 0.1, "seq2seq": 0.02, "lm": 0.3, "sort": 0.1}
+ELSEWHERE = {"copy": 0.1, "seq2seq": 0.02, "lm": 0.3, "sort": 0.1, "recall": 0.03}
 """The peak learning rate of each family's runs that diverge through their output logits (qk-layernorm on,
 the output layer's learning rate 30x)."""
 

@@ -2,10 +2,10 @@
 on healthy runs they were not tuned on?
 
     python benchmarks/health_suite_record.py            # record the suite's runs (about 15 minutes on 2 cores)
-    python benchmarks/health_suite.py [--traces outputs/health_suite] [--round 2] [--every 10] [--tune]
+    python benchmarks/health_suite.py [--traces outputs/health_suite] [--round 3] [--every 10] [--tune]
                                       [--markdown FILE] [--figure docs/health-suite.png] [--qk-clip-traces outputs/qk_clip]
 
-Each recorded run (``health_scenarios.py``: families ``lm``, ``copy``, ``seq2seq``, ``sort``, a learning-rate
+Each recorded run (``health_scenarios.py``: families ``lm``, ``copy``, ``seq2seq``, ``sort``, ``recall``, a learning-rate
 sweep with and without qk-layernorm, runs diverging through their output logits, 3 seeds) is labelled
 from its loss alone, before any detector is looked at:
 
@@ -26,7 +26,7 @@ is scored on the round's tuning families only; the chosen one must have no ``cri
 their healthy runs and detect the most attention divergences before the spike (ties: the longest
 median lead, then the fewest warnings on healthy runs); the table then reports the tuning families
 and, apart, the held-out one (round 1: tune on ``copy`` and ``lm``, hold out ``seq2seq``; round 2:
-tune on those three, hold out ``sort``).
+tune on those three, hold out ``sort``; round 3: tune on those four, hold out ``recall``).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ import torch
 
 from attnmonitor.alarms import AlarmsConfig, AttentionAlarms, LogitGrowthConfig
 
-ROUNDS = {1: (("copy", "lm"), ("seq2seq",)), 2: (("copy", "lm", "seq2seq"), ("sort",))}
+ROUNDS = {1: (("copy", "lm"), ("seq2seq",)), 2: (("copy", "lm", "seq2seq"), ("sort",)), 3: (("copy", "lm", "seq2seq", "sort"), ("recall",))}
 """``{round: (tuning families, held-out family)}``: the first round held ``seq2seq`` out; the second
-tunes on it too and holds out ``sort``, a family added after the first round's results."""
+tunes on it too and holds out ``sort``, a family added after the first round's results; the third
+tunes on all four and holds out ``recall``, added after the second round's."""
 SPIKE_FACTOR, SPIKE_RISE, SPIKE_AFTER = 2.0, 1.0, 50
 
 
@@ -236,8 +237,10 @@ GRID = {
     "factor": (1.5, 2.0, 3.0),
     "sustain": (1, 2, 3),
     "heads_fraction": (0.25, 0.5, 0.75),
+    "from_below_floor": (False, True),
 }
-"""The ``logit_growth`` settings tried (``floor`` stays 20: e^-20 of the largest weight is a saturated softmax)."""
+"""The ``logit_growth`` settings tried (``floor`` stays 20: e^-20 of the largest weight is a saturated softmax;
+``from_below_floor`` was added in the third round)."""
 
 _TUNING_RUNS: list[Run] = []
 
@@ -394,7 +397,7 @@ def main() -> None:
     parser.add_argument("--qk-clip-traces", type=Path, default=None, help="also tabulate the QK-clip runs recorded here")
     parser.add_argument("--workers", type=int, default=2, help="processes of the --tune search")
     parser.add_argument("--tuning-log", type=Path, default=None, help="with --tune: write every setting's scores here")
-    parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=2, help="which families tune and which is held out")
+    parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=3, help="which families tune and which is held out")
     args = parser.parse_args()
     tuning, held_out = ROUNDS[args.round]
     runs = load(args.traces, tuning + held_out)

@@ -57,6 +57,21 @@ def test_logit_growth_grades_sustained_geometric_growth_and_ignores_learning():
     assert not any(f.layer == "b" for fs in captures for f in fs)  # constant: quiet
 
 
+def test_from_below_floor_measures_growth_from_the_floor():
+    """A head that explodes from an unsaturated start (1 -> 1,000 in 100 steps, the ``sort`` family's
+    pattern) is not graded by default; with ``from_below_floor`` it is, from the floor: x3 over a span
+    is a warning once the head passes 3 x floor, not while it is still below that."""
+    exploding = [1000 ** (i / 10) for i in range(9)]  # x2 per capture, 1 to 251; below 20 a span before each
+    rule = {"span": 50, "factor": 3.0, "sustain": 1, "heads_fraction": 1.0, "floor": 20.0}
+    quiet = _feed(_alarms(logit_growth=rule), {"max_logit": [[x] for x in exploding]})
+    assert not any(f.layer == "a" for fs in quiet for f in fs)
+    captures = _feed(_alarms(logit_growth={**rule, "from_below_floor": True}), {"max_logit": [[x] for x in exploding]})
+    first = next(i for i, fs in enumerate(captures) if any(f.layer == "a" for f in fs))
+    # the recent quarter span (two captures) must be >= 3 x 20 in log-mean: first at capture 7 (63, 126)
+    assert first == 7 and exploding[first - 1] * exploding[first] >= 60**2 > exploding[first - 2] * exploding[first - 1]
+    assert captures[first][0].severity == "critical"  # the layer's only head: heads_fraction met
+
+
 def test_logit_growth_critical_needs_the_share_of_heads_and_a_ceiling_is_off_by_default():
     assert LogitGrowthConfig().ceiling is None
     growing, flat = _geometric(40.0, 3.0, 31), [500.0] * 31

@@ -3,8 +3,8 @@
 A rule returns a severity per head: ``info`` (a head changed the way learning changes it: logged,
 quiet), ``warning`` (growth outside what the head did before) or ``critical`` (the pattern that
 preceded every attention-driven divergence of the health suite, ``benchmarks/health_suite.py``).
-The defaults were chosen on the suite's ``copy`` and ``lm`` families and checked on ``seq2seq``
-(``docs/alarms.md``).
+The defaults were chosen by a written procedure on the suite's families, each round checked on a
+family it did not see (``docs/alarms.md``).
 """
 
 from __future__ import annotations
@@ -25,17 +25,21 @@ SEVERITIES = ("info", "warning", "critical")
 INFO, WARNING, CRITICAL = 1, 2, 3
 
 
-def growth(history: LayerHistory, now: Tensor | None, step: int, span: int, floor: float, heads: int) -> Tensor:
+def growth(history: LayerHistory, now: Tensor | None, step: int, span: int, floor: float, heads: int, from_floor: bool = False) -> Tensor:
     """``[H]`` factor by which ``max_logit`` grew over ``span`` steps up to ``step``: the geometric mean
     over the captures of the last quarter span (with ``now``, this capture's values, if given) over
-    that of the quarter span ending ``span`` steps earlier (one capture's noise does not decide). NaN
-    where the earlier value is below ``floor`` (the softmax was not saturated: growth from there is a
-    head learning where to attend) or no capture is that old."""
+    that of the quarter span ending ``span`` steps earlier (one capture's noise does not decide).
+    Where the earlier value is below ``floor`` (the softmax was not saturated: growth up to there is a
+    head learning where to attend) the growth is measured from ``floor`` if ``from_floor``, else NaN.
+    NaN where no capture is that old."""
     recent = history.log_mean("max_logit", step - span / 4, step, now)
     earlier = history.log_mean("max_logit", step - 5 * span / 4, step - span)
     if recent is None or earlier is None:
         return torch.full((heads,), math.nan)
-    return torch.where(earlier >= math.log(max(floor, 1e-30)), (recent - earlier).exp(), math.nan)
+    log_floor = math.log(max(floor, 1e-30))
+    if from_floor:
+        return (recent - earlier.clamp(min=log_floor)).exp()
+    return torch.where(earlier >= log_floor, (recent - earlier).exp(), math.nan)
 
 
 def still_growing(history: LayerHistory, now: Tensor, step: int, span: int, factor: float) -> Tensor:
@@ -87,8 +91,10 @@ class LogitGrowthConfig(AlarmRule):
         factor: growth per span that is a ``warning`` (> 1).
         sustain: consecutive spans of such growth that are ``critical``.
         heads_fraction: share of a layer's heads growing that way for ``critical`` (0: any head).
-        floor: growth is measured from values above this only; below it the softmax is not
-            saturated and a head is still learning where to attend.
+        floor: below this the softmax is not saturated and a head is still learning where to attend:
+            growth up to ``floor`` does not count.
+        from_below_floor: a head that was below ``floor`` a span ago has its growth measured from
+            ``floor`` (growth past it counts); False: such a head is not graded.
         ceiling: an absolute limit of ``max_logit`` that is a ``warning`` (published values range from
             12 to 100; healthy heads of the suite pass 1,000); None: off.
     """
@@ -103,6 +109,7 @@ class LogitGrowthConfig(AlarmRule):
     sustain: int = 1
     heads_fraction: float = 0.75
     floor: float = 20.0
+    from_below_floor: bool = False
     ceiling: float | None = None
 
     def __post_init__(self) -> None:
@@ -119,11 +126,12 @@ class LogitGrowthConfig(AlarmRule):
 
     def grade(self, history: LayerHistory, now: Mapping[str, Tensor], step: int) -> Tensor:
         logits = now["max_logit"]
-        grows = growth(history, logits, step, self.span, self.floor, len(logits)) >= self.factor  # NaN compares False
+        grows = growth(history, logits, step, self.span, self.floor, len(logits), self.from_below_floor) >= self.factor  # NaN: False
         grows &= still_growing(history, logits, step, self.span, self.factor)
         sustained = grows.clone()
         for k in range(1, self.sustain):
-            sustained &= growth(history, None, step - k * self.span, self.span, self.floor, len(logits)) >= self.factor
+            earlier = growth(history, None, step - k * self.span, self.span, self.floor, len(logits), self.from_below_floor)
+            sustained &= earlier >= self.factor
         severity = torch.where(grows, WARNING, 0)
         if self.ceiling is not None:
             severity = torch.where(logits > self.ceiling, WARNING, severity)
@@ -139,8 +147,8 @@ class EntropyCollapseConfig(AlarmRule):
 
     ``info``: it fell below ``(1 − drop)`` times its mean over the last ``span`` steps, by at least
     ``min_drop`` (a head learning a sharp pattern: copy, induction and alignment heads do this).
-    ``warning``: and its ``max_logit`` grew by ``logit_factor`` or more over the same span (raised to
-    ``logit_floor`` first), which a head that only learned does not keep doing.
+    ``warning``: and its ``max_logit`` grew by ``logit_factor`` or more over the same span (from
+    above ``logit_floor``), which a head that only learned does not keep doing.
 
     Attributes:
         span: steps of history the head is compared with.
@@ -148,7 +156,8 @@ class EntropyCollapseConfig(AlarmRule):
         min_drop: smallest absolute fall (normalised entropy is in [0, 1]).
         logit_factor: growth of ``max_logit`` over the span that makes the fall a ``warning``; None:
             never a warning.
-        logit_floor: as ``logit_growth.floor``.
+        logit_floor: growth is measured from values above this only (as ``logit_growth.floor``
+            with ``from_below_floor=False``).
     """
 
     name: ClassVar[str] = "entropy_collapse"

@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -156,18 +155,6 @@ def test_per_head_scalars(tmp_path):
     scalars = set(read_events(tmp_path / "tb" / "version_0").Tags()["scalars"])
     assert {"attn_train_heads/max_weight/blocks.0.attn/head_0", "attn_train_heads/max_weight/blocks.1.attn/head_1"} <= scalars
     assert not any(tag.split("/")[1] in ("entropy", "normalized_entropy") for tag in scalars if tag.startswith("attn_train"))
-
-
-def test_other_loggers_get_scalars_and_images_are_skipped_with_one_warning(tmp_path):
-    monitor = AttentionMonitor(
-        capture={"statistics": ["entropy"]}, schedule={"every_n_steps": 1, "val_batches": 0, "atlas_every_n_steps": 1}
-    )
-    logger = CSVLogger(tmp_path, name="csv", version=0)
-    with pytest.warns(RuntimeWarning, match="images skipped: no TensorBoardLogger") as record:
-        make_trainer(tmp_path, [monitor], max_steps=3, logger=logger, limit_val_batches=0).fit(_model(), train_dataloaders=_loader())
-    assert sum("images skipped" in str(w.message) for w in record) == 1
-    header, *rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
-    assert "attn_train/entropy" in header.split(",") and "attn_train_layers/entropy/blocks.1.attn" in header.split(",")
 
 
 @pytest.mark.parametrize(

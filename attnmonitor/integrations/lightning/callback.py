@@ -98,12 +98,13 @@ class AttentionMonitor(Callback):
         for each in trainer.loggers:
             each.log_hyperparams(options)
         publisher = self._publisher
-        if publisher is not None and publisher.tensorboard is not None and publisher.writer is not None:
+        if publisher is not None and publisher.tensorboard is not None and trainer.is_global_zero:
             # after Lightning logged the module's own: all of them, compared by the monitor's means
             statistics = self.options.capture.statistics
             metrics = [tags.statistic(stage, name) for stage in ("train", "val") for name in statistics]
-            write_hparams(publisher.writer, {**publisher.tensorboard.hparams, **options}, metrics)
-            publisher.writer.add_custom_scalars(tags.custom_scalar_layout(statistics))
+            writer = publisher.tensorboard.experiment
+            write_hparams(writer, {**publisher.tensorboard.hparams, **options}, metrics)
+            writer.add_custom_scalars(tags.custom_scalar_layout(statistics))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

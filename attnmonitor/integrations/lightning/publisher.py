@@ -1,5 +1,5 @@
-"""Where the Lightning adapter publishes: every logger of the Trainer, its TensorBoard writer, and
-the progress bar."""
+"""Where the Lightning adapter publishes: every logger of the Trainer (scalars to each; figures to
+TensorBoard, W&B, MLflow and CSV loggers), and the progress bar."""
 
 from __future__ import annotations
 
@@ -9,17 +9,31 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from typing_extensions import override
 
+from attnmonitor.loggers import CSVWriter, MLflowWriter, WandbWriter, combine
 from attnmonitor.schedule import due
 from attnmonitor.tensorboard import tags
 from attnmonitor.tensorboard.writer import write_scalars
 
 
+def figure_writer(logger: Logger) -> Any:
+    """The writer of figures for a Lightning logger, or None for a logger that takes no figures."""
+    if isinstance(logger, TensorBoardLogger):
+        return logger.experiment
+    if isinstance(logger, WandbLogger):
+        return WandbWriter(logger.experiment, step_key="trainer/global_step")
+    if isinstance(logger, MLFlowLogger):
+        return MLflowWriter(logger.experiment, logger.run_id)
+    if isinstance(logger, CSVLogger):
+        return CSVWriter(logger.log_dir)
+    return None
+
+
 class LightningPublisher:
     """Scalars to every logger of a Trainer (as ``LearningRateMonitor`` does, so ``log_every_n_steps``
-    cannot drop them); figures to its ``TensorBoardLogger`` on global rank zero."""
+    cannot drop them); figures to each of its TensorBoard, W&B, MLflow and CSV loggers on global rank zero."""
 
     step_offset = 0
 
@@ -27,9 +41,12 @@ class LightningPublisher:
         self.trainer = trainer
         self.device: torch.device = trainer.strategy.root_device
         self.tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        self.writer: Any = self.tensorboard.experiment if self.tensorboard is not None and trainer.is_global_zero else None
+        taking = [lg for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, WandbLogger, MLFlowLogger, CSVLogger))]
+        self.writer: Any = combine([figure_writer(lg) for lg in taking]) if trainer.is_global_zero else None
         names = [type(lg).__name__ for lg in trainer.loggers]
-        self.figures_missing = None if self.tensorboard is not None else f"no TensorBoardLogger among the trainer's loggers {names}."
+        self.figures_missing = (
+            None if taking else f"none of the trainer's loggers {names} takes figures (TensorBoard, Wandb, MLFlow or CSV loggers do)."
+        )
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         for logger in self.trainer.loggers:

@@ -1,19 +1,37 @@
-"""Where the Hugging Face adapter publishes: ``Trainer.log`` and the writer of its ``TensorBoardCallback``."""
+"""Where the Hugging Face adapter publishes: ``Trainer.log``, and figures to its TensorBoard, W&B and
+MLflow integrations."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from transformers import Trainer
-from transformers.integrations import TensorBoardCallback
+from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+
+from attnmonitor.loggers import MLflowWriter, WandbWriter, combine
 
 EVAL_PREFIX = "eval_"
 """Prefix of evaluation scalars in the Trainer's logs (as its own ``eval_loss``): TensorBoard shows ``eval/attn_val/...``."""
 
 
+FIGURE_CALLBACKS = (TensorBoardCallback, WandbCallback, MLflowCallback)
+
+
+def figure_writer(callback: Any) -> Any:
+    """The writer of figures for a ``report_to`` integration once it started its run, else None."""
+    if isinstance(callback, TensorBoardCallback):
+        return callback.tb_writer
+    if isinstance(callback, WandbCallback) and callback._initialized and callback._wandb.run is not None:
+        return WandbWriter(callback._wandb.run, step_key="train/global_step")
+    if isinstance(callback, MLflowCallback) and callback._initialized and callback._ml_flow.active_run() is not None:
+        return MLflowWriter(callback._ml_flow.MlflowClient(), callback._ml_flow.active_run().info.run_id)
+    return None
+
+
 class TrainerPublisher:
     """Scalars through ``Trainer.log`` (its ``log_history`` and every ``report_to`` integration, on every
-    process as the Trainer does); figures to the writer of its ``TensorBoardCallback`` on the main process.
+    process as the Trainer does); figures to its ``tensorboard``, ``wandb`` and ``mlflow`` integrations
+    on the main process.
 
     Args:
         trainer: the Trainer.
@@ -26,19 +44,17 @@ class TrainerPublisher:
     def __init__(self, trainer: Trainer, prefix: str = "") -> None:
         self.trainer, self.prefix = trainer, prefix
         self.device = trainer.args.device
-        missing = self.tensorboard is None
-        self.figures_missing = "the Trainer has no TensorBoardCallback (add 'tensorboard' to `report_to`)." if missing else None
-
-    @property
-    def tensorboard(self) -> TensorBoardCallback | None:
-        """The Trainer's ``TensorBoardCallback`` (``report_to`` includes ``"tensorboard"``), or None."""
-        return next((cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)), None)
+        missing = not any(isinstance(cb, FIGURE_CALLBACKS) for cb in trainer.callback_handler.callbacks)
+        self.figures_missing = (
+            "`report_to` has none of 'tensorboard', 'wandb', 'mlflow' (the integrations that take figures)." if missing else None
+        )
 
     @property
     def writer(self) -> Any:
-        """The ``SummaryWriter`` of the ``TensorBoardCallback`` on the main process, else None."""
-        callback = self.tensorboard
-        return callback.tb_writer if callback is not None and self.trainer.state.is_world_process_zero else None
+        """The writer of the Trainer's figure-taking integrations on the main process, else None."""
+        if not self.trainer.state.is_world_process_zero:
+            return None
+        return combine([figure_writer(cb) for cb in self.trainer.callback_handler.callbacks])
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """``Trainer.log`` (at ``state.global_step``, which is ``step``), leaving the Trainer's own

@@ -28,7 +28,7 @@ class AttentionMonitor(Callback):
     gradient accumulation); validation captures the first ``val_batches`` batches of each run.
     Statistics are reduced exactly across processes and logged to every logger as
     ``attn_<train|val>/<statistic>`` (mean over layers and heads) and ``.../<statistic>/<layer>``;
-    with a ``TensorBoardLogger`` also head atlases, histograms, heatmaps and a per-head table.
+    with a TensorBoard, W&B, MLflow or CSV logger also head atlases, histograms, heatmaps and tables.
     With a regularizer, the penalty is added to the loss ``training_step`` returns (the monitor
     wraps it during ``fit``); the model itself is never changed.
 

@@ -168,6 +168,8 @@ class AttentionAlarms:
         self.episodes = Episodes({name: rule.span_steps for name, rule in self.rules.items()})
         self.open_before: set[str] = set()
         """Severities of the episodes open before the last :meth:`check` (their actions were taken)."""
+        self.charted: set[str] = set()
+        """Rules that fired at warning or above: their count is logged from then on."""
 
     def check(self, step: int, layers: Sequence[str], values: Mapping[str, Tensor]) -> list[Firing]:
         """Grade every head of the ``{statistic: [L, H]}`` of a capture at optimizer ``step`` (NaN: not
@@ -192,14 +194,18 @@ class AttentionAlarms:
         return firings
 
     def scalars(self, firings: Sequence[Firing]) -> dict[str, float]:
-        """``{alarm tag: heads firing at warning or above}`` for every rule, and the highest severity."""
+        """The highest severity (one compact chart), and ``{alarm tag: heads firing at warning or above}``
+        for each rule from its first such firing on (no flat-zero charts before the attention ones)."""
         firing = [f for f in firings if f.change != "cleared"]
+        self.charted |= {f.rule for f in firing if f.severity != "info"}
         counts = {alarm_tag(name): float(sum(f.rule == name and f.severity != "info" for f in firing)) for name in self.rules}
-        counts[SEVERITY_TAG] = float(max((SEVERITIES.index(f.severity) + 1 for f in firing), default=0))
-        return counts
+        scalars = {tag: value for tag, value in counts.items() if tag in {alarm_tag(name) for name in self.charted}}
+        scalars[SEVERITY_TAG] = float(max((SEVERITIES.index(f.severity) + 1 for f in firing), default=0))
+        return scalars
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {layer: h.state_dict() for layer, h in self._history.items()}, "episodes": self.episodes.state_dict()}
+        history = {layer: h.state_dict() for layer, h in self._history.items()}
+        return {"history": history, "episodes": self.episodes.state_dict(), "charted": sorted(self.charted)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._history = {}
@@ -207,3 +213,4 @@ class AttentionAlarms:
             self._history[layer] = history = LayerHistory()
             history.load_state_dict(saved)
         self.episodes.load_state_dict([e for e in state.get("episodes", []) if e["rule"] in self.rules])
+        self.charted = {rule for rule in state.get("charted", []) if rule in self.rules}

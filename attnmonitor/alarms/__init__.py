@@ -197,9 +197,9 @@ class AttentionAlarms:
         """The highest severity (one compact chart), and ``{alarm tag: heads firing at warning or above}``
         for each rule from its first such firing on (no flat-zero charts before the attention ones)."""
         firing = [f for f in firings if f.change != "cleared"]
-        self.charted |= {f.rule for f in firing if f.severity != "info"}
-        counts = {alarm_tag(name): float(sum(f.rule == name and f.severity != "info" for f in firing)) for name in self.rules}
-        scalars = {tag: value for tag, value in counts.items() if tag in {alarm_tag(name) for name in self.charted}}
+        warned = [f.rule for f in firing if f.severity != "info"]
+        self.charted |= set(warned)
+        scalars = {alarm_tag(name): float(warned.count(name)) for name in self.rules if name in self.charted}
         scalars[SEVERITY_TAG] = float(max((SEVERITIES.index(f.severity) + 1 for f in firing), default=0))
         return scalars
 

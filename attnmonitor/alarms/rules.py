@@ -25,14 +25,20 @@ SEVERITIES = ("info", "warning", "critical")
 INFO, WARNING, CRITICAL = 1, 2, 3
 
 
-def growth(history: LayerHistory, now: Tensor | None, step: int, span: int, floor: float, heads: int, from_floor: bool = False) -> Tensor:
-    """``[H]`` factor by which ``max_logit`` grew over ``span`` steps up to ``step``: the geometric mean
-    over the captures of the last quarter span (with ``now``, this capture's values, if given) over
-    that of the quarter span ending ``span`` steps earlier (one capture's noise does not decide).
-    Where the earlier value is below ``floor`` (the softmax was not saturated: growth up to there is a
-    head learning where to attend) the growth is measured from ``floor`` if ``from_floor``, else NaN.
-    NaN where no capture is that old."""
-    recent = history.log_mean("max_logit", step - span / 4, step, now)
+def recent_log_logit(history: LayerHistory, now: Tensor | None, step: int, span: int) -> Tensor | None:
+    """``[H]`` mean ``log(max_logit)`` over the captures of the last quarter span up to ``step`` (with
+    ``now``, this capture's values, if given; one capture's noise does not decide); None without any."""
+    return history.log_mean("max_logit", step - span / 4, step, now)
+
+
+def growth(
+    history: LayerHistory, recent: Tensor | None, step: int, span: int, floor: float, heads: int, from_floor: bool = False
+) -> Tensor:
+    """``[H]`` factor by which ``max_logit`` grew over ``span`` steps up to ``step``: ``recent``
+    (:func:`recent_log_logit`) over the geometric mean of the quarter span ending ``span`` steps
+    earlier. Where the earlier value is below ``floor`` (the softmax was not saturated: growth up to
+    there is a head learning where to attend) the growth is measured from ``floor`` if
+    ``from_floor``, else NaN. NaN where no capture is that old."""
     earlier = history.log_mean("max_logit", step - 5 * span / 4, step - span)
     if recent is None or earlier is None:
         return torch.full((heads,), math.nan)
@@ -42,14 +48,14 @@ def growth(history: LayerHistory, now: Tensor | None, step: int, span: int, floo
     return torch.where(earlier >= log_floor, (recent - earlier).exp(), math.nan)
 
 
-def still_growing(history: LayerHistory, now: Tensor, step: int, span: int, factor: float) -> Tensor:
-    """``[H]`` whether ``max_logit`` over the last quarter span (with ``now``) is above that of the
-    quarter span before it by at least an eighth of ``factor``'s logarithm (half the rate ``factor``
-    per span): a head that grew and levelled off, as one that learned, is no longer growing."""
-    recent = history.log_mean("max_logit", step - span / 4, step, now)
+def still_growing(history: LayerHistory, recent: Tensor, step: int, span: int, factor: float) -> Tensor:
+    """``[H]`` whether ``recent`` (:func:`recent_log_logit` with this capture) is above the mean
+    ``log(max_logit)`` of the quarter span before it by at least an eighth of ``factor``'s logarithm
+    (half the rate ``factor`` per span): a head that grew and levelled off, as one that learned, is no
+    longer growing."""
     before = history.log_mean("max_logit", step - span / 2, step - span / 4)
-    if recent is None or before is None:
-        return torch.zeros_like(now, dtype=torch.bool)
+    if before is None:
+        return torch.zeros_like(recent, dtype=torch.bool)
     return recent - before >= math.log(factor) / 8
 
 
@@ -126,11 +132,15 @@ class LogitGrowthConfig(AlarmRule):
 
     def grade(self, history: LayerHistory, now: Mapping[str, Tensor], step: int) -> Tensor:
         logits = now["max_logit"]
-        grows = growth(history, logits, step, self.span, self.floor, len(logits), self.from_below_floor) >= self.factor  # NaN: False
-        grows &= still_growing(history, logits, step, self.span, self.factor)
+        recent = recent_log_logit(history, logits, step, self.span)
+        grows = growth(history, recent, step, self.span, self.floor, len(logits), self.from_below_floor) >= self.factor  # NaN: False
+        grows &= still_growing(history, recent, step, self.span, self.factor)
         sustained = grows.clone()
         for k in range(1, self.sustain):
-            earlier = growth(history, None, step - k * self.span, self.span, self.floor, len(logits), self.from_below_floor)
+            then = step - k * self.span
+            earlier = growth(
+                history, recent_log_logit(history, None, then, self.span), then, self.span, self.floor, len(logits), self.from_below_floor
+            )
             sustained &= earlier >= self.factor
         severity = torch.where(grows, WARNING, 0)
         if self.ceiling is not None:
@@ -190,7 +200,8 @@ class EntropyCollapseConfig(AlarmRule):
         fell = (entropy < (1 - self.drop) * mean) & (mean - entropy >= self.min_drop)
         severity = torch.where(fell, INFO, 0)
         if self.logit_factor is not None:
-            grew = growth(history, now["max_logit"], step, self.span, self.logit_floor, len(entropy)) >= self.logit_factor
+            recent = recent_log_logit(history, now["max_logit"], step, self.span)
+            grew = growth(history, recent, step, self.span, self.logit_floor, len(entropy)) >= self.logit_factor
             severity = torch.where(fell & grew, WARNING, severity)
         return severity
 

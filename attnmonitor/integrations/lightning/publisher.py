@@ -17,6 +17,8 @@ from attnmonitor.schedule import due
 from attnmonitor.tensorboard import tags
 from attnmonitor.tensorboard.writer import write_scalars
 
+FIGURE_LOGGERS = (TensorBoardLogger, WandbLogger, MLFlowLogger, CSVLogger)
+
 
 def figure_writer(logger: Logger) -> Any:
     """The writer of figures for a Lightning logger, or None for a logger that takes no figures."""
@@ -41,7 +43,7 @@ class LightningPublisher:
         self.trainer = trainer
         self.device: torch.device = trainer.strategy.root_device
         self.tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        taking = [lg for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, WandbLogger, MLFlowLogger, CSVLogger))]
+        taking = [lg for lg in trainer.loggers if isinstance(lg, FIGURE_LOGGERS)]
         self.writer: Any = combine([figure_writer(lg) for lg in taking]) if trainer.is_global_zero else None
         names = [type(lg).__name__ for lg in trainer.loggers]
         self.figures_missing = (

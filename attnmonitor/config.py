@@ -163,17 +163,18 @@ class BatchKeys:
 
 @dataclass
 class HeatmapConfig:
-    """Attention heatmaps of one example, every layer's heads tiled.
+    """Attention heatmaps of one example: an image per head of every layer drawn.
 
     Attributes:
         every_n_steps: training heatmaps every this many optimizer steps (a multiple of the
             monitor's ``every_n_steps`` is best); None for validation heatmaps only.
-        max_tokens: largest number of tokens shown per side.
+        max_tokens: largest number of tokens shown per side, each labelled (up to 32 the image fits a
+            TensorBoard card at its own size; more need the card's "actual size" toggle).
         layers: regexes (full match) selecting the layers drawn; None for all.
     """
 
     every_n_steps: int | None = 500
-    max_tokens: int = 64
+    max_tokens: int = 32
     layers: list[str] | None = None
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ from attnmonitor.regularization.penalty import PenaltyTracker
 from attnmonitor.regularization.regularizer import AttentionRegularizer
 from attnmonitor.schedule import CaptureKind, Schedule
 from attnmonitor.tensorboard import tags
-from attnmonitor.tensorboard.writer import alignment_scalars, statistic_scalars
+from attnmonitor.tensorboard.writer import ScalarLayout, alignment_scalars, statistic_scalars
 
 
 class Publisher(Protocol):
@@ -97,6 +97,8 @@ class MonitorEngine:
         self.last_train_step = -1
         """Last optimizer step whose training capture was published (saved in checkpoints)."""
         self.latest: dict[str, float] = {}
+        self.layout = ScalarLayout()
+        """TensorBoard's custom-scalar charts, one per statistic and layer logged so far."""
         """The scalars of the last publication of each stage (for progress bars)."""
         self._running: int | None = None  # optimizer step whose micro-batches are running
         self._capturing: tuple[int, CaptureKind] | None = None  # the step being captured, and how
@@ -239,6 +241,8 @@ class MonitorEngine:
             )
             publisher.log_scalars({**scalars, **(analysis[0] if analysis else {})}, step)
             self.latest.update(scalars)
+            if publisher.writer is not None:
+                self.layout.update(publisher.writer, synced.layers, synced.values, synced.observed)
             if (atlases or heatmaps) and publisher.figures_missing is not None:
                 self._warn(f"attnmonitor: images skipped: {publisher.figures_missing}", key="no-writer")
             if publisher.writer is not None and (atlases or heatmaps):

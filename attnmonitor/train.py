@@ -1,4 +1,5 @@
-"""The main job: a Hydra app training a model with the attention monitor on, logging to TensorBoard.
+"""The main job: a Hydra app training a model with the attention monitor on, logging to TensorBoard
+(``logger=wandb``, ``logger=mlflow``, ``logger=csv``: to those instead).
 
     attnmonitor-train [overrides...]        (or: python -m attnmonitor.train [overrides...])
 
@@ -9,6 +10,7 @@ callbacks, experiment).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
             callback.options.dashboards.tokenizer = datamodule.decode
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(AttentionProgressBar())
+    if str(cfg.get("logger", {}).get("tracking_uri", "")).startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps local file stores behind this flag
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if trainer.logger is not None:
@@ -59,7 +63,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
 
 
 def run(cfg: DictConfig) -> L.Trainer:
-    """Train as configured; prints where the TensorBoard logs are, before the first step and at the end."""
+    """Train as configured; prints where the logs are and how to view them, before the first step and at the end."""
     quiet()
     L.seed_everything(cfg.seed, verbose=False)
     model, datamodule, trainer = build(cfg)
@@ -76,12 +80,30 @@ def run(cfg: DictConfig) -> L.Trainer:
 
 
 def _where(trainer: L.Trainer) -> str | None:
-    if trainer.logger is None or not trainer.logger.log_dir:
-        return None
-    log_dir = Path(trainer.logger.log_dir).resolve()
-    keep = _images_per_tag(trainer)
-    flag = f" --samples_per_plugin images={keep}" if keep else ""
-    return f"\nTensorBoard logs: {log_dir}\nView them with:   tensorboard --logdir {log_dir.parent}{flag}\n"
+    """Where each logger of the run writes, and how to look."""
+    lines = [_viewing(each, trainer) for each in trainer.loggers]
+    return "\n" + "\n".join(line for line in lines if line) + "\n" if any(lines) else None
+
+
+def _viewing(each: Any, trainer: L.Trainer) -> str | None:
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    if isinstance(each, TensorBoardLogger):
+        log_dir = Path(each.log_dir).resolve()
+        keep = _images_per_tag(trainer)
+        flag = f" --samples_per_plugin images={keep}" if keep else ""
+        return f"TensorBoard logs: {log_dir}\nView them with:   tensorboard --logdir {log_dir.parent}{flag}"
+    if isinstance(each, WandbLogger):
+        run_dir = Path(each.experiment.dir).resolve().parent
+        if each._offline:
+            return f"W&B offline run: {run_dir}\nUpload it with:  wandb sync {run_dir}"
+        return f"W&B run: {each.experiment.url}"
+    if isinstance(each, MLFlowLogger):
+        uri = each._tracking_uri
+        return f"MLflow run {each.run_id} in {uri}\nView it with:    mlflow ui --backend-store-uri {uri}   (pip install mlflow)"
+    if isinstance(each, CSVLogger):
+        return f"CSV logs: {Path(each.log_dir).resolve()} (metrics.csv; figures under images/, tables under text/)"
+    return None
 
 
 def _images_per_tag(trainer: L.Trainer) -> int | None:

@@ -29,6 +29,7 @@ pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 
 from attnmonitor import AttentionMonitor  # noqa: E402
+from attnmonitor.alarms import TAG_GROUP  # noqa: E402
 from attnmonitor.integrations.loop import AttentionMonitorLoop  # noqa: E402
 from attnmonitor.integrations.transformers import AttentionMonitorCallback, AttentionMonitorTrainer  # noqa: E402
 
@@ -179,7 +180,7 @@ class Record:
     published: list[int] = field(default_factory=list)
 
     def add(self, step: int, scalars: dict[str, float]) -> None:
-        train = {tag: float(v) for tag, v in scalars.items() if tag.startswith("attn_train")}
+        train = {tag: float(v) for tag, v in scalars.items() if tag.startswith("attn_train") and not tag.startswith(TAG_GROUP)}
         if train:
             self.published.append(step)
             self.scalars.setdefault(step, {}).update(train)

@@ -146,12 +146,12 @@ def test_history_and_episodes_survive_a_state_dict_round_trip_with_another_inter
     config = {"logit_growth": SUSTAINED}
     series = {"max_logit": [[v, v] for v in _geometric(40.0, 3.0, 31)]}
     first = _alarms(**config)
-    assert "attn_alarm/logit_growth" not in first.scalars([])  # not charted before it fires
+    assert "attn_train_alarm/logit_growth" not in first.scalars([])  # not charted before it fires
     captures = _feed(first, {"max_logit": series["max_logit"][:15]})  # up to step 140: warning episodes open
-    assert first.scalars(captures[-1])["attn_alarm/logit_growth"] == 2
+    assert first.scalars(captures[-1])["attn_train_alarm/logit_growth"] == 2
     resumed = _alarms(**config)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as checkpoints store it
-    assert resumed.scalars([])["attn_alarm/logit_growth"] == 0  # still charted after the resume
+    assert resumed.scalars([])["attn_train_alarm/logit_growth"] == 0  # still charted after the resume
     # the resumed run looks every 20 steps instead of 10: the history is by step, so growth carries on
     later = [
         resumed.check(step, LAYERS, {"max_logit": torch.tensor([series["max_logit"][step // CADENCE], [0.5, 0.5]])})
@@ -257,11 +257,11 @@ def test_a_collapse_stops_training_after_a_checkpoint_and_is_logged(tmp_path, ca
     checkpoint = tmp_path / "tb" / "version_0" / "alarm_checkpoints" / f"step={alarm_step}.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == alarm_step + 1
     events = read_events(tmp_path / "tb" / "version_0")
-    counts = {e.step: e.value for e in events.Scalars("attn_alarm/logit_growth")}
+    counts = {e.step: e.value for e in events.Scalars("attn_train_alarm/logit_growth")}
     assert counts == {alarm_step: 4}  # charted from the rule's first firing on: no flat-zero chart before
-    severity = {e.step: e.value for e in events.Scalars("attn_alarm/severity")}  # the compact chart, every alarm capture
+    severity = {e.step: e.value for e in events.Scalars("attn_train_alarm/severity")}  # the compact chart, every alarm capture
     assert sorted(severity) == list(range(EVERY - 1, alarm_step + 1, EVERY)) and severity[alarm_step] == 3
-    text = events.Tensors("attn_alarm/logit_growth/text_summary")[0].tensor_proto.string_val[0].decode()
+    text = events.Tensors("attn_train_alarm/logit_growth/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "[critical] logit_growth" in text and f"at step {alarm_step}" in text
 
 
@@ -273,7 +273,7 @@ def test_alarm_only_captures_feed_a_callable_between_regular_captures(tmp_path):
     assert received and min(f.step for f in received) == SHARPEN_AT + 1  # the alarm-only capture after the collapse
     assert {(f.rule, f.severity) for f in received} == {("logit_growth", "critical")} and all(f.new for f in received)
     events = read_events(tmp_path / "tb" / "version_0")
-    assert sorted(e.step for e in events.Scalars("attn_alarm/logit_growth")) == list(range(SHARPEN_AT + 1, 20, 2))
-    assert "attn_alarm/entropy_collapse" not in events.Tags()["scalars"]  # never fired at warning
+    assert sorted(e.step for e in events.Scalars("attn_train_alarm/logit_growth")) == list(range(SHARPEN_AT + 1, 20, 2))
+    assert "attn_train_alarm/entropy_collapse" not in events.Tags()["scalars"]  # never fired at warning
     assert sorted(e.step for e in events.Scalars("attn_train/entropy")) == [9, 19]  # regular captures only
     assert monitor.state_dict()["alarms"]["history"]  # the history goes into checkpoints

@@ -81,7 +81,7 @@ def test_encoder_decoder_run_logs_cross_attention_with_its_own_meanings(tmp_path
     assert f"attn_train_layers/distance/{DECODER_SELF}" in scalars
     for name in ("distance", "self_weight", "prev_token_weight", "next_token_weight"):
         assert f"attn_train_layers/{name}/{CROSS}" not in scalars
-    assert f"attn_train/heatmap/{CROSS}" in images
+    assert f"attn_train_heatmap/{CROSS}/head_0" in images
     table = events.Tensors(f"attn_train_example/interpretation/{CROSS}/text_summary")[0].tensor_proto.string_val[0].decode()
     first_decoder_token = f"w{int(batches[1]['decoder_input_ids'][0, 0])}"  # step 1 is the first captured (every 2)
     assert table.splitlines()[0] == "| query | attends to (weight) | entropy |"

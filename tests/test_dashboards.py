@@ -4,6 +4,7 @@ fixed colour scales, hyperparameters, steps aligned with the model's own metrics
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 
@@ -24,7 +25,7 @@ from tests.helpers.events import read_custom_scalar_layout, read_events, read_hp
 from tests.helpers.trainer import ignore_few_batches, ignore_no_validation_data, make_trainer
 
 VOCAB, SEQ = 40, 12
-GROUPS = ("attn_train/", "attn_train_layers/", "attn_val/", "attn_val_layers/", "attn_train_example/", "attn_val_example/")
+GROUPS = tuple(f"attn_{stage}{group}/" for stage in ("train", "val") for group in ("", "_layers", "_example", "_heatmap"))
 
 
 def _loader(n: int = 32, seed: int = 0) -> DataLoader:
@@ -51,17 +52,24 @@ def test_every_monitor_tag_is_in_its_own_group(run):
     ours = [t for kind in ("scalars", "images", "tensors") for t in events.Tags()[kind] if t.startswith("attn")]
     assert ours and all(tag.startswith(GROUPS) for tag in ours), [t for t in ours if not t.startswith(GROUPS)]
     scalars = set(events.Tags()["scalars"])
-    assert {f"attn_train/{n}" for n in STATISTICS} <= scalars  # the first page: one chart per statistic
+    assert {f"attn_train/{n}" for n in STATISTICS if n != "next_token_weight"} <= scalars  # one chart per statistic
+    assert not any("next_token_weight" in t for t in scalars)  # causal attention: 0 by construction, not charted
     assert "attn_train_layers/entropy/blocks.1.attn" in scalars
 
 
-def test_custom_scalar_layout_puts_train_and_val_of_every_layer_on_one_chart(run):
+def test_custom_scalar_layout_has_a_chart_per_statistic_and_layer_with_train_and_val(run):
     layout = read_custom_scalar_layout(run)
     assert layout is not None
-    by_layer = next(category for category in layout.category if category.title == "attention by layer (train and val)")
-    charts = {chart.title: list(chart.multiline.tag) for chart in by_layer.chart}
-    assert set(charts) == set(STATISTICS)
-    assert charts["normalized_entropy"] == ["attn_(train|val)_layers/normalized_entropy/.*"]
+    categories = {category.title: {c.title: list(c.multiline.tag) for c in category.chart} for category in layout.category}
+    assert list(categories)[0] == "attention, mean over layers and heads"  # the overview first
+    logged = [n for n in STATISTICS if n != "next_token_weight"]  # causal: 0 by construction, not logged
+    assert list(categories["attention, mean over layers and heads"]) == logged
+    by_layer = categories["entropy by layer (train and val)"]
+    assert by_layer == {layer: [rf"^attn_(train|val)_layers/entropy/{re.escape(layer)}$"] for layer in ("blocks.0.attn", "blocks.1.attn")}
+    scalars = read_events(run).Tags()["scalars"]
+    for pattern in by_layer["blocks.1.attn"]:  # the chart's two lines: train and validation of that layer only
+        assert sorted(t for t in scalars if re.search(pattern, t)) == ["attn_train_layers/entropy/blocks.1.attn", "attn_val_layers/entropy/blocks.1.attn"]
+    assert "next_token_weight by layer (train and val)" not in categories
 
 
 def test_steps_equal_the_models_own_metric_steps(run):
@@ -72,14 +80,15 @@ def test_steps_equal_the_models_own_metric_steps(run):
     assert {e.step for e in events.Scalars("attn_val/entropy")} == {e.step for e in events.Scalars("val/loss")} == {2, 5}
 
 
-def test_one_legible_heatmap_per_layer(run):
+def test_one_heatmap_per_head_that_fits_a_card(run):
     events = read_events(run)
     for layer in ("blocks.0.attn", "blocks.1.attn"):
-        images = events.Images(f"attn_train/heatmap/{layer}")
-        assert [e.step for e in images] == [1, 3, 5]
-        image = Image.open(io.BytesIO(images[-1].encoded_image_string))
-        # 2 heads side by side, 12 tokens of ~16 px each: crisp at its own size, within a browser window
-        assert 400 <= image.size[0] <= 1600 and 200 <= image.size[1] <= 1000, image.size
+        for head in (0, 1):
+            images = events.Images(f"attn_train_heatmap/{layer}/head_{head}")
+            assert [e.step for e in images] == [1, 3, 5]
+            image = Image.open(io.BytesIO(images[-1].encoded_image_string))
+            # 12 tokens, each labelled, 16 px cells: readable at its own size, narrower than a TensorBoard card
+            assert 250 <= image.size[0] <= 460 and 200 <= image.size[1] <= 460, image.size
 
 
 def test_the_monitor_options_are_hyperparameters(run):
@@ -167,7 +176,7 @@ def test_figures_are_drawn_off_the_training_thread(tmp_path, monkeypatch):
     assert stall < 0.5, stall
     engine.detach()  # waits for the pending figures
     events = read_events(tmp_path)
-    assert "attn_train/atlas/entropy" in events.Tags()["images"] and "attn_train/heatmap/blocks.0.attn" in events.Tags()["images"]
+    assert "attn_train/atlas/entropy" in events.Tags()["images"] and "attn_train_heatmap/blocks.0.attn/head_0" in events.Tags()["images"]
 
 
 def test_a_failing_figure_job_is_warned_and_training_goes_on(tmp_path, monkeypatch):

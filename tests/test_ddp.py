@@ -49,7 +49,7 @@ def test_ddp_statistics_equal_a_single_process_over_the_global_batch(tmp_path):
             assert logged[-1] == pytest.approx(expected, rel=1e-5, abs=1e-6), (layer, name)
     _assert_max_logit_is_the_maximum_over_both_ranks(events, model, rank_batches)
     assert sorted({e.step for e in events.Scalars("attn_train/entropy")}) == [1, 3]
-    assert [e.step for e in events.Images("attn_train/heatmap/net.layers.0")] == [1, 3]
+    assert [e.step for e in events.Images("attn_train_heatmap/net.layers.0/head_0")] == [1, 3]
     assert "attn_val/atlas/entropy" in events.Tags()["images"]
 
 

@@ -84,7 +84,7 @@ def test_gpt2_statistics_at_captured_steps_equal_eager_reference_under_gradient_
     assert [entry["step"] for entry in history] == [2, 4]
     assert history[-1]["attn_train/entropy"] == pytest.approx(events.Scalars("train/attn_train/entropy")[-1].value, rel=1e-6)
     # figures through the TensorBoardCallback's writer, at its step
-    assert [e.step for e in events.Images("attn_train/heatmap/transformer.h.0.attn")] == [4]
+    assert [e.step for e in events.Images("attn_train_heatmap/transformer.h.0.attn/head_0")] == [4]
     assert [e.step for e in events.Images("attn_train/atlas/entropy")] == [4]
     # hooks removed after train(), the interceptor gone
     assert _all_hooks(model) == 0 and monitor.engine.capture is None
@@ -111,7 +111,7 @@ def test_bert_evaluation_probe_with_padding_equals_eager_reference(tmp_path):
     _assert_logged_equal_reference(events, "train", "bert", 1, step1, prefix="train")
     assert any("eval_attn_val/entropy" in entry and entry["step"] == 2 for entry in trainer.state.log_history)
     images = events.Tags()["images"]
-    assert "attn_val/atlas/entropy" in images and "attn_val/heatmap/bert.encoder.layer.0.attention.self" in images
+    assert "attn_val/atlas/entropy" in images and "attn_val_heatmap/bert.encoder.layer.0.attention.self/head_0" in images
     assert "attn_val/table/text_summary" in events.Tags()["tensors"]
     assert _all_hooks(model) == 0
 

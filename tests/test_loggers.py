@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +91,7 @@ def test_lightning_figures_reach_wandb_mlflow_and_csv_as_they_reach_tensorboard(
     loggers[2].experiment.finish()
 
     images, texts, counts = _tensorboard_figures(tmp_path / "tb" / "version_0")
-    assert {"attn_train/atlas/max_logit", "attn_train/heatmap/blocks.0.attn"} <= set(images) and texts and counts
+    assert {"attn_train/atlas/max_logit", "attn_train_heatmap/blocks.0.attn/head_0"} <= set(images) and texts and counts
 
     # CSV: one PNG / Markdown file per tag and step, histogram rows
     folder = tmp_path / "csv" / "version_0"
@@ -207,3 +210,64 @@ def test_hugging_face_trainer_figures_reach_wandb_and_mlflow(tmp_path, offline, 
     names = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any(n.startswith("images/attn_train~atlas~normalized_entropy+step+2+") and n.endswith(".png") for n in names), names
     assert client.list_artifacts(run.info.run_id, "attnmonitor/attn_train/table")  # the per-head table
+
+
+MAIN_JOB = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.num_sanity_val_steps=0",
+    "callbacks.attention_monitor.schedule.every_n_steps=2",
+    "callbacks.attention_monitor.schedule.atlas_every_n_steps=2",
+    "callbacks.attention_monitor.dashboards.heatmaps.every_n_steps=2",
+]
+FIGURES = ["attn_train/atlas/normalized_entropy", "attn_train_heatmap/blocks.0.attn/head_0"]  # logged at step 1 (0-based 1: the 2nd)
+
+
+def _main_job(tmp_path: Path, logger: str) -> tuple[Path, str]:
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "attnmonitor.train", f"logger={logger}", f"hydra.run.dir={tmp_path}/run", *MAIN_JOB]
+    result = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return tmp_path / "run", result.stdout
+
+
+@pytest.mark.slow
+def test_main_job_logs_scalars_atlases_heatmaps_and_table_to_csv(tmp_path):
+    run, output = _main_job(tmp_path, "csv")
+    folder = run / "csv"
+    assert f"CSV logs: {folder}" in output
+    assert "attn_train/normalized_entropy" in (folder / "metrics.csv").read_text().splitlines()[0].split(",")
+    for tag in FIGURES:
+        assert _pixels(folder / "images" / tag / "step_1.png").shape[0] > 100, tag
+    assert (folder / "text" / "attn_train" / "table" / "step_1.md").read_text().startswith("| layer | head |")
+
+
+@pytest.mark.slow
+def test_main_job_logs_scalars_atlases_heatmaps_and_table_to_wandb_offline(tmp_path):
+    run, output = _main_job(tmp_path, "wandb")
+    (run_dir,) = (run / "wandb").glob("offline-run-*")
+    assert f"wandb sync {run_dir}" in output  # how to upload it, printed
+    history = read_history(run_dir)
+    assert any("attn_train/normalized_entropy" in row for row in history)
+    at_step = [row for row in history if row.get("trainer/global_step") == 1]
+    for tag in FIGURES:
+        (row,) = [r for r in at_step if f"{tag}/path" in r]
+        assert _pixels(run_dir / "files" / row[f"{tag}/path"]).shape[0] > 100, tag
+    assert any(r.get("attn_train/table/_type") == "html-file" for r in at_step)
+
+
+@pytest.mark.slow
+def test_main_job_logs_scalars_atlases_heatmaps_and_table_to_a_local_mlflow_store(tmp_path, monkeypatch):
+    run, output = _main_job(tmp_path, "mlflow")
+    uri = f"file:{run}/mlruns"
+    assert f"mlflow ui --backend-store-uri {uri}" in output
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("attnmonitor").experiment_id])
+    run_id = found.info.run_id
+    assert client.get_metric_history(run_id, "attn_train/normalized_entropy")
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    for tag in FIGURES:
+        assert any(p.startswith(f"images/{tag.replace('/', '~')}+step+1+") and p.endswith(".png") for p in images), (tag, images)
+    table = Path(client.download_artifacts(run_id, "attnmonitor/attn_train/table/step_1.md", str(tmp_path / "copy")))
+    assert table.read_text().startswith("| layer | head |")

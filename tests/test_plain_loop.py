@@ -87,7 +87,7 @@ def test_captured_step_equals_float64_reference_over_all_micro_batches(tmp_path)
     assert_stats_close(_logged(logged[1], "train"), _reference(model, batches), rtol=1e-5, atol=1e-6)
     events = read_events(tmp_path)
     assert [e.step for e in events.Scalars("attn_train/entropy")] == [1, 3]
-    assert [e.step for e in events.Images("attn_train/heatmap/layers.0")] == [1, 3]
+    assert [e.step for e in events.Images("attn_train_heatmap/layers.0/head_0")] == [1, 3]
     assert [e.step for e in events.Images("attn_train/atlas/entropy")] == [3]
 
 
@@ -140,7 +140,7 @@ def test_evaluation_probe_equals_reference_and_is_written(tmp_path):
     assert_stats_close(_logged(scalars, "val"), _reference(model, batches[:1]), rtol=1e-5, atol=1e-6)  # the first batch only
     events = read_events(tmp_path)
     assert [e.step for e in events.Scalars("attn_val/entropy")] == [7]
-    assert "attn_val/heatmap/layers.0" in events.Tags()["images"] and "attn_val/table/text_summary" in events.Tags()["tensors"]
+    assert "attn_val_heatmap/layers.0/head_0" in events.Tags()["images"] and "attn_val/table/text_summary" in events.Tags()["tensors"]
 
 
 def test_a_step_not_logged_is_published_when_the_next_begins_and_bad_input_is_refused():
@@ -171,7 +171,7 @@ def test_the_plain_loop_example_runs(tmp_path):
     assert [e.step for e in events.Scalars("attn_train/entropy")] == [1, 3]
     assert [e.step for e in events.Scalars("attn_val/entropy")] == [3]
     assert [e.step for e in events.Scalars("attn_reg/penalty")] == [1, 3]
-    assert "attn_val/heatmap/blocks.0.attn" in events.Tags()["images"]
+    assert "attn_val_heatmap/blocks.0.attn/head_0" in events.Tags()["images"]
 
 
 def test_alarms_warn_call_back_and_ask_the_loop_to_save_and_stop(caplog):

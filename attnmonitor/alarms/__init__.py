@@ -92,7 +92,7 @@ class AlarmsConfig:
         return {rule.name: rule for rule in candidates if rule is not None}
 
 
-TAG_GROUP = "attn_alarm"
+TAG_GROUP = "attn_train_alarm"
 
 
 def alarm_tag(rule: str) -> str:

@@ -16,6 +16,7 @@ from attnmonitor.functional.masks import diagonal_valid, first_valid_keys, seque
 from attnmonitor.functional.regularization import clip_attention, entropy_penalty, sparsity_penalty
 from attnmonitor.functional.statistics import (
     MAX_STATISTICS,
+    OFFSET_WEIGHTS,
     POSITION_STATISTICS,
     ROW_STATISTICS,
     STATISTICS,
@@ -41,6 +42,7 @@ __all__ = [
     "sparsity_penalty",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "MAX_STATISTICS",
+    "OFFSET_WEIGHTS",
     "POSITION_STATISTICS",
     "ROW_STATISTICS",
     "STATISTICS",

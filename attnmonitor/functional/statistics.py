@@ -20,6 +20,10 @@ from torch import Tensor
 POSITION_STATISTICS: frozenset[str] = frozenset({"distance", "self_weight", "prev_token_weight", "next_token_weight"})
 """Statistics that compare a query's position with its keys': defined for self-attention only."""
 
+OFFSET_WEIGHTS: frozenset[str] = frozenset({"self_weight", "prev_token_weight", "next_token_weight"})
+"""Weights on one key offset: exactly 0 in every row of every head of a layer only when a mask forbids
+that offset (a causal mask, the next token), where they say nothing about the heads."""
+
 STATISTICS: tuple[str, ...] = (
     "entropy",
     "normalized_entropy",
@@ -396,6 +400,7 @@ def max_from_maxima(maxima: Tensor, counts: Tensor | None = None) -> Tensor:
 __all__ = [
     "KEY_ADDITIVE_STATISTICS",
     "MAX_STATISTICS",
+    "OFFSET_WEIGHTS",
     "POSITION_STATISTICS",
     "ROW_STATISTICS",
     "STATISTICS",

@@ -26,7 +26,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from attnmonitor.capture.accumulator import StatisticsAccumulator
-from attnmonitor.functional.statistics import POSITION_STATISTICS, max_from_maxima, mean_from_sums, split_statistics
+from attnmonitor.functional.statistics import OFFSET_WEIGHTS, POSITION_STATISTICS, max_from_maxima, mean_from_sums, split_statistics
 
 
 class HeadStatisticGrid(Metric):
@@ -168,7 +168,8 @@ class Synced:
     Attributes:
         layers: layer names, rows of every grid; heads: ``{layer: H_l}``.
         values: ``{statistic: [L, H]}`` means (maxima for ``max_logit``), NaN where a layer does not
-            define a statistic (position statistics of cross-attention).
+            define a statistic (position statistics of cross-attention) or where its mask makes it
+            0 in every head (the next-token weight of causal attention).
         observed: bool ``[L, H]``, cells with at least one valid row.
     """
 
@@ -209,4 +210,8 @@ class StageStatistics:
         cross = torch.tensor([layer in cross_layers for layer in layers], device=rows.device)
         for name in POSITION_STATISTICS & set(values):  # not defined for cross-attention
             values[name] = values[name].masked_fill(cross.unsqueeze(1), float("nan"))
-        return Synced(layers, heads, values, rows > 0)
+        observed = rows > 0
+        for name in OFFSET_WEIGHTS & set(values):  # masked by construction: 0 in every row and head
+            masked = ((values[name] == 0) | ~observed).all(1) & observed.any(1)
+            values[name] = values[name].masked_fill(masked.unsqueeze(1), float("nan"))
+        return Synced(layers, heads, values, observed)

@@ -58,63 +58,51 @@ def head_atlas(
     return _rgb(fig)
 
 
-HEADS_PER_ROW = 4
-_CELL_INCHES, _DPI = 0.16, 100  # about 16 px per token: labels readable at the image's own size
+PANEL_PIXELS, CELL_PIXELS, LABEL_CHARACTERS, DPI = 320, (7, 16), 10, 100
+"""A heatmap's matrix spans about ``PANEL_PIXELS`` (cells of 7 to 16 px), so that with its labels and
+colour bar the image fits a TensorBoard card (about 450 px) at its own size; labels are cut to
+``LABEL_CHARACTERS``."""
 
 
-def attention_heatmaps(
-    probs: Tensor,
-    tokens: Sequence[str] | None,
-    title: str,
-    query_tokens: Sequence[str] | None = None,
-    panel_titles: Sequence[str] | None = None,
+def attention_heatmap(
+    probs: Tensor, keys: Sequence[str], queries: Sequence[str], title: str, vmax: float | None = None
 ) -> np.ndarray:
-    """Each head's ``[Tq, Tk]`` attention of one example, up to four heads per row, one colour bar.
-
-    Every panel has square cells and its own title (``head h``); query labels run along the first
-    column, key labels along the bottom panel of each column (every ``ceil(T / 32)``-th token when
-    long); the colour scale, [0, largest weight], is the same for all heads.
+    """One head's ``[Tq, Tk]`` attention as a heatmap, every query and key labelled, with a colour bar.
 
     Args:
-        probs: ``[H, Tq, Tk]`` probabilities (rows: queries, columns: keys).
-        tokens: ``Tk`` key labels, or None for positions.
-        title: figure title (what the figure shows: layer, stage, example).
-        query_tokens: ``Tq`` query labels (default: ``tokens``, as in self-attention).
-        panel_titles: one title per panel (default: ``head h``).
+        probs: ``[Tq, Tk]`` probabilities (rows: queries, columns: keys).
+        keys: ``Tk`` key labels. queries: ``Tq`` query labels.
+        title: what the figure shows (layer, head, stage).
+        vmax: top of the colour scale, [0, vmax] (default: the largest weight), e.g. shared by the
+            heads of a layer.
 
     Returns:
-        ``[height, width, 3]`` uint8 image, about 16 px per token and panel.
+        ``[height, width, 3]`` uint8 image, about 450 px wide for 32 tokens.
     """
-    heads, tq, tk = probs.shape
-    keys = list(tokens) if tokens is not None else [str(i) for i in range(tk)]
-    queries = list(query_tokens) if query_tokens is not None else (keys if tokens is not None else [f"q{i}" for i in range(tq)])
-    label = max(0.3, 0.05 * max(len(x) for x in [*keys[:tk], *queries[:tq]]))  # inches of tick labels
-    panel_w, panel_h = max(1.2, _CELL_INCHES * tk), max(1.2, _CELL_INCHES * tq)
-    columns = min(heads, HEADS_PER_ROW)
-    rows = math.ceil(heads / columns)
-    width = 0.2 + columns * (label + panel_w + 0.15) + 0.7
-    height = 0.55 + rows * (panel_h + label + 0.35)
-    fig = Figure(figsize=(width, height), dpi=_DPI)
-    fig.suptitle(f"{title}: rows (queries) attend to columns (keys)", fontsize=9, y=1 - 0.12 / height)
-    vmax = max(float(probs.max()), 1e-6)
-    step_q, step_k = math.ceil(tq / 32), math.ceil(tk / 32)
-    image = None
-    for h in range(heads):
-        row, col = divmod(h, columns)
-        left = 0.2 + col * (label + panel_w + 0.15) + label
-        bottom = height - 0.55 - (row + 1) * (panel_h + label + 0.35) + label + 0.05
-        ax = fig.add_axes((left / width, bottom / height, panel_w / width, panel_h / height))
-        image = ax.imshow(probs[h].float().cpu().numpy(), cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="auto")
-        ax.set_title(panel_titles[h] if panel_titles is not None else f"head {h}", fontsize=7, pad=2)
-        ax.set_yticks(range(0, tq, step_q), labels=queries[:tq:step_q] if col == 0 else [], fontsize=5)
-        bottom_of_column = h + columns >= heads
-        ax.set_xticks(range(0, tk, step_k), labels=keys[:tk:step_k] if bottom_of_column else [], fontsize=5, rotation=90)
-        ax.tick_params(length=1, pad=1)
-    top = height - 0.55 - panel_h - label - 0.35 + label + 0.05
-    colorbar = fig.add_axes(((width - 0.55) / width, top / height, 0.12 / width, panel_h / height))
+    tq, tk = probs.shape
+    cell = min(max(PANEL_PIXELS / max(tq, tk), CELL_PIXELS[0]), CELL_PIXELS[1]) / DPI  # inches
+    font = min(7.0, 0.6 * cell * DPI)  # points: about 0.8 of a cell high
+    keys, queries = [_short(x) for x in keys[:tk]], [_short(x) for x in queries[:tq]]
+    label = 0.1 + font / 72 * 0.62 * max(len(x) for x in [*keys, *queries, "0"])  # inches of the longest label
+    panel_w, panel_h = cell * tk, cell * tq
+    width, height = label + panel_w + 0.75, label + panel_h + 0.35
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    ax = fig.add_axes((label / width, label / height, panel_w / width, panel_h / height))
+    top = float(probs.max()) if vmax is None else vmax
+    image = ax.imshow(probs.float().cpu().numpy(), cmap="magma", vmin=0.0, vmax=max(top, 1e-6), interpolation="nearest", aspect="auto")
+    ax.set_title(title, fontsize=8, pad=3)
+    ax.set_yticks(range(tq), labels=queries, fontsize=font)
+    ax.set_xticks(range(tk), labels=keys, fontsize=font, rotation=90)
+    ax.tick_params(length=1, pad=1)
+    ax.set_ylabel("query", fontsize=7, labelpad=1)
+    colorbar = fig.add_axes(((label + panel_w + 0.1) / width, label / height, 0.1 / width, panel_h / height))
     fig.colorbar(image, cax=colorbar).set_label("attention weight", fontsize=6)
     colorbar.tick_params(labelsize=6)
     return _rgb(fig)
+
+
+def _short(token: str) -> str:
+    return token if len(token) <= LABEL_CHARACTERS else token[: LABEL_CHARACTERS - 1] + "…"
 
 
 SHORT_NAMES = {

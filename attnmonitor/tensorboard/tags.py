@@ -3,20 +3,23 @@
 TensorBoard groups charts by the first path component, so each kind of chart has its own group:
 
 - ``attn_<stage>/``: per statistic, the mean over layers and heads (``max_logit``: the maximum);
-  atlases, heatmaps, the table;
+  atlases, the table;
 - ``attn_<stage>_layers/``: per statistic and layer, mean (``max_logit``: maximum) over its heads
   (``attn_<stage>_heads/``: per head;
   ``attn_<stage>_hist/``: histograms of a layer's heads);
+- ``attn_<stage>_heatmap/``: each head's attention over the example's tokens;
 - ``attn_<stage>_example/``: analyses of the example (batch element 0);
 - ``attn_reg/``: the regularizer's terms and clipping; ``attn_health/``: skipped captures.
 
-``<stage>`` is ``train`` or ``val``. The custom-scalar layout (:func:`custom_scalar_layout`) puts one
-statistic of every layer, train and validation, on one chart.
+``<stage>`` is ``train`` or ``val``; the alarms' group, ``attn_train_alarm/``, sorts after the training
+means. The custom-scalar layout (:func:`custom_scalar_layout`) has a chart per statistic and layer,
+train and validation on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 
 def statistic(stage: str, name: str, layer: str | None = None, head: int | None = None) -> str:
@@ -39,9 +42,9 @@ def histogram(stage: str, name: str, layer: str) -> str:
     return f"attn_{stage}_hist/{name}/{layer}"
 
 
-def heatmap(stage: str, layer: str) -> str:
-    """Image: every head's attention over the example's tokens."""
-    return f"attn_{stage}/heatmap/{layer}"
+def heatmap(stage: str, layer: str, head: int) -> str:
+    """Image: one head's attention over the example's tokens (a card per head, in its own group)."""
+    return f"attn_{stage}_heatmap/{layer}/head_{head}"
 
 
 def table(stage: str) -> str:
@@ -104,10 +107,16 @@ def regularization(term: str) -> str:
     return f"attn_reg/{term}"
 
 
-def custom_scalar_layout(statistics: Sequence[str]) -> dict[str, dict[str, list]]:
-    """TensorBoard custom-scalar layout: per statistic, every layer's train and validation curves on
-    one chart, and the means over layers on another (``SummaryWriter.add_custom_scalars``)."""
-    return {
-        "attention by layer (train and val)": {name: ["Multiline", [f"attn_(train|val)_layers/{name}/.*"]] for name in statistics},
-        "attention, mean over layers and heads": {name: ["Multiline", [f"attn_(train|val)/{name}$"]] for name in statistics},
-    }
+def custom_scalar_layout(layers_by_statistic: Mapping[str, Sequence[str]]) -> dict[str, dict[str, list]]:
+    """TensorBoard custom-scalar layout (``SummaryWriter.add_custom_scalars``): the means over layers and
+    heads, one chart per statistic, first; then one category per statistic with a chart per layer,
+    each holding that layer's train and validation curves (two lines, not a bundle of look-alikes).
+
+    Args:
+        layers_by_statistic: ``{statistic: layers that log it}``, in display order.
+    """
+    layout = {"attention, mean over layers and heads": {name: ["Multiline", [f"^attn_(train|val)/{name}$"]] for name in layers_by_statistic}}
+    for name, layers in layers_by_statistic.items():
+        charts = {layer: ["Multiline", [f"^attn_(train|val)_layers/{name}/{re.escape(layer)}$"]] for layer in layers}
+        layout[f"{name} by layer (train and val)"] = charts
+    return layout

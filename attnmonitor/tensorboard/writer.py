@@ -13,7 +13,7 @@ from attnmonitor.analysis.example import ExampleAnalysis
 from attnmonitor.functional.analyses import ROLES
 from attnmonitor.functional.statistics import MAX_STATISTICS
 from attnmonitor.tensorboard import tags
-from attnmonitor.tensorboard.render import attention_heatmaps, head_atlas, role_atlas, statistics_table
+from attnmonitor.tensorboard.render import attention_heatmap, head_atlas, role_atlas, statistics_table
 
 
 def write_scalars(writer: Any, scalars: Mapping[str, float], step: int) -> None:
@@ -53,6 +53,30 @@ def statistic_scalars(
     return scalars
 
 
+class ScalarLayout:
+    """TensorBoard's custom-scalar layout (:func:`tags.custom_scalar_layout`) of the statistics and
+    layers logged so far, written again to each ``SummaryWriter`` among a publisher's writers when a
+    chart is added (TensorBoard shows the latest layout)."""
+
+    def __init__(self) -> None:
+        self.charts: dict[str, list[str]] = {}
+
+    def update(self, writer: Any, layers: Sequence[str], values: Mapping[str, Tensor], observed: Tensor) -> None:
+        """Add a chart per (statistic, layer) defined in ``values`` (``[L, H]``, NaN: undefined)."""
+        added = False
+        for name, grid in values.items():
+            defined = (observed & ~grid.isnan()).any(1).tolist()
+            for layer, logged in zip(layers, defined, strict=True):
+                if logged and layer not in self.charts.setdefault(name, []):
+                    self.charts[name].append(layer)
+                    added = True
+        if added:
+            layout = tags.custom_scalar_layout({name: found for name, found in self.charts.items() if found})
+            for each in getattr(writer, "writers", [writer]):
+                if hasattr(each, "add_custom_scalars"):
+                    each.add_custom_scalars(layout)
+
+
 def alignment_scalars(stage: str, counts: Mapping[str, Tensor]) -> dict[str, float]:
     """Alignment accuracy per layer from ``{layer: [correct, counted]}``, and that of the best layer."""
     accuracy = {layer: float(c[0] / c[1]) for layer, c in counts.items() if c[1] > 0}
@@ -68,17 +92,14 @@ def example_scalars(stage: str, result: ExampleAnalysis) -> dict[str, float]:
 
 BOUNDED = frozenset({"normalized_entropy", "max_weight", "sparsity", "self_weight", "prev_token_weight", "next_token_weight", "sink_mass"})
 """Statistics in [0, 1]: their atlases use a fixed colour scale, comparable across steps."""
-WEIGHTS = frozenset({"self_weight", "prev_token_weight", "next_token_weight", "sink_mass"})
-"""Softmax weights: exactly 0 everywhere only when masked by construction (causal: no next token)."""
 
 
 def write_atlases(writer: Any, stage: str, step: int, layers: Sequence[str], values: Mapping[str, Tensor], observed: Tensor) -> None:
     """One layers x heads atlas image per statistic, a histogram per layer, and the per-head table.
 
     Statistics in [0, 1] are drawn on a fixed [0, 1] scale, the others (``max_logit``: logits) on a
-    scale fitted to the step's values; a weight that is exactly 0 in every cell
-    (masked by construction: the next-token weight of causal attention) gets no atlas, and the table
-    says so.
+    scale fitted to the step's values; a statistic that no layer defines (NaN everywhere: the
+    next-token weight of causal attention) gets no atlas and no table column, and the table says so.
 
     Args:
         values: ``{statistic: [L, H]}`` means, NaN where a layer does not define the statistic
@@ -86,24 +107,22 @@ def write_atlases(writer: Any, stage: str, step: int, layers: Sequence[str], val
     """
     rows = observed.any(1).cpu()
     seen_layers = [layer for layer, seen in zip(layers, rows.tolist(), strict=True) if seen]
-    zero = []
+    shown: dict[str, Tensor] = {}
     for name, grid in values.items():
         grid = grid.cpu()[rows]
         seen = observed.cpu()[rows] & ~grid.isnan()
         if not seen.any():
             continue
-        if name in WEIGHTS and not grid[seen].any():
-            zero.append(name)
-            continue
+        shown[name] = grid
         value_range = (0.0, 1.0) if name in BOUNDED else None
         image = head_atlas(grid, seen, seen_layers, f"{stage} {name}", value_range)
         writer.add_image(tags.atlas(stage, name), image, step, dataformats="HWC")
         for layer, heads, mask in zip(seen_layers, grid, seen, strict=True):
             if mask.any():
                 writer.add_histogram(tags.histogram(stage, name, layer), heads[mask], step)
-    table = statistics_table({n: v.cpu()[rows] for n, v in values.items()}, observed.cpu()[rows], seen_layers)
-    if zero:
-        table += f"\n\n{', '.join(zero)}: 0 in every layer and head (e.g. causal attention never sees the next token): no atlas drawn."
+    table = statistics_table(shown, observed.cpu()[rows], seen_layers)
+    if hidden := [name for name in values if name not in shown]:
+        table += f"\n\nNot shown: {', '.join(hidden)} (no layer defines it here, e.g. causal attention never sees the next token)."
     writer.add_text(tags.table(stage), table, step)
 
 
@@ -117,13 +136,19 @@ def write_heatmap(
     query_tokens: Sequence[str] | None = None,
     cross: bool = False,
 ) -> None:
-    """The heads of one layer on the example, ``probs`` ``[H, Tq, Tk]``; keys labelled by ``tokens``,
-    queries by ``query_tokens`` (``tokens`` for self-attention; positions for cross-attention)."""
-    if query_tokens is None and not cross:
-        query_tokens = tokens
+    """One image per head of a layer on the example, ``probs`` ``[H, Tq, Tk]``, on the colour scale of the
+    layer's largest weight; keys labelled by ``tokens`` (None: positions), queries by ``query_tokens``
+    (``tokens`` for self-attention; positions for cross-attention)."""
+    _, tq, tk = probs.shape
+    keys = list(tokens) if tokens is not None else [str(i) for i in range(tk)]
+    if query_tokens is None:
+        query_tokens = keys if not cross else [f"q{i}" for i in range(tq)]
     kind = "cross-attention" if cross else "self-attention"
-    image = attention_heatmaps(probs, tokens, f"{stage} {layer} ({kind}, example 0)", query_tokens=query_tokens)
-    writer.add_image(tags.heatmap(stage, layer), image, step, dataformats="HWC")
+    vmax = float(probs.max())
+    for head, head_probs in enumerate(probs):
+        title = f"{stage} {layer} head {head} ({kind})"
+        image = attention_heatmap(head_probs, keys, list(query_tokens), title, vmax=vmax)
+        writer.add_image(tags.heatmap(stage, layer, head), image, step, dataformats="HWC")
 
 
 def write_example(writer: Any, stage: str, step: int, result: ExampleAnalysis, changes: Sequence[str]) -> None:
@@ -143,7 +168,8 @@ def write_example(writer: Any, stage: str, step: int, result: ExampleAnalysis, c
         writer.add_text(tags.interpretation(stage, layer), text, step)
     if result.rollout is not None:
         title = f"{stage} attention rollout through {len(result.rollout_layers)} layers"
-        image = attention_heatmaps(result.rollout[None], result.rollout_tokens, title, panel_titles=["mean over heads, + identity"])
+        tokens = list(result.rollout_tokens) if result.rollout_tokens is not None else [str(i) for i in range(result.rollout.shape[-1])]
+        image = attention_heatmap(result.rollout, tokens, tokens, f"{title} (mean over heads, + identity)")
         writer.add_image(tags.rollout(stage), image, step, dataformats="HWC")
     if result.embedding is not None and stage == "val":  # the projector only for the fixed validation example
         vectors, metadata = result.embedding

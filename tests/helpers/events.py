@@ -31,13 +31,14 @@ def read_hparams(path: str | Path) -> dict[str, object]:
 
 
 def read_custom_scalar_layout(path: str | Path) -> layout_pb2.Layout | None:
-    """The custom-scalar layout written under ``path``, or None."""
+    """The last custom-scalar layout written under ``path`` (the one TensorBoard shows), or None."""
+    layout = None
     for file in sorted(Path(path).glob("events.out.tfevents.*")):
         for event in EventFileLoader(str(file)).Load():
             for value in event.summary.value:
                 if value.tag == "custom_scalars__config__":
-                    return layout_pb2.Layout.FromString(value.tensor.string_val[0])
-    return None
+                    layout = layout_pb2.Layout.FromString(value.tensor.string_val[0])
+    return layout
 
 
 def _plain(value: struct_pb2.Value) -> object:

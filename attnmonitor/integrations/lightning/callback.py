@@ -104,7 +104,6 @@ class AttentionMonitor(Callback):
             metrics = [tags.statistic(stage, name) for stage in ("train", "val") for name in statistics]
             writer = publisher.tensorboard.experiment
             write_hparams(writer, {**publisher.tensorboard.hparams, **options}, metrics)
-            writer.add_custom_scalars(tags.custom_scalar_layout(statistics))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -68,7 +68,8 @@ def test_custom_scalar_layout_has_a_chart_per_statistic_and_layer_with_train_and
     assert by_layer == {layer: [rf"^attn_(train|val)_layers/entropy/{re.escape(layer)}$"] for layer in ("blocks.0.attn", "blocks.1.attn")}
     scalars = read_events(run).Tags()["scalars"]
     for pattern in by_layer["blocks.1.attn"]:  # the chart's two lines: train and validation of that layer only
-        assert sorted(t for t in scalars if re.search(pattern, t)) == ["attn_train_layers/entropy/blocks.1.attn", "attn_val_layers/entropy/blocks.1.attn"]
+        lines = sorted(t for t in scalars if re.search(pattern, t))
+        assert lines == ["attn_train_layers/entropy/blocks.1.attn", "attn_val_layers/entropy/blocks.1.attn"]
     assert "next_token_weight by layer (train and val)" not in categories
 
 

@@ -64,9 +64,7 @@ colour bar the image fits a TensorBoard card (about 450 px) at its own size; lab
 ``LABEL_CHARACTERS``."""
 
 
-def attention_heatmap(
-    probs: Tensor, keys: Sequence[str], queries: Sequence[str], title: str, vmax: float | None = None
-) -> np.ndarray:
+def attention_heatmap(probs: Tensor, keys: Sequence[str], queries: Sequence[str], title: str, vmax: float | None = None) -> np.ndarray:
     """One head's ``[Tq, Tk]`` attention as a heatmap, every query and key labelled, with a colour bar.
 
     Args:

@@ -115,7 +115,8 @@ def custom_scalar_layout(layers_by_statistic: Mapping[str, Sequence[str]]) -> di
     Args:
         layers_by_statistic: ``{statistic: layers that log it}``, in display order.
     """
-    layout = {"attention, mean over layers and heads": {name: ["Multiline", [f"^attn_(train|val)/{name}$"]] for name in layers_by_statistic}}
+    means = {name: ["Multiline", [f"^attn_(train|val)/{name}$"]] for name in layers_by_statistic}
+    layout = {"attention, mean over layers and heads": means}
     for name, layers in layers_by_statistic.items():
         charts = {layer: ["Multiline", [f"^attn_(train|val)_layers/{name}/{re.escape(layer)}$"]] for layer in layers}
         layout[f"{name} by layer (train and val)"] = charts

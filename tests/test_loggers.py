@@ -113,8 +113,16 @@ def test_lightning_figures_reach_wandb_mlflow_and_csv_as_they_reach_tensorboard(
     for tag in counts:
         (row,) = [r for r in at_step if f"{tag}/_type" in r]
         assert row[f"{tag}/_type"] == "histogram" and sum(row[f"{tag}/values"]) == counts[tag]
-    for tag in texts:
-        assert any(r.get(f"{tag}/_type") == "html-file" for r in at_step), tag
+    for tag, text in texts.items():  # tables sortable, numbers as numbers; the whole text as HTML beside
+        (row,) = [r for r in at_step if f"{tag}/_type" in r]
+        assert row[f"{tag}/_type"] == "table-file" and row[f"{tag}/text/_type"] == "html-file", tag
+        logged = json.loads((run_dir / "files" / row[f"{tag}/path"]).read_text())
+        lines = [line for line in text.splitlines() if line.startswith("|")]
+        assert logged["columns"] == [c.strip() for c in lines[0].strip("|").split("|")]
+        assert len(logged["data"]) == len(lines) - 2
+    table = json.loads((run_dir / "files" / next(r for r in at_step if "attn_train/table/path" in r)["attn_train/table/path"]).read_text())
+    layer, head, value = table["data"][1][:3]  # second row: layer 0, head 1, its first statistic as a number
+    assert (layer, head) == ("blocks.0.attn", 1) and isinstance(value, float)
     assert any("attn_train/normalized_entropy" in r for r in history)  # WandbLogger's own scalars
 
     # MLflow: images with their step (the UI's slider), tables and histograms as artifacts
@@ -253,7 +261,7 @@ def test_main_job_logs_scalars_atlases_heatmaps_and_table_to_wandb_offline(tmp_p
     for tag in FIGURES:
         (row,) = [r for r in at_step if f"{tag}/path" in r]
         assert _pixels(run_dir / "files" / row[f"{tag}/path"]).shape[0] > 100, tag
-    assert any(r.get("attn_train/table/_type") == "html-file" for r in at_step)
+    assert any(r.get("attn_train/table/_type") == "table-file" for r in at_step)
 
 
 @pytest.mark.slow

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 
 
 class WandbWriter:
-    """Images as ``wandb.Image``, histograms as ``wandb.Histogram``, Markdown tables as ``wandb.Html``,
-    each logged with the training step under ``step_key``, as the framework logs its scalars.
+    """Images as ``wandb.Image``, histograms as ``wandb.Histogram``, Markdown tables as sortable
+    ``wandb.Table`` (numbers as numbers) and the whole text as ``wandb.Html`` under ``<tag>/text``, each
+    logged with the training step under ``step_key``, as the framework logs its scalars.
 
     Args:
         run: a ``wandb`` run (``wandb.init()``, ``WandbLogger.experiment``).
@@ -39,11 +41,18 @@ class WandbWriter:
         self._log({tag: wandb.Histogram(np.asarray(values, dtype=np.float64))}, global_step)
 
     def add_text(self, tag: str, text_string: str, global_step: int) -> None:
-        """Markdown, rendered to HTML as TensorBoard renders it."""
+        """The Markdown's table (if any) as a ``wandb.Table``, and the text rendered to HTML as
+        TensorBoard renders it (under ``<tag>/text`` beside a table, else under ``tag``)."""
         import wandb
         from tensorboard.plugin_util import markdown_to_safe_html
 
-        self._log({tag: wandb.Html(markdown_to_safe_html(text_string))}, global_step)
+        html = wandb.Html(markdown_to_safe_html(text_string))
+        table = markdown_table(text_string)
+        if table is None:
+            self._log({tag: html}, global_step)
+        else:
+            columns, rows = table
+            self._log({tag: wandb.Table(columns=columns, data=rows), f"{tag}/text": html}, global_step)
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """The plain loop's scalars (the Lightning and Hugging Face loggers log their own)."""
@@ -51,3 +60,32 @@ class WandbWriter:
 
     def flush(self) -> None:
         """W&B sends in the background: nothing to do."""
+
+
+_CELL_SEPARATOR = re.compile(r"(?<!\\)\|")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def markdown_table(text: str) -> tuple[list[str], list[list[Any]]] | None:
+    """``(columns, rows)`` of the first Markdown table in ``text`` (escaped characters restored; cells
+    that are numbers as floats, "–" as None), or None when it has none."""
+    lines = [line.strip() for line in text.splitlines()]
+    start = next((i for i, line in enumerate(lines[:-1]) if line.startswith("|") and set(lines[i + 1]) <= set("|-: ")), None)
+    if start is None:
+        return None
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        block.append([_ESCAPE.sub(r"\1", cell.strip()) for cell in _CELL_SEPARATOR.split(line.strip("|"))])
+    columns, rows = block[0], block[2:]
+    return columns, [[_value(cell) for cell in row] for row in rows]
+
+
+def _value(cell: str) -> Any:
+    if cell == "–":
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell

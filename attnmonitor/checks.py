@@ -22,12 +22,15 @@ def check_int(option: str, value: Any, minimum: int, optional: bool = False) -> 
         raise ValueError(f"`{option}` must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
 
 
-def check_number(option: str, value: Any, low: float, high: float = float("inf"), optional: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a number in ``[low, high]`` (or None, if ``optional``)."""
+def check_number(option: str, value: Any, low: float, high: float = float("inf"), optional: bool = False, above_low: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in ``[low, high]`` (``(low, high]`` when
+    ``above_low``; or None, if ``optional``); the message states that range."""
     if value is None and optional:
         return
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
-        raise ValueError(f"`{option}` must be a number in [{low}, {high}]{' or None' if optional else ''}, got {value!r}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and (low < value if above_low else low <= value) and value <= high):
+        accepted = f"{'(' if above_low else '['}{low}, {high}{')' if high == float('inf') else ']'}"
+        raise ValueError(f"`{option}` must be a number in {accepted}{' or None' if optional else ''}, got {value!r}")
 
 
 def check_bool(option: str, value: Any) -> None:
@@ -79,4 +82,5 @@ def as_config(value: T | Mapping[str, Any] | None, cls: type[T], option: str) ->
         if unknown:
             raise ValueError(f"`{option}` got unknown keys {unknown}; accepted keys are {accepted}")
         return cls(**dict(value))
-    raise ValueError(f"`{option}` must be a {cls.__name__}, a mapping or None, got {type(value).__name__}")
+    article = "an" if cls.__name__[0] in "AEIOU" else "a"
+    raise ValueError(f"`{option}` must be {article} {cls.__name__}, a mapping or None, got {type(value).__name__}")

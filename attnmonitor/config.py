@@ -168,13 +168,13 @@ class HeatmapConfig:
     Attributes:
         every_n_steps: training heatmaps every this many optimizer steps (a multiple of the
             monitor's ``every_n_steps`` is best); None for validation heatmaps only.
-        max_tokens: largest number of tokens shown per side, each labelled (up to 32 the image fits a
-            TensorBoard card at its own size; more need the card's "actual size" toggle).
+        max_tokens: largest number of tokens shown per side, each labelled (up to 24 the image fits a
+            card of TensorBoard's Images tab at its own size; more need its "actual size" toggle).
         layers: regexes (full match) selecting the layers drawn; None for all.
     """
 
     every_n_steps: int | None = 500
-    max_tokens: int = 32
+    max_tokens: int = 24
     layers: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -318,9 +318,7 @@ class QKClipConfig:
     layers: list[str] | None = None
 
     def __post_init__(self) -> None:
-        check_number("qk_clip.tau", self.tau, 0.0, optional=True)
-        if self.tau is not None and self.tau <= 0:
-            raise ValueError(f"`qk_clip.tau` must be > 0, got {self.tau!r}")
+        check_number("qk_clip.tau", self.tau, 0.0, optional=True, above_low=True)
         if self.projections is None:
             self.projections = {}
         else:

@@ -166,7 +166,7 @@ def test_history_and_episodes_survive_a_state_dict_round_trip_with_another_inter
     ("alarms", "match"),
     [
         ({"entropy_collapse": {"drop": 1.5}}, r"`alarms.entropy_collapse.drop` must be a number in \[0.0, 1.0\], got 1.5"),
-        ({"logit_growth": {"factor": 0.5}}, r"`alarms.logit_growth.factor` must be a number in \[1.0, inf\], got 0.5"),
+        ({"logit_growth": {"factor": 0.5}}, r"`alarms.logit_growth.factor` must be a number in \[1.0, inf\), got 0.5"),
         (
             {"actions": {"critical": "email"}},
             r"`alarms.actions.critical` must be one of \['log', 'warn', 'checkpoint', 'stop'\] or a callable, got 'email'",

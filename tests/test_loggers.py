@@ -236,6 +236,7 @@ def _main_job(tmp_path: Path, logger: str) -> tuple[Path, str]:
     command = [sys.executable, "-m", "attnmonitor.train", f"logger={logger}", f"hydra.run.dir={tmp_path}/run", *MAIN_JOB]
     result = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
+    assert "attnmonitor: drawing the figures" not in result.stdout  # every figure reached the logger
     return tmp_path / "run", result.stdout
 
 

@@ -67,8 +67,9 @@ _ESCAPE = re.compile(r"\\(.)")
 
 
 def markdown_table(text: str) -> tuple[list[str], list[list[Any]]] | None:
-    """``(columns, rows)`` of the first Markdown table in ``text`` (escaped characters restored; cells
-    that are numbers as floats, "–" as None), or None when it has none."""
+    """``(columns, rows)`` of the first Markdown table in ``text`` (escaped characters restored; a
+    column whose cells are all numbers or "–" as floats and None, so that it sorts), or None when it
+    has none."""
     lines = [line.strip() for line in text.splitlines()]
     start = next((i for i, line in enumerate(lines[:-1]) if line.startswith("|") and set(lines[i + 1]) <= set("|-: ")), None)
     if start is None:
@@ -79,13 +80,17 @@ def markdown_table(text: str) -> tuple[list[str], list[list[Any]]] | None:
             break
         block.append([_ESCAPE.sub(r"\1", cell.strip()) for cell in _CELL_SEPARATOR.split(line.strip("|"))])
     columns, rows = block[0], block[2:]
-    return columns, [[_value(cell) for cell in row] for row in rows]
+    numeric = [all(_number(row[i]) is not _NOT_A_NUMBER for row in rows) for i in range(len(columns))]
+    return columns, [[_number(cell) if numeric[i] else cell for i, cell in enumerate(row)] for row in rows]
 
 
-def _value(cell: str) -> Any:
+_NOT_A_NUMBER = object()
+
+
+def _number(cell: str) -> Any:
     if cell == "–":
         return None
     try:
         return float(cell)
     except ValueError:
-        return cell
+        return _NOT_A_NUMBER

@@ -58,10 +58,10 @@ def head_atlas(
     return _rgb(fig)
 
 
-PANEL_PIXELS, CELL_PIXELS, LABEL_CHARACTERS, DPI = 320, (7, 16), 10, 100
-"""A heatmap's matrix spans about ``PANEL_PIXELS`` (cells of 7 to 16 px), so that with its labels and
-colour bar the image fits a TensorBoard card (about 450 px) at its own size; labels are cut to
-``LABEL_CHARACTERS``."""
+PANEL_PIXELS, CELL_PIXELS, LABEL_CHARACTERS, DPI = 240, (7, 16), 10, 100
+"""A heatmap's matrix spans about ``PANEL_PIXELS`` (cells of 7 to 16 px: 10 px for 24 tokens), so that
+with its labels and colour bar the image fits a card of TensorBoard's Images tab (about 350 px in a
+1600 px window) at its own size; labels are cut to ``LABEL_CHARACTERS``."""
 
 
 def attention_heatmap(probs: Tensor, keys: Sequence[str], queries: Sequence[str], title: str, vmax: float | None = None) -> np.ndarray:
@@ -75,7 +75,7 @@ def attention_heatmap(probs: Tensor, keys: Sequence[str], queries: Sequence[str]
             heads of a layer.
 
     Returns:
-        ``[height, width, 3]`` uint8 image, about 450 px wide for 32 tokens.
+        ``[height, width, 3]`` uint8 image, about 350 px wide for 24 tokens.
     """
     tq, tk = probs.shape
     cell = min(max(PANEL_PIXELS / max(tq, tk), CELL_PIXELS[0]), CELL_PIXELS[1]) / DPI  # inches
@@ -83,7 +83,7 @@ def attention_heatmap(probs: Tensor, keys: Sequence[str], queries: Sequence[str]
     keys, queries = [_short(x) for x in keys[:tk]], [_short(x) for x in queries[:tq]]
     label = 0.1 + font / 72 * 0.62 * max(len(x) for x in [*keys, *queries, "0"])  # inches of the longest label
     panel_w, panel_h = cell * tk, cell * tq
-    width, height = label + panel_w + 0.75, label + panel_h + 0.35
+    width, height = label + panel_w + 0.55, label + panel_h + 0.3
     fig = Figure(figsize=(width, height), dpi=DPI)
     ax = fig.add_axes((label / width, label / height, panel_w / width, panel_h / height))
     top = float(probs.max()) if vmax is None else vmax
@@ -93,8 +93,8 @@ def attention_heatmap(probs: Tensor, keys: Sequence[str], queries: Sequence[str]
     ax.set_xticks(range(tk), labels=keys, fontsize=font, rotation=90)
     ax.tick_params(length=1, pad=1)
     ax.set_ylabel("query", fontsize=7, labelpad=1)
-    colorbar = fig.add_axes(((label + panel_w + 0.1) / width, label / height, 0.1 / width, panel_h / height))
-    fig.colorbar(image, cax=colorbar).set_label("attention weight", fontsize=6)
+    colorbar = fig.add_axes(((label + panel_w + 0.08) / width, label / height, 0.08 / width, panel_h / height))
+    fig.colorbar(image, cax=colorbar)
     colorbar.tick_params(labelsize=6)
     return _rgb(fig)
 

@@ -171,7 +171,7 @@ def write_example(writer: Any, stage: str, step: int, result: ExampleAnalysis, c
         tokens = list(result.rollout_tokens) if result.rollout_tokens is not None else [str(i) for i in range(result.rollout.shape[-1])]
         image = attention_heatmap(result.rollout, tokens, tokens, f"{title} (mean over heads, + identity)")
         writer.add_image(tags.rollout(stage), image, step, dataformats="HWC")
-    if result.embedding is not None and stage == "val":  # the projector only for the fixed validation example
+    if result.embedding is not None and stage == "val" and hasattr(writer, "add_embedding"):  # TensorBoard's projector, validation only
         vectors, metadata = result.embedding
         writer.add_embedding(vectors, metadata=metadata, metadata_header=["token", "layer"], tag=tags.projector(stage), global_step=step)
 

@@ -49,6 +49,8 @@ def check_layers(option: str, layers: str | Sequence[str] | None) -> list[str] |
         return None
     if isinstance(layers, str):
         layers = [layers]
+    if not isinstance(layers, Sequence):
+        raise ValueError(f"`{option}` must be a regular expression, a list of them or None, got {layers!r}")
     for pattern in layers:
         try:
             re.compile(pattern)

@@ -69,7 +69,7 @@ class CaptureConfig:
     """
 
     targets: Any = "auto"
-    statistics: list[str] = field(default_factory=_statistics)
+    statistics: Any = field(default_factory=_statistics)  # a name or a list (Any: Hydra takes `statistics=entropy` too)
     memory_budget_mb: float = 256.0
     sink_tokens: int = 1
     sparsity_eps: float = 0.1
@@ -175,7 +175,7 @@ class HeatmapConfig:
 
     every_n_steps: int | None = 500
     max_tokens: int = 24
-    layers: list[str] | None = None
+    layers: Any = None  # a regex or a list of them (Any: Hydra takes `layers=blocks\.0\..*` too)
 
     def __post_init__(self) -> None:
         if self.every_n_steps is not None and not (isinstance(self.every_n_steps, int) and self.every_n_steps >= 1):
@@ -239,7 +239,7 @@ class RegularizerConfig:
     entropy_target: float = 0.5
     target_unit: str = "fraction"
     sparsity_weight: float = 0.0
-    layers: list[str] | None = None
+    layers: Any = None  # a regex or a list of them (Any: Hydra takes `layers=blocks\.0\..*` too)
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -279,7 +279,7 @@ class ClipConfig:
     min: float = 0.0
     max: float = 1.0
     training_only: bool = True
-    layers: list[str] | None = None
+    layers: Any = None  # a regex or a list of them (Any: Hydra takes `layers=blocks\.0\..*` too)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.min, (int, float)) and isinstance(self.max, (int, float)) and 0 <= self.min <= self.max <= 1):
@@ -315,7 +315,7 @@ class QKClipConfig:
 
     tau: float | None = 100.0
     projections: dict[str, Any] = field(default_factory=dict)
-    layers: list[str] | None = None
+    layers: Any = None  # a regex or a list of them (Any: Hydra takes `layers=blocks\.0\..*` too)
 
     def __post_init__(self) -> None:
         check_number("qk_clip.tau", self.tau, 0.0, optional=True, above_low=True)

@@ -73,6 +73,7 @@ class Dashboards:
             classes=classes,
             kinds=kinds,
             query_tokens=tokens.labels(options.tokenizer, queries=True),
+            token_shares=options.tokenizer is not None or classes is not None,
         )
         if result.roles is None:
             return None

@@ -69,3 +69,30 @@ class Schedule:
     def heatmaps(self, step: int) -> bool:
         """Whether a regular capture at ``step`` draws heatmaps."""
         return due(step, self.every_n_steps) and due(step, self.heatmap_every_n_steps)
+
+    def unreached(self, max_steps: int, start: int = 0) -> str | None:
+        """A warning naming the intervals that no step of a ``max_steps`` run (from step ``start``, when
+        resumed) reaches (training is then not captured, or draws nothing), with the values that
+        would; None when every one is reached.
+
+        Example:
+            >>> print(Schedule(every_n_steps=5, atlas_every_n_steps=200).unreached(12))
+            attnmonitor: no atlases in this 12-step run: `schedule.atlas_every_n_steps=200` (use at most 12).
+        """
+        if max_steps <= start:
+            return None
+        first = [step for step in range(start, max_steps) if self.capture(step) == "train"]
+        problems = []
+        if not first:
+            problems.append(f"no training step of this {max_steps}-step run is captured: `schedule.every_n_steps={self.every_n_steps}`")
+        for what, option, interval, hit in (
+            ("atlases", "schedule.atlas_every_n_steps", self.atlas_every_n_steps, self.atlases),
+            ("heatmaps", "dashboards.heatmaps.every_n_steps", self.heatmap_every_n_steps, self.heatmaps),
+        ):
+            if interval is not None and first and not any(hit(step) for step in first):
+                problems.append(f"no {what} in this {max_steps}-step run: `{option}={interval}`")
+            elif interval is not None and not first:
+                problems.append(f"no {what}: `{option}={interval}`")
+        if not problems:
+            return None
+        return "attnmonitor: " + "; ".join(f"{p} (use at most {max_steps})" for p in problems) + "."

@@ -247,3 +247,16 @@ def test_a_running_tensorboard_shows_attention_scalars_before_the_run_ends(tmp_p
 def test_configs_folder_at_the_top_level_is_the_packaged_one():
     root = Path(__file__).resolve().parents[1]
     assert (root / "configs" / "train.yaml").resolve() == (root / "attnmonitor" / "configs" / "train.yaml").resolve()
+
+
+def test_a_single_statistic_or_layer_pattern_is_accepted_on_the_command_line_as_in_python():
+    overrides = [
+        "callbacks.attention_monitor.capture.statistics=entropy",
+        r"callbacks.attention_monitor.dashboards.heatmaps.layers=blocks\.0\..*",
+        "callbacks.attention_monitor.alarms=null",  # the alarms read other statistics
+    ]
+    monitor = instantiate(_compose(overrides).callbacks.attention_monitor, _convert_="all")
+    assert monitor.options.capture.statistics == ["entropy"]
+    assert monitor.options.dashboards.heatmaps.layers == [r"blocks\.0\..*"]
+    with pytest.raises(Exception, match=r"`capture.statistics` got unknown \['entropi'\]"):
+        instantiate(_compose(["callbacks.attention_monitor.capture.statistics=entropi"]).callbacks.attention_monitor, _convert_="all")

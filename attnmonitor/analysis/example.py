@@ -52,6 +52,7 @@ class _Options:
     sink_tokens: int
     top_k: int
     classes: dict[str, frozenset[str]] | None
+    token_shares: bool
 
 
 def analyse_example(
@@ -64,6 +65,7 @@ def analyse_example(
     classes: dict[str, frozenset[str]] | None = None,
     kinds: Mapping[str, str] | None = None,
     query_tokens: Sequence[str] | None = None,
+    token_shares: bool = True,
 ) -> ExampleAnalysis:
     """Run every analysis on the example kept for each layer.
 
@@ -71,10 +73,12 @@ def analyse_example(
     padding). Cross-attention layers (``kinds``) have queries from another sequence, labelled by
     ``query_tokens`` (positions when None): no positional profile, similarity or self column for them,
     and rollout and the projector follow the self-attention layers of the first sequence only (those
-    before the first cross-attention layer, while the example size stays the same).
+    before the first cross-attention layer, while the example size stays the same). ``token_shares``:
+    attention shares of token classes (off when the labels are ids, without a tokenizer: ids are never
+    function words).
     """
     kinds = kinds or {}
-    options = _Options(tokens, query_tokens, sink_tokens, top_k, classes)
+    options = _Options(tokens, query_tokens, sink_tokens, top_k, classes, token_shares)
     examples = {layer: examples[layer] for layer in layers if layer in examples and examples[layer].probs is not None}
     result = ExampleAnalysis(layers=list(examples))
     if not examples:
@@ -118,7 +122,7 @@ def _analyse_layer(result: ExampleAnalysis, layer: str, example: Example, cross:
         result.scalars[("effective_contributors", layer)] = float(parts["effective_contributors"].mean())
         result.scalars[("composition_entropy", layer)] = float(parts["entropy"].mean())
     key_labels = _window(options.tokens, key_start, tk)
-    if key_labels is not None:
+    if key_labels is not None and options.token_shares:
         classes = options.classes
         share = class_attention_share(probs, token_classes(key_labels, classes), (len(classes) + 1) if classes else 2, keys)
         for index, name in enumerate(list(classes) + ["other"] if classes else ["content", "function"]):

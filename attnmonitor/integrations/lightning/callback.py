@@ -82,6 +82,13 @@ class AttentionMonitor(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
+    def on_init_end(self, *args: Any, **kwargs: Any) -> None:
+        """The first event a Hugging Face ``Trainer`` sends its callbacks: this one is Lightning's."""
+        raise TypeError(
+            "attnmonitor: `AttentionMonitor` is the Lightning callback; a Hugging Face Trainer takes "
+            "`attnmonitor.integrations.transformers.AttentionMonitorCallback` (with `AttentionMonitorTrainer`)."
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict()
@@ -94,6 +101,8 @@ class AttentionMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.max_steps == 0:
             rank_zero_warn("attnmonitor: `max_steps=0`: no training step will run, so nothing is captured.", category=RuntimeWarning)
+        elif unreached := self.engine.schedule.unreached(trainer.max_steps, start=trainer.global_step):
+            rank_zero_warn(unreached, category=RuntimeWarning)
         options = {"attnmonitor": self.options.loggable()}
         for each in trainer.loggers:
             each.log_hyperparams(options)

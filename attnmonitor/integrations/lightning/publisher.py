@@ -35,7 +35,7 @@ def figure_writer(logger: Logger) -> Any:
 
 class LightningPublisher:
     """Scalars to every logger of a Trainer (as ``LearningRateMonitor`` does, so ``log_every_n_steps``
-    cannot drop them); figures to each of its TensorBoard, W&B, MLflow and CSV loggers on global rank zero."""
+    cannot drop them) and to its callback metrics; figures to each of its TensorBoard, W&B, MLflow and CSV loggers on global rank zero."""
 
     step_offset = 0
 
@@ -51,6 +51,11 @@ class LightningPublisher:
         )
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """To every logger, and to ``trainer.callback_metrics`` / ``logged_metrics`` (every process: the
+        values are already reduced), where ``EarlyStopping`` and ``ModelCheckpoint`` look."""
+        metrics = {tag: torch.tensor(value) for tag, value in scalars.items()}
+        self.trainer.callback_metrics.update(metrics)
+        self.trainer.logged_metrics.update(metrics)
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # one event for all of them (its prefix applied)
                 if self.trainer.is_global_zero:

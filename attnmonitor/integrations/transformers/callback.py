@@ -120,6 +120,8 @@ class AttentionMonitorCallback(TrainerCallback):
             )
         if model is None:
             raise RuntimeError("attnmonitor: the Trainer passed no model to its callbacks")
+        if state.is_world_process_zero and (unreached := self.engine.schedule.unreached(state.max_steps, start=state.global_step)):
+            warnings.warn(unreached, RuntimeWarning, stacklevel=2)
         self.engine.attach(model)
         if self._hook is None:
             self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)

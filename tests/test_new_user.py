@@ -1,0 +1,100 @@
+"""What a new user hits first: the monitor's numbers where Lightning callbacks read metrics, mistakes
+caught at construction in one short message, and setups that would log nothing warned about."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from attnmonitor import AttentionMonitor
+from attnmonitor.demo import TinyGPT
+from tests.helpers.events import read_events
+from tests.helpers.trainer import ignore_few_batches, ignore_no_validation_data, make_trainer
+
+VOCAB, SEQ = 40, 12
+pytestmark = [ignore_few_batches, ignore_no_validation_data]
+
+
+def _loader(n: int = 24, seed: int = 0) -> DataLoader:
+    ids = torch.randint(VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=4)
+
+
+def _model() -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT(vocab_size=VOCAB, seq_len=SEQ, dim=16, layers=2, heads=2, lr=1e-2)
+
+
+def test_model_checkpoint_and_early_stopping_can_monitor_attention(tmp_path):
+    monitor = AttentionMonitor(capture={"statistics": ["normalized_entropy"]}, schedule={"every_n_steps": 2})
+    checkpoint = ModelCheckpoint(tmp_path / "ckpt", monitor="attn_val/normalized_entropy", mode="max", save_top_k=1)
+    stopping = EarlyStopping(monitor="attn_val/normalized_entropy", mode="max", patience=100)
+    trainer = make_trainer(
+        tmp_path, [monitor, checkpoint, stopping], max_steps=6, val_check_interval=3, limit_val_batches=2, enable_checkpointing=True
+    )
+    trainer.fit(_model(), _loader(), _loader(n=8, seed=1))
+    events = read_events(tmp_path / "tb" / "version_0")
+    validations = {e.step: e.value for e in events.Scalars("attn_val/normalized_entropy")}
+    assert len(validations) == 2
+    assert float(checkpoint.best_model_score) == pytest.approx(max(validations.values()), rel=1e-6)
+    assert float(stopping.best_score) == pytest.approx(max(validations.values()), rel=1e-6)
+    last_train = {e.step: e.value for e in events.Scalars("attn_train/normalized_entropy")}
+    assert float(trainer.callback_metrics["attn_train/normalized_entropy"]) == pytest.approx(last_train[max(last_train)], rel=1e-6)
+    assert "attn_train/normalized_entropy" in trainer.logged_metrics
+
+
+@pytest.mark.parametrize("tokenizer", [None, lambda ids: ["the" if i % 2 else f"w{i}" for i in ids]])
+def test_token_class_shares_are_logged_only_with_a_tokenizer(tmp_path, tokenizer):
+    monitor = AttentionMonitor(
+        capture={"statistics": ["entropy"]},
+        schedule={"every_n_steps": 2, "atlas_every_n_steps": 2, "val_batches": 0},
+        dashboards={"tokenizer": tokenizer, "heatmaps": {"every_n_steps": 2}},
+    )
+    make_trainer(tmp_path, [monitor], max_steps=2, limit_val_batches=0).fit(_model(), _loader())
+    scalars = read_events(tmp_path / "tb" / "version_0").Tags()["scalars"]
+    shares = sorted(t for t in scalars if t.startswith("attn_train_example/") and t.split("/")[1].endswith("_share"))
+    assert "attn_train_example/diversity/blocks.0.attn" in scalars  # the analyses ran
+    if tokenizer is None:  # ids are never function words: no content/function shares
+        assert shares == []
+    else:
+        assert shares == [f"attn_train_example/{c}_share/blocks.{i}.attn" for c in ("content", "function") for i in (0, 1)]
+
+
+def test_a_schedule_no_step_of_the_run_reaches_is_warned_at_the_start(tmp_path):
+    monitor = AttentionMonitor(schedule={"every_n_steps": 100, "val_batches": 0})
+    with pytest.warns(
+        RuntimeWarning, match=r"no training step of this 12-step run is captured: `schedule.every_n_steps=100` \(use at most 12\)"
+    ):
+        make_trainer(tmp_path, [monitor], max_steps=12, limit_val_batches=0).fit(_model(), _loader(n=48))
+
+
+def test_a_schedule_that_fits_the_run_is_not_warned_about(tmp_path, recwarn):
+    monitor = AttentionMonitor(schedule={"every_n_steps": 2, "atlas_every_n_steps": 4, "val_batches": 0}, dashboards={"heatmaps": None})
+    make_trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=0).fit(_model(), _loader())
+    assert not [w for w in recwarn if "attnmonitor: no " in str(w.message)]
+
+
+def test_the_lightning_callback_given_to_a_hugging_face_trainer_names_the_one_to_use(tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer
+
+    from tests.helpers.hf_trainer import arguments, build, samples
+
+    with pytest.raises(
+        TypeError,
+        match=r"`AttentionMonitor` is the Lightning callback; .* takes `attnmonitor.integrations.transformers.AttentionMonitorCallback`",
+    ):
+        Trainer(
+            model=build("gpt2"), args=arguments(tmp_path, max_steps=2), train_dataset=samples("gpt2", 4), callbacks=[AttentionMonitor()]
+        )
+
+
+def test_messages_name_the_accepted_values_exactly():
+    with pytest.raises(ValueError, match=r"^`alarms` must be an AlarmsConfig, a mapping or None, got bool$"):
+        AttentionMonitor(alarms=True)
+    for tau in (-1, 0):  # the range stated is the range accepted
+        with pytest.raises(ValueError, match=rf"^`qk_clip.tau` must be a number in \(0.0, inf\) or None, got {tau}$"):
+            AttentionMonitor(qk_clip={"tau": tau})
+    assert AttentionMonitor(qk_clip={"tau": 1e-3}).options.qk_clip.tau == 1e-3

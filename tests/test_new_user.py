@@ -98,3 +98,19 @@ def test_messages_name_the_accepted_values_exactly():
         with pytest.raises(ValueError, match=rf"^`qk_clip.tau` must be a number in \(0.0, inf\) or None, got {tau}$"):
             AttentionMonitor(qk_clip={"tau": tau})
     assert AttentionMonitor(qk_clip={"tau": 1e-3}).options.qk_clip.tau == 1e-3
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False])  # PrinterCallback, ProgressCallback
+def test_the_hugging_face_console_leaves_the_monitors_scalars_out(tmp_path, capsys, disable_tqdm):
+    pytest.importorskip("accelerate")
+    from attnmonitor.integrations.transformers import AttentionMonitorCallback, AttentionMonitorTrainer
+    from tests.helpers.hf_trainer import arguments, build, samples
+
+    monitor = AttentionMonitorCallback(schedule={"every_n_steps": 1, "val_batches": 0}, dashboards={"heatmaps": None, "analyses": False})
+    args = arguments(tmp_path, max_steps=2, logging_steps=1, report_to=[], disable_tqdm=disable_tqdm)
+    trainer = AttentionMonitorTrainer(model=build("gpt2"), args=args, train_dataset=samples("gpt2", 4), callbacks=[monitor])
+    trainer.train()
+    printed = capsys.readouterr()
+    assert "attn_train" not in printed.out + printed.err
+    assert "'loss'" in printed.out + printed.err  # the Trainer's own lines are still printed
+    assert any("attn_train/entropy" in entry for entry in trainer.state.log_history)  # and the logs keep them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import DefaultFlowCallback
+from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from attnmonitor.config import MonitorOptions, as_options
@@ -90,6 +91,10 @@ class AttentionMonitorCallback(TrainerCallback):
             callbacks.remove(self)
         flow = next((i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), -1)
         callbacks.insert(flow + 1, self)
+        for callback in callbacks:
+            if isinstance(callback, (ProgressCallback, PrinterCallback)) and not hasattr(callback, "_attnmonitor_quiet"):
+                callback._attnmonitor_quiet = callback.on_log
+                callback.on_log = _console_without_attention(callback.on_log)
         self.trainer = trainer
         return self
 
@@ -191,3 +196,24 @@ class AttentionMonitorCallback(TrainerCallback):
         elif self.trainer is not None and self.trainer.state.is_world_process_zero:
             message = f"attnmonitor: resumed at a checkpoint without the monitor's state ({path} not found): the alarms start afresh."
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+_ATTENTION_KEY = re.compile(r"^(eval_|test_)?attn_")
+
+
+def _console_without_attention(on_log: Any) -> Any:
+    """A console printer's ``on_log`` that leaves the monitor's scalars out (they stay in the logs,
+    ``state.log_history`` and the reporting integrations) and prints nothing for a dict of them alone."""
+
+    def quiet_on_log(args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any) -> Any:
+        if not logs:
+            return on_log(args, state, control, logs=logs, **kwargs)
+        shown = {key: value for key, value in logs.items() if not _ATTENTION_KEY.search(key)}
+        if set(shown) <= {"epoch", "step"} and len(shown) < len(logs):
+            return None
+        result = on_log(args, state, control, logs=shown, **kwargs)
+        if "total_flos" not in shown:  # the printer's own edit of the logs
+            logs.pop("total_flos", None)
+        return result
+
+    return quiet_on_log

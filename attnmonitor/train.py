@@ -73,9 +73,12 @@ def run(cfg: DictConfig) -> L.Trainer:
     where = _where(trainer)
     if where:
         print(where, flush=True)
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     if where:
         print(where, flush=True)
+    last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback is not None else ""
+    if last:
+        print(f"Resume with:      attnmonitor-train ckpt_path={Path(last).resolve()} trainer.max_steps=<more>\n", flush=True)
     return trainer
 
 

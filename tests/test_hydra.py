@@ -260,3 +260,27 @@ def test_a_single_statistic_or_layer_pattern_is_accepted_on_the_command_line_as_
     assert monitor.options.dashboards.heatmaps.layers == [r"blocks\.0\..*"]
     with pytest.raises(Exception, match=r"`capture.statistics` got unknown \['entropi'\]"):
         instantiate(_compose(["callbacks.attention_monitor.capture.statistics=entropi"]).callbacks.attention_monitor, _convert_="all")
+
+
+@pytest.mark.slow
+def test_the_main_job_resumes_from_its_checkpoint_with_its_steps_and_alarm_history(tmp_path):
+    every2 = [
+        "trainer.val_check_interval=2",
+        "trainer.num_sanity_val_steps=0",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.attention_monitor.schedule.every_n_steps=2",
+        "callbacks.attention_monitor.alarms.every_n_steps=2",
+    ]
+    first = _run([f"hydra.run.dir={tmp_path}/first", "trainer.max_steps=4", *every2], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "first" / "tensorboard" / "checkpoints" / "last.ckpt"
+    assert f"attnmonitor-train ckpt_path={last}" in first.stdout  # the job says how to resume
+    resumed = _run([f"hydra.run.dir={tmp_path}/resumed", f"ckpt_path={last}", "trainer.max_steps=6", *every2], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e.step for e in read_events(tmp_path / "resumed" / "tensorboard").Scalars("attn_train/entropy")] == [5]  # steps go on
+    import torch
+
+    checkpoint = torch.load(tmp_path / "resumed" / "tensorboard" / "checkpoints" / "last.ckpt", weights_only=False)
+    (state,) = [value for key, value in checkpoint["callbacks"].items() if key.startswith("AttentionMonitor")]
+    assert checkpoint["global_step"] == 6 and state["last_train_step"] == 5
+    assert state["alarms"]["history"]["blocks.0.attn"]["steps"] == [1, 3, 5]  # the first run's captures kept

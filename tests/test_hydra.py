@@ -167,7 +167,7 @@ def test_the_job_says_where_its_logs_are_before_training_and_at_the_end(tmp_path
     events = read_events(tmp_path / "run" / "tensorboard")
     written = max(len(events.Images(tag)) for tag in events.Tags()["images"])
     assert written <= keep  # TensorBoard keeps every image the run wrote
-    assert output.index(line) < output.index("Epoch 0")  # printed before the progress bar's first step
+    assert output.index(line) < output.index("Step (epoch 0)")  # printed before the progress bar's first step
     assert "Tip:" not in output and "LeafSpec" not in output  # Lightning's tips and known noise are not printed
     assert "attn H" in output  # the progress bar shows the monitor's mean normalised entropy
 

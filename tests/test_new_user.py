@@ -114,3 +114,17 @@ def test_the_hugging_face_console_leaves_the_monitors_scalars_out(tmp_path, caps
     assert "attn_train" not in printed.out + printed.err
     assert "'loss'" in printed.out + printed.err  # the Trainer's own lines are still printed
     assert any("attn_train/entropy" in entry for entry in trainer.state.log_history)  # and the logs keep them
+
+
+def test_a_step_bounded_run_shows_its_steps_out_of_max_steps_across_epochs(tmp_path, capsys):
+    from attnmonitor.integrations.lightning import AttentionProgressBar
+
+    monitor = AttentionMonitor(schedule={"every_n_steps": 2, "val_batches": 0}, dashboards={"heatmaps": None})
+    trainer = make_trainer(tmp_path, [monitor, AttentionProgressBar()], max_steps=10, limit_val_batches=0, enable_progress_bar=True)
+    trainer.fit(_model(), _loader())  # 6 batches per epoch: two epochs
+    printed = capsys.readouterr()
+    bars = (printed.out + printed.err).replace("\r", "\n").splitlines()
+    shown = [line for line in bars if line.startswith("Step (epoch")]
+    assert shown and "10/10" in shown[-1] and "Step (epoch 1)" in shown[-1], shown[-3:]
+    assert not any("/6 [" in line for line in shown)  # never batches out of an epoch's 6
+    assert "attn H" in shown[-1]

@@ -70,7 +70,31 @@ class LightningPublisher:
 
 class AttentionProgressBar(TQDMProgressBar):
     """Lightning's progress bar, with the monitor's last captured mean normalised entropy (``attn H``)
-    beside the loss."""
+    beside the loss; a run bounded by ``max_steps`` shows its optimizer steps out of ``max_steps``
+    (``Step 120/800``) instead of batches per epoch."""
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.max_steps <= 0:
+            super().on_train_epoch_start(trainer, *args)
+            return
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:  # the first epoch: one bar for the whole run
+            bar.reset(total=trainer.max_steps)
+            bar.initial = trainer.global_step  # a resumed run starts where it stopped
+            bar.n = trainer.global_step
+        bar.set_description(f"Step (epoch {trainer.current_epoch})")
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.max_steps <= 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        step = trainer.global_step
+        if self._should_update(step, trainer.max_steps):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+            self.train_progress_bar.refresh()
 
     @override
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:

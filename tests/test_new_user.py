@@ -128,3 +128,20 @@ def test_a_step_bounded_run_shows_its_steps_out_of_max_steps_across_epochs(tmp_p
     assert shown and "10/10" in shown[-1] and "Step (epoch 1)" in shown[-1], shown[-3:]
     assert not any("/6 [" in line for line in shown)  # never batches out of an epoch's 6
     assert "attn H" in shown[-1]
+
+
+@pytest.mark.slow
+def test_the_example_script_says_where_its_logs_are_first_and_prints_no_known_noise(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "train_tiny_gpt.py"
+    command = [sys.executable, str(script), "--max-steps", "4", "--log-dir", str(tmp_path / "runs")]
+    result = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    output = result.stdout
+    assert output.index(f"tensorboard --logdir {tmp_path / 'runs'}") < output.index("Step (epoch 0)")
+    assert "Tip:" not in output and "LeafSpec" not in output and "does not have many workers" not in output
+    assert "no training step of this 4-step run is captured" in output  # the short run is told so
+    assert list((tmp_path / "runs" / "tiny_gpt").glob("version_0/events.out.tfevents.*"))

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from attnmonitor.analysis import ExampleAnalysis, analyse_example, role_changes
-from attnmonitor.batch import example_ids, token_strings
+from attnmonitor.batch import example_ids, example_row, token_strings
 from attnmonitor.capture.accumulator import Example
 from attnmonitor.capture.calls import CROSS
 from attnmonitor.checks import layer_selected
@@ -23,7 +23,7 @@ from attnmonitor.tensorboard.writer import example_scalars, write_atlases, write
 
 @dataclass
 class ExampleTokens:
-    """Token ids of a stage's example: batch element 0 of the first captured batch."""
+    """Token ids of a stage's example: one element of the first captured batch (:func:`example_row`)."""
 
     ids: Tensor | None = None  # [L]
     query_ids: Tensor | None = None  # [L] the decoder's ids, for cross-attention labels
@@ -54,11 +54,13 @@ class Dashboards:
         """Draws and writes figures off the training thread."""
         self._roles: dict[str, Tensor] = {}  # {stage: [L, H] head roles} of the last analysis
 
-    def keep_example(self, stage: str, batch: Any) -> None:
-        """Keep the token ids of the batch's element 0 (the example's labels)."""
+    def keep_example(self, stage: str, batch: Any) -> int:
+        """Choose the batch's example (:func:`example_row`), keep its token ids (the labels); returns its row."""
         keys = self.options.batch
-        queries = example_ids(batch, keys.decoder_input_key, positional=False)
-        self.tokens[stage] = ExampleTokens(example_ids(batch, keys.input_key), queries)
+        row = example_row(batch, keys.input_key)
+        queries = example_ids(batch, keys.decoder_input_key, positional=False, row=row)
+        self.tokens[stage] = ExampleTokens(example_ids(batch, keys.input_key, row=row), queries)
+        return row
 
     def analyse(self, stage: str, synced: Synced, examples: Mapping[str, Example], kinds: Mapping[str, str]) -> Analysis | None:
         """Analyses of the stage's example and their scalars, or None without an example."""

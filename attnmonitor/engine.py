@@ -153,7 +153,7 @@ class MonitorEngine:
             self.stages[kind].accumulator.reset()
             self._capturing = (step, kind)
             if kind == "train":
-                self.dashboards.keep_example("train", batch)
+                capture.example_row = self.dashboards.keep_example("train", batch)
         examples = kind == "train" and (self.schedule.heatmaps(step) or (self.schedule.atlases(step) and self.options.dashboards.analyses))
         self._start(capture, self.stages[kind], batch, examples)
 
@@ -185,7 +185,7 @@ class MonitorEngine:
         capture = self._require_capture()
         if index == 0:
             self.stages["val"].accumulator.reset()
-            self.dashboards.keep_example("val", batch)
+            capture.example_row = self.dashboards.keep_example("val", batch)
         self._start(capture, self.stages["val"], batch, examples=True)
 
     def end_eval_batch(self) -> None:

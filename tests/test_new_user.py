@@ -145,3 +145,23 @@ def test_the_example_script_says_where_its_logs_are_first_and_prints_no_known_no
     assert "Tip:" not in output and "LeafSpec" not in output and "does not have many workers" not in output
     assert "no training step of this 4-step run is captured" in output  # the short run is told so
     assert list((tmp_path / "runs" / "tiny_gpt").glob("version_0/events.out.tfevents.*"))
+
+
+def test_the_example_is_the_batch_row_with_most_distinct_tokens_not_a_rule_line(tmp_path):
+    from attnmonitor.batch import example_row
+
+    ids = torch.randint(VOCAB, (4, SEQ + 1), generator=torch.Generator().manual_seed(3))
+    ids[0] = 7  # a row of one repeated token, as a ReST rule line "- - - -"
+    assert example_row((ids[:, :-1],), "input_ids") == int((ids[:, :-1].sort(1).values.diff(1) != 0).sum(1).argmax()) != 0
+    val = DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=4)
+    monitor = AttentionMonitor(
+        capture={"statistics": ["entropy"]},
+        schedule={"every_n_steps": 100, "val_batches": 1},
+        dashboards={"tokenizer": lambda xs: [f"t{int(x)}" for x in xs], "heatmaps": {"every_n_steps": None}},
+    )
+    make_trainer(tmp_path, [monitor], max_steps=2, val_check_interval=2, limit_val_batches=1).fit(_model(), _loader(), val)
+    events = read_events(tmp_path / "tb" / "version_0")
+    table = events.Tensors("attn_val_example/interpretation/blocks.0.attn/text_summary")[0].tensor_proto.string_val[0].decode()
+    row = example_row((ids[:, :-1],), "input_ids")
+    queries = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")][2:]
+    assert queries == [f"t{int(x)}" for x in ids[row, :-1]]  # the varied row, labelled by its own tokens

@@ -157,6 +157,8 @@ class AttentionCapture:
         monitor's train, val and alarm captures)."""
         self.alignments: Tensor | None = None
         """``[B, Lq]`` ground-truth key of each query row (negative: none), for alignment accuracy."""
+        self.example_row = 0
+        """The batch element kept as the example (``example_tokens``)."""
         self._enabled = True
         self.kinds: dict[str, str] = {}
         """``{layer: "self" | "cross"}`` of every layer captured since the capture was made."""
@@ -296,7 +298,7 @@ class AttentionCapture:
         if self.enabled and self.example_tokens:
             example = self.accumulator.examples.setdefault(call.layer, Example())
             if example.inputs is None:
-                example.inputs = _first_states(call.module, (*args, kwargs.get("hidden_states"), kwargs.get("query")))
+                example.inputs = _first_states(call.module, (*args, kwargs.get("hidden_states"), kwargs.get("query")), self.example_row)
 
     def _ended(self, call: ModuleCall, output: Any, produced: bool) -> None:
         if not produced:
@@ -305,7 +307,7 @@ class AttentionCapture:
         elif self.enabled and self.example_tokens:
             example = self.accumulator.examples.setdefault(call.layer, Example())
             if example.outputs is None:
-                example.outputs = _first_states(call.module, output if isinstance(output, tuple) else (output,))
+                example.outputs = _first_states(call.module, output if isinstance(output, tuple) else (output,), self.example_row)
 
     def _head_placement(self, module: nn.Module, local_heads: int) -> tuple[int, int] | None:
         """Which global heads of ``module`` this process holds (tensor parallelism; None: all), once per module."""
@@ -398,8 +400,9 @@ class AttentionCapture:
         elif self.example_tokens:
             example = self.accumulator.examples.setdefault(call.layer, Example())
             if example.probs is None:
-                example.probs, example.key_valid, example.start, example.key_start = record.example(self.example_tokens)
-                example.values = None if record.v is None else record.v[0].detach().float().cpu()
+                row = self.example_row if self.example_row < record.shape[0] else 0
+                example.probs, example.key_valid, example.start, example.key_start = record.example(self.example_tokens, row)
+                example.values = None if record.v is None else record.v[row].detach().float().cpu()
 
 
 def _sampled_rows(lq: int, sample: int | None, generator: torch.Generator) -> Tensor | None:
@@ -409,10 +412,12 @@ def _sampled_rows(lq: int, sample: int | None, generator: torch.Generator) -> Te
     return torch.randperm(lq, generator=generator)[:sample].sort().values
 
 
-def _first_states(module: nn.Module, candidates: tuple[Any, ...]) -> Tensor | None:
-    """Batch element 0 (``[L, C]``) of the first 3-D tensor among ``candidates``."""
+def _first_states(module: nn.Module, candidates: tuple[Any, ...], row: int = 0) -> Tensor | None:
+    """Batch element ``row`` (0 when the batch is smaller; ``[L, C]``) of the first 3-D tensor among ``candidates``."""
     tensor = next((t for t in candidates if isinstance(t, Tensor) and t.dim() == 3), None)
     if tensor is None:
         return None
     sequence_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
-    return (tensor[:, 0] if sequence_first else tensor[0]).detach().float().cpu()
+    batch = tensor.shape[1] if sequence_first else tensor.shape[0]
+    row = row if row < batch else 0
+    return (tensor[:, row] if sequence_first else tensor[row]).detach().float().cpu()

@@ -96,8 +96,9 @@ class AttentionRecord:
             probs = F.dropout(probs, self.dropout_p)
         return (probs @ v.to(probs.dtype)).to(self.out_dtype).reshape(self.out_shape)
 
-    def example(self, max_tokens: int) -> tuple[Tensor, Tensor, int, int]:
-        """Batch element 0 from its first real token: probabilities ``[H, T, T]`` float32, valid keys, start.
+    def example(self, max_tokens: int, row: int = 0) -> tuple[Tensor, Tensor, int, int]:
+        """Batch element ``row`` (0 when the batch is smaller) from its first real token: probabilities
+        ``[H, T, T]`` float32, valid keys, start.
 
         Rows start at the first counted query row and keys at the first key that row may attend
         (left padding skipped), ``T`` is ``max_tokens`` capped by the queries and keys left. Rows are
@@ -107,17 +108,18 @@ class AttentionRecord:
         """
         b, h, lq, lk = self.shape
         call, start = self.call, 0
+        row = row if row < b else 0
         if call.query_valid is not None:
-            rows = call.query_valid[0].reshape(-1, lq).any(0).nonzero()
+            rows = _element(call.query_valid, row).reshape(-1, lq).any(0).nonzero()
             start = int(rows[0]) if rows.numel() else 0
         if call.probs is not None:
-            probs, valid = call.probs[:1, :, start:].float(), _first_rows(call.key_valid, start, lq - start)
+            probs, valid = call.probs[row : row + 1, :, start:].float(), _first_rows(call.key_valid, start, lq - start, row)
         else:
             assert call.q is not None and call.k is not None
             ((probs, valid, *_),) = qk_chunks(
-                call.q[:1],
-                call.k[:1],
-                _first_rows(call.attn_mask, 0, lq),
+                call.q[row : row + 1],
+                call.k[row : row + 1],
+                _first_rows(call.attn_mask, 0, lq, row),
                 call.is_causal,
                 call.scale,
                 budget_bytes=1 << 62,
@@ -150,12 +152,17 @@ def unpack_query_heads(record: AttentionRecord, num_heads: int) -> AttentionReco
     return record.with_call(q=q.reshape(b, num_heads, 1, d))
 
 
-def _first_rows(t: Tensor | None, start: int, rows: int) -> Tensor | None:
-    """Batch element 0 and query rows ``start : start + rows`` of a mask broadcastable to ``[B, H, Lq, Lk]``."""
+def _element(t: Tensor, row: int) -> Tensor:
+    """Batch element ``row`` of a tensor broadcastable over the batch (its only element when that dimension is 1)."""
+    return t[row] if t.shape[0] > 1 else t[0]
+
+
+def _first_rows(t: Tensor | None, start: int, rows: int, row: int = 0) -> Tensor | None:
+    """Batch element ``row`` and query rows ``start : start + rows`` of a mask broadcastable to ``[B, H, Lq, Lk]``."""
     if t is None:
         return None
     if t.dim() == 4 and t.shape[0] > 1:
-        t = t[:1]
+        t = t[row : row + 1]
     if t.dim() >= 2 and t.shape[-2] > 1:
         t = t[..., start : start + rows, :]
     return t

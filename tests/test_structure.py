@@ -57,3 +57,18 @@ def test_the_import_graph_has_no_cycle():
     for name in sorted(graph):
         visit(name, [])
     assert graph["attnmonitor.checks"] == set()  # the ground floor imports nothing of ours
+
+
+def test_the_docs_state_the_defaults_the_code_has():
+    import yaml
+
+    from attnmonitor import STATISTICS
+
+    readme, reference = (ROOT / "README.md").read_text(), (ROOT / "docs" / "reference.md").read_text()
+    listed = re.search(r"The statistics \((.+?)\) are\s+defined", readme, re.S).group(1)
+    assert re.findall(r"`(\w+)`", listed) == list(STATISTICS)
+    trainer = yaml.safe_load((ROOT / "attnmonitor" / "configs" / "trainer" / "default.yaml").read_text())
+    monitor = yaml.safe_load((ROOT / "attnmonitor" / "configs" / "callbacks" / "attention_monitor.yaml").read_text())["attention_monitor"]
+    screenshots = re.search(r"after the main job \(`attnmonitor-train`, (\d+) steps, captures every (\d+),", reference)
+    assert (int(screenshots.group(1)), int(screenshots.group(2))) == (trainer["max_steps"], monitor["schedule"]["every_n_steps"])
+    assert "`alarms=None`" in readme and monitor["alarms"] is not None  # off in Python, on in the main job, said in the README

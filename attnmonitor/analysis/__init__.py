@@ -1,5 +1,5 @@
-"""Analyses of the example each publication keeps (batch element 0): head roles, attention flow,
-similarity, token classes and the interpretation table. Computation only; publishing is in
+"""Analyses of the example each publication keeps (the batch row with the most distinct tokens): head
+roles, attention flow, similarity, token classes and the interpretation table. Computation only; publishing is in
 :mod:`attnmonitor.tensorboard`."""
 
 from attnmonitor.analysis.example import ExampleAnalysis, analyse_example, interpretation_table, role_changes

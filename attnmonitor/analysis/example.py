@@ -1,4 +1,4 @@
-"""Analyses of the example (batch element 0, first ``T`` real tokens of a captured step), for the dashboards.
+"""Analyses of the example (the batch row with the most distinct tokens, first ``T`` real tokens of a captured step), for the dashboards.
 
 Everything here works on the :class:`~attnmonitor.capture.accumulator.Example` the capture keeps per
 layer (``[H, T, T]`` probabilities, the module's input/output states and SDPA values when available),

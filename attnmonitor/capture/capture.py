@@ -74,7 +74,7 @@ class AttentionCapture:
             evaluated in chunks of query rows.
         sink_tokens: keys counted by ``sink_mass``, from the first real token of each sequence.
         sparsity_eps: a valid key is sparse when its weight is below ``sparsity_eps / n_i``.
-        example_tokens: when > 0, keep the probabilities of batch element 0 among its first
+        example_tokens: when > 0, keep the probabilities of batch element ``example_row`` among its first
             ``example_tokens`` tokens for each layer (:attr:`examples`, for heatmaps).
         regularizer: clips or regularizes the attention of the layers it applies to (see
             :class:`attnmonitor.regularization.AttentionRegularizer`); statistics then describe the
@@ -249,7 +249,7 @@ class AttentionCapture:
 
     @property
     def examples(self) -> dict[str, Example]:
-        """``{layer: Example}`` of batch element 0 (see ``example_tokens``)."""
+        """``{layer: Example}`` of batch element ``example_row`` (see ``example_tokens``)."""
         return {layer: e for layer, e in self.accumulator.examples.items() if e.probs is not None}
 
     @property

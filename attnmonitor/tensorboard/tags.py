@@ -8,7 +8,7 @@ TensorBoard groups charts by the first path component, so each kind of chart has
   (``attn_<stage>_heads/``: per head;
   ``attn_<stage>_hist/``: histograms of a layer's heads);
 - ``attn_<stage>_heatmap/``: each head's attention over the example's tokens;
-- ``attn_<stage>_example/``: analyses of the example (batch element 0);
+- ``attn_<stage>_example/``: analyses of the example (the batch row with the most distinct tokens);
 - ``attn_reg/``: the regularizer's terms and clipping; ``attn_health/``: skipped captures.
 
 ``<stage>`` is ``train`` or ``val``; the alarms' group, ``attn_train_alarm/``, sorts after the training
@@ -58,7 +58,7 @@ def alignment(stage: str, layer: str | None = None) -> str:
 
 
 def example(stage: str, analysis: str, layer: str | None = None) -> str:
-    """``attn_<stage>_example/<analysis>[/<layer>]``: analyses of the example (batch element 0)."""
+    """``attn_<stage>_example/<analysis>[/<layer>]``: analyses of the example (the batch row with the most distinct tokens)."""
     return f"attn_{stage}_example/{analysis}" + (f"/{layer}" if layer is not None else "")
 
 

@@ -1,13 +1,16 @@
 """Train a tiny GPT-2 (built from a config) with the Hugging Face Trainer and the attention monitor on.
 
     python examples/hf_trainer.py [--max-steps 300] [--output-dir runs/hf_trainer] [--entropy-weight 0.0]
+                                  [--report-to tensorboard wandb mlflow]
 
-Then: tensorboard --logdir runs/hf_trainer
+It prints where its logs are before the first step (TensorBoard: ``tensorboard --logdir runs/hf_trainer``;
+W&B and MLflow take the Trainer's own settings: ``WANDB_MODE=offline``, ``MLFLOW_TRACKING_URI``).
 
 The integration is two names: ``AttentionMonitorCallback`` in ``callbacks`` and
 ``AttentionMonitorTrainer`` in place of ``Trainer`` (it binds the monitor and adds the regularizer's
 penalty to the loss). Scalars go through the Trainer's own logging (``report_to``, ``log_history``);
-figures go to the writer of its TensorBoard callback.
+figures go to each of its TensorBoard, W&B and MLflow callbacks; the console shows the Trainer's own
+lines only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> AttentionMonitorTrainer:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--every-n-steps", type=int, default=20, help="capture interval (optimizer steps)")
     parser.add_argument("--entropy-weight", type=float, default=0.0, help="attention entropy regularizer weight")
+    parser.add_argument("--report-to", nargs="+", default=["tensorboard"], help="the Trainer's report_to")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -56,14 +60,16 @@ def main(argv: Sequence[str] | None = None) -> AttentionMonitorTrainer:
         logging_steps=every,
         eval_strategy="steps",
         eval_steps=5 * every,
-        report_to=["tensorboard"],
+        report_to=args.report_to,
         save_strategy="no",
         log_level="warning",
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = AttentionMonitorTrainer(model=model, args=training, train_dataset=data[:-64], eval_dataset=data[-64:], callbacks=[monitor])
+    print(f"Logs in {args.output_dir} ({', '.join(args.report_to)})", flush=True)
+    if "tensorboard" in args.report_to:
+        print(f"View them with:  tensorboard --logdir {args.output_dir}\n", flush=True)
     trainer.train()
-    print(f"TensorBoard logs in {args.output_dir}\nView them with:  tensorboard --logdir {args.output_dir}")
     return trainer
 
 

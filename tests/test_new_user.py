@@ -165,3 +165,23 @@ def test_the_example_is_the_batch_row_with_most_distinct_tokens_not_a_rule_line(
     row = example_row((ids[:, :-1],), "input_ids")
     queries = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")][2:]
     assert queries == [f"t{int(x)}" for x in ids[row, :-1]]  # the varied row, labelled by its own tokens
+
+
+@pytest.mark.slow
+def test_the_hugging_face_example_shows_a_readable_example_and_a_quiet_console(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("accelerate")
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    import hf_trainer
+
+    sys.modules.pop("hf_trainer", None)
+    trainer = hf_trainer.main(["--max-steps", "10", "--every-n-steps", "2", "--output-dir", str(tmp_path / "out")])
+    printed = capsys.readouterr()
+    assert "attn_" not in printed.out and printed.out.index("tensorboard --logdir") < printed.out.index("'loss'")
+    assert any("eval_attn_val/entropy" in entry for entry in trainer.state.log_history)
+    (run,) = {p.parent for p in (tmp_path / "out").rglob("events.out.tfevents.*")}
+    table = read_events(run).Tensors("attn_val_example/interpretation/transformer.h.0.attn/text_summary")[-1]
+    queries = [line.split("|")[1].strip() for line in table.tensor_proto.string_val[0].decode().splitlines() if line.startswith("|")][2:]
+    assert len(set(queries)) > len(queries) // 2  # words of a sentence, not a rule line of "-"

@@ -240,6 +240,35 @@ def _sink_mass(ctx: RowContext) -> Tensor:
     return (ctx.p @ sinks).squeeze(-1)  # [B, H, Lq]
 
 
+_FUSED = frozenset({"entropy", "normalized_entropy", "max_weight", "sparsity", "effective_support", "distance", "sink_mass"})
+"""Statistics the one-pass kernel (:mod:`attnmonitor.functional.row_kernel`) gives."""
+
+
+def _fused_values(ctx: RowContext, names: Sequence[str]) -> dict[str, Tensor]:
+    """``{name: [B, H, Lq]}`` of the requested statistics the compiled one-pass kernel gives, or {} where
+    it is not used (see :func:`~attnmonitor.functional.row_kernel.fused_reductions`)."""
+    if not _FUSED.intersection(names):
+        return {}
+    from attnmonitor.functional.row_kernel import fused_reductions
+
+    n = ctx.n
+    reductions = fused_reductions(ctx.p, ctx.positions.float(), ctx.sparsity_eps / n.clamp_min(1), ctx.sink_tokens)
+    if reductions is None:
+        return {}
+    entropy, largest, below, distance, sink = reductions
+    values = {
+        "entropy": entropy,
+        "normalized_entropy": _normalized_entropy_from(entropy, n),
+        "max_weight": largest,
+        "sparsity": (below - (ctx.probs.shape[-1] - n)) / n.clamp_min(1),
+        "effective_support": entropy.exp() * (n > 0),
+        "distance": distance,
+    }
+    if ctx.sink_keys is None:  # per-sequence sinks (packed documents) stay on the eager path
+        values["sink_mass"] = sink
+    return values
+
+
 def row_statistics(
     probs: Tensor,
     key_valid: Tensor | None = None,
@@ -291,7 +320,10 @@ def row_statistics(
     ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite, masked, sink_keys)
     valid = ctx.valid
     names = list(statistics)
-    rows = torch.stack([_ROW_FUNCTIONS[name](ctx).expand(valid.shape) for name in names])  # [S, B, H, Lq]
+    fused = _fused_values(ctx, names)
+    rows = torch.stack(
+        [(fused[name] if name in fused else _ROW_FUNCTIONS[name](ctx)).expand(valid.shape) for name in names]
+    )  # [S, B, H, Lq]
     return dict(zip(names, torch.where(valid, rows, 0.0).unbind(0), strict=True)), valid
 
 

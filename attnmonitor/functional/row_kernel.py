@@ -1,0 +1,69 @@
+"""One pass over the probabilities for the statistics that reduce a row: a ``torch.compile``d kernel.
+
+Eagerly, entropy, maximum, sparsity, distance and sink mass each read the ``[B, H, Lq, Lk]``
+probabilities again (2 to 4 passes each, with full-size temporaries); compiled, inductor fuses the five
+reductions into one loop over each row (CPU and GPU), about the cost of one softmax. Used for tensors
+of at least :data:`MIN_ELEMENTS` (below, the eager path is as fast and needs no compilation) when not
+computing gradients and not inside another compiled graph; ``ATTNMONITOR_FUSED=0`` turns it off. If
+compilation fails (no C++ compiler, an unsupported device), it warns once and the eager path is used.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MIN_ELEMENTS = 1 << 20
+"""Smallest probability tensor (elements) sent to the compiled kernel (its first call compiles for seconds)."""
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def row_reductions(p: Tensor, positions: Tensor, thresholds: Tensor, sink_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Five sums over each row's keys, in one pass.
+
+    Args:
+        p: ``[B, H, Lq, Lk]`` float32 probabilities, 0 on invalid keys.
+        positions: ``[Lq]`` float32 key position of each query row.
+        thresholds: ``[B, H, Lq]`` float32 sparsity threshold of each row (``eps / n_i``).
+        sink_tokens: leading keys counted as sinks.
+
+    Returns:
+        ``[B, H, Lq]`` each: entropy ``−Σ p log p``, largest weight, keys below the threshold (invalid
+        keys included), ``Σ p |i − j|`` and the weight on the first ``sink_tokens`` keys.
+    """
+    keys = torch.arange(p.shape[-1], device=p.device, dtype=p.dtype)
+    entropy = -(p * torch.log(torch.clamp_min(p, _TINY))).sum(-1)  # 0 · log(tiny) = 0: no NaN at p = 0
+    largest = p.amax(-1)
+    below = (p < thresholds.unsqueeze(-1)).sum(-1, dtype=torch.float32)
+    distance = (p * (positions.unsqueeze(-1) - keys).abs()).sum(-1)
+    sink = (p * (keys < sink_tokens)).sum(-1)
+    return entropy, largest, below, distance, sink
+
+
+_compiled: Any = None
+_failed = os.environ.get("ATTNMONITOR_FUSED", "1") == "0"
+
+
+def fused_reductions(p: Tensor, positions: Tensor, thresholds: Tensor, sink_tokens: int) -> tuple[Tensor, ...] | None:
+    """:func:`row_reductions` compiled, or None where the eager path is used instead (small tensors,
+    gradients, inside a compiled graph, turned off, or compilation failed)."""
+    global _compiled, _failed
+    if _failed or p.numel() < MIN_ELEMENTS or (torch.is_grad_enabled() and p.requires_grad) or torch.compiler.is_compiling():
+        return None
+    try:
+        if _compiled is None:
+            _compiled = torch.compile(row_reductions, dynamic=True, fullgraph=True)
+        return _compiled(p, positions, thresholds, sink_tokens)
+    except Exception as err:  # the statistics never depend on a compiler being present
+        _failed = True
+        warnings.warn(
+            f"attnmonitor: the fused statistics kernel is off ({type(err).__name__}: {err}); using the eager path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None

@@ -97,9 +97,9 @@ class MonitorEngine:
         self.last_train_step = -1
         """Last optimizer step whose training capture was published (saved in checkpoints)."""
         self.latest: dict[str, float] = {}
+        """The scalars of the last publication of each stage (for progress bars)."""
         self.layout = ScalarLayout()
         """TensorBoard's custom-scalar charts, one per statistic and layer logged so far."""
-        """The scalars of the last publication of each stage (for progress bars)."""
         self._running: int | None = None  # optimizer step whose micro-batches are running
         self._capturing: tuple[int, CaptureKind] | None = None  # the step being captured, and how
         self._example_tokens = heatmaps.max_tokens if heatmaps is not None else 0

@@ -64,12 +64,14 @@ with its labels and colour bar the image fits a card of TensorBoard's Images tab
 1600 px window) at its own size; labels are cut to ``LABEL_CHARACTERS``."""
 
 
-def attention_heatmap(probs: Tensor, keys: Sequence[str], queries: Sequence[str], title: str, vmax: float | None = None) -> np.ndarray:
+def attention_heatmap(
+    probs: Tensor, keys: Sequence[str] | None, queries: Sequence[str] | None, title: str, vmax: float | None = None
+) -> np.ndarray:
     """One head's ``[Tq, Tk]`` attention as a heatmap, every query and key labelled, with a colour bar.
 
     Args:
         probs: ``[Tq, Tk]`` probabilities (rows: queries, columns: keys).
-        keys: ``Tk`` key labels. queries: ``Tq`` query labels.
+        keys: ``Tk`` key labels. queries: ``Tq`` query labels (either None: positions).
         title: what the figure shows (layer, head, stage).
         vmax: top of the colour scale, [0, vmax] (default: the largest weight), e.g. shared by the
             heads of a layer.
@@ -80,7 +82,8 @@ def attention_heatmap(probs: Tensor, keys: Sequence[str], queries: Sequence[str]
     tq, tk = probs.shape
     cell = min(max(PANEL_PIXELS / max(tq, tk), CELL_PIXELS[0]), CELL_PIXELS[1]) / DPI  # inches
     font = min(7.0, 0.6 * cell * DPI)  # points: about 0.8 of a cell high
-    keys, queries = [_short(x) for x in keys[:tk]], [_short(x) for x in queries[:tq]]
+    keys = [_short(x) for x in keys[:tk]] if keys is not None else [str(i) for i in range(tk)]
+    queries = [_short(x) for x in queries[:tq]] if queries is not None else [str(i) for i in range(tq)]
     label = 0.1 + font / 72 * 0.62 * max(len(x) for x in [*keys, *queries, "0"])  # inches of the longest label
     panel_w, panel_h = cell * tk, cell * tq
     width, height = label + panel_w + 0.55, label + panel_h + 0.3

@@ -139,15 +139,13 @@ def write_heatmap(
     """One image per head of a layer on the example, ``probs`` ``[H, Tq, Tk]``, on the colour scale of the
     layer's largest weight; keys labelled by ``tokens`` (None: positions), queries by ``query_tokens``
     (``tokens`` for self-attention; positions for cross-attention)."""
-    _, tq, tk = probs.shape
-    keys = list(tokens) if tokens is not None else [str(i) for i in range(tk)]
     if query_tokens is None:
-        query_tokens = keys if not cross else [f"q{i}" for i in range(tq)]
+        query_tokens = [f"q{i}" for i in range(probs.shape[1])] if cross else tokens
     kind = "cross-attention" if cross else "self-attention"
     vmax = float(probs.max())
     for head, head_probs in enumerate(probs):
         title = f"{stage} {layer} head {head} ({kind})"
-        image = attention_heatmap(head_probs, keys, list(query_tokens), title, vmax=vmax)
+        image = attention_heatmap(head_probs, tokens, query_tokens, title, vmax=vmax)
         writer.add_image(tags.heatmap(stage, layer, head), image, step, dataformats="HWC")
 
 
@@ -168,7 +166,7 @@ def write_example(writer: Any, stage: str, step: int, result: ExampleAnalysis, c
         writer.add_text(tags.interpretation(stage, layer), text, step)
     if result.rollout is not None:
         title = f"{stage} attention rollout through {len(result.rollout_layers)} layers"
-        tokens = list(result.rollout_tokens) if result.rollout_tokens is not None else [str(i) for i in range(result.rollout.shape[-1])]
+        tokens = result.rollout_tokens
         image = attention_heatmap(result.rollout, tokens, tokens, f"{title} (mean over heads, + identity)")
         writer.add_image(tags.rollout(stage), image, step, dataformats="HWC")
     if result.embedding is not None and stage == "val" and hasattr(writer, "add_embedding"):  # TensorBoard's projector, validation only

@@ -92,9 +92,9 @@ class AttentionMonitorCallback(TrainerCallback):
         flow = next((i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), -1)
         callbacks.insert(flow + 1, self)
         for callback in callbacks:
-            if isinstance(callback, (ProgressCallback, PrinterCallback)) and not hasattr(callback, "_attnmonitor_quiet"):
-                callback._attnmonitor_quiet = callback.on_log
+            if isinstance(callback, (ProgressCallback, PrinterCallback)) and not getattr(callback, "_attnmonitor_quiet", False):
                 callback.on_log = _console_without_attention(callback.on_log)
+                callback._attnmonitor_quiet = True  # bound again (a second monitor, a rebind): wrapped once
         self.trainer = trainer
         return self
 

@@ -70,3 +70,5 @@ if __name__ == "__main__":
     )  # fmt: skip
     data = list(sharded_job.global_batch(HEADS))
     trainer.fit(Module(), DataLoader(data, batch_size=len(data) // dp))
+    if torch.distributed.is_initialized():  # stop gloo's threads before exit: without it a process can abort at teardown
+        torch.distributed.destroy_process_group()

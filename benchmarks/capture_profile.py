@@ -1,6 +1,6 @@
 """Where the time of a captured training step goes: the demo GPT, capturing every step, under cProfile.
 
-    python benchmarks/capture_profile.py [--steps 150]
+    python benchmarks/capture_profile.py [--steps 150] [--shape demo|attention|balanced|mlp]
 
 Prints the extra time per step of the monitor (wall clock, side by side with an unmonitored run),
 then the monitor's own functions by cumulative time per step under cProfile (which inflates Python
@@ -17,6 +17,7 @@ import time
 import lightning as L
 import torch
 from common import seconds_per_step
+from throughput import SHAPES
 
 from attnmonitor import AttentionMonitor
 from attnmonitor.demo import CorpusDataModule, TinyGPT
@@ -32,26 +33,29 @@ PARTS = {
     "one attention call's record handled (all below)": ("capture.py", "_consume"),
     "  judge: valid rows, sinks, kinds from the call's mask": ("calls.py", "judge"),
     "  statistics of the call (fused or chunked)": ("evaluation.py", "call_head_sums"),
+    "    compiled kernel from q/k blocks": ("logit_kernel.py", "qk_row_statistics"),
     "    fused path: one extra flash call + position weights": ("fused.py", "fused_row_statistics"),
     "  finiteness check (a device sync)": ("capture.py", "<genexpr>"),
     "  accumulate sums into the layer state": ("accumulator.py", "add"),
 }
 
 
-def fit(steps: int, monitor: AttentionMonitor | None, data: CorpusDataModule) -> float:
+def fit(steps: int, monitor: AttentionMonitor | None, data: CorpusDataModule, shape: str = "demo") -> float:
     L.seed_everything(0, verbose=False)
-    model = TinyGPT(vocab_size=len(data.vocab), seq_len=data.seq_len)
+    dim, layers, heads, _, _ = SHAPES[shape]
+    model = TinyGPT(vocab_size=len(data.vocab), seq_len=data.seq_len, dim=dim, layers=layers, heads=heads)
     return seconds_per_step(model, data, steps, [monitor] if monitor else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--shape", choices=list(SHAPES), default="demo")
     args = parser.parse_args()
-    data = CorpusDataModule()
+    data = CorpusDataModule(seq_len=SHAPES[args.shape][3], batch_size=SHAPES[args.shape][4])
     every = lambda: AttentionMonitor(schedule={"every_n_steps": 1, "atlas_every_n_steps": 10**9}, dashboards={"heatmaps": None})  # noqa: E731
-    plain, monitored = fit(args.steps, None, data), fit(args.steps, every(), data)
-    plain, monitored = min(plain, fit(args.steps, None, data)), min(monitored, fit(args.steps, every(), data))
+    plain, monitored = fit(args.steps, None, data, args.shape), fit(args.steps, every(), data, args.shape)
+    plain, monitored = min(plain, fit(args.steps, None, data, args.shape)), min(monitored, fit(args.steps, every(), data, args.shape))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, best of 2")
     print(
         f"unmonitored {plain * 1e3:.1f} ms/step, capturing every step {monitored * 1e3:.1f} ms/step: "
@@ -61,7 +65,7 @@ def main() -> None:
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
-    fit(args.steps, every(), data)
+    fit(args.steps, every(), data, args.shape)
     profiler.disable()
     print(f"\nunder cProfile ({time.perf_counter() - start:.0f} s): cumulative ms per step")
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]

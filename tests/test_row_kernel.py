@@ -49,7 +49,7 @@ def test_the_fused_kernel_equals_the_float64_reference(layout, monkeypatch):
 
 def test_small_tensors_and_gradients_stay_on_the_eager_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(row_kernel, "_compiled", lambda *a: calls.append(a))
+    monkeypatch.setattr(row_kernel._row_reductions, "compiled", lambda *a: calls.append(a))
     monkeypatch.setattr(row_kernel, "_failed", False)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     attention_statistics(_probs(causal), causal)  # B·H·L·L far below MIN_ELEMENTS
@@ -65,7 +65,7 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(row_kernel, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(row_kernel, "_failed", False)
-    monkeypatch.setattr(row_kernel, "_compiled", broken)
+    monkeypatch.setattr(row_kernel._row_reductions, "compiled", broken)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     with pytest.warns(RuntimeWarning, match="fused statistics kernel is off .*no C\\+\\+ compiler"):
         fallback = attention_statistics(_probs(causal), causal)

@@ -22,6 +22,7 @@ from torch import Tensor
 from attnmonitor.functional.analyses import alignment_counts
 from attnmonitor.functional.chunked import Chunk, ScoreMod, chunk_head_sums, probability_chunks, qk_chunks, qk_logit_max
 from attnmonitor.functional.fused import fused_row_statistics
+from attnmonitor.functional.logit_kernel import qk_row_statistics
 from attnmonitor.functional.statistics import head_max, head_sums, max_row_counts, split_statistics
 
 
@@ -131,6 +132,21 @@ def call_head_sums(
         maxima = {}
         if maxed and call.probs is not None and call.logit_max is not None:
             maxima = dict.fromkeys(maxed, head_max(call.logit_max, call.query_valid))
+        if qk and call.score_mod is None and alignments is None:
+            kernel = qk_row_statistics(
+                *call.sdpa,
+                call.query_valid,
+                sink_tokens=sink_tokens,
+                sink_keys=call.sink_keys,
+                sparsity_eps=sparsity_eps,
+                rows=rows,
+            )
+            if kernel is not None:
+                values, valid, row_max = kernel
+                sums, count = head_sums({name: values[name] for name in averaged}, valid)
+                if maxed:
+                    maxima = dict.fromkeys(maxed, head_max(row_max, valid))
+                return CallSums(sums, count, fused=True, maxima=maxima)
         fused = None
         if qk and call.score_mod is None and rows is None:
             fused = fused_row_statistics(

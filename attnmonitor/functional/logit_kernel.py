@@ -1,0 +1,207 @@
+"""Every statistic of an SDPA call from blocks of ``q · kᵀ``, one exponential per logit: a compiled kernel.
+
+With ``x_ij`` a row's logits (``-inf`` on blocked keys), ``m_i`` its largest, ``y_ij = x_ij − m_i``,
+``e_ij = exp(y_ij)`` and ``s_i = Σ_j e_ij`` (so ``A_ij = e_ij / s_i``):
+
+    H_i = log s_i − Σ_j e_ij y_ij / s_i,      max_j A_ij = 1 / s_i,      max_logit_i = m_i,
+    distance_i = Σ_j e_ij |p_i − j| / s_i,    sink_i = Σ_{j sink} e_ij / s_i,
+    A_ij < eps / n_i  ⇔  y_ij < log(eps · s_i / n_i),
+
+so a block takes one pass of maxima, one of exponentials (every sum at once) and one of comparisons,
+fused by inductor; the offset weights (self, previous, next) are three gathered logits. The
+probabilities are never written. Blocks of query rows hold at most
+:data:`~attnmonitor.functional.chunked.MAX_PASS_BLOCK_BYTES` of logits (they stay in cache); under a
+causal mask a block stops at the key of its last row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attnmonitor.functional.chunked import MAX_PASS_BLOCK_BYTES, _key_slice, _row_slice, _select, rows_per_chunk
+from attnmonitor.functional.row_kernel import CompiledKernel, kernel_applies
+from attnmonitor.functional.statistics import _normalized_entropy_from
+
+OFFSETS = {"self_weight": 0, "prev_token_weight": -1, "next_token_weight": 1}
+
+
+def _masked_logits(
+    scores: Tensor, scale: Tensor, rows: Tensor, key_valid: Tensor | None, bias: Tensor | None, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """``(x [B, H, r, W], n [B, H, r])``: the logits the softmax sees, ``-inf`` on blocked keys, and
+    each row's valid keys (arguments as :func:`block_sums`)."""
+    width = scores.shape[-1]
+    x = scores * scale
+    ok = torch.arange(width, device=x.device, dtype=x.dtype) <= rows.unsqueeze(-1) if causal else None  # [r, W]
+    if key_valid is not None:
+        ok = key_valid if ok is None else ok & key_valid
+    if bias is not None:
+        x = x + bias
+        unblocked = ~(bias <= torch.finfo(bias.dtype).min / 2)  # NaN stays valid: detected, not hidden
+        ok = unblocked if ok is None else ok & unblocked
+    if ok is None:
+        return x, torch.full(x.shape[:-1], width, device=x.device, dtype=x.dtype)
+    return torch.where(ok, x, -math.inf), ok.sum(-1, dtype=x.dtype).expand(x.shape[:-1])
+
+
+def _centered(x: Tensor, m: Tensor) -> Tensor:
+    """``y = x − m`` (rows without a valid key, ``m = -inf``, stay all ``-inf``)."""
+    return x - torch.where(m == -math.inf, 0.0, m).unsqueeze(-1)
+
+
+def block_sums(
+    scores: Tensor,
+    scale: Tensor,
+    rows: Tensor,
+    positions: Tensor,
+    key_valid: Tensor | None,
+    bias: Tensor | None,
+    sinks: Tensor,
+    causal: bool,
+) -> tuple[Tensor, ...]:
+    """The pass of maxima and the pass of exponentials over one block of query rows.
+
+    Args:
+        scores: ``[B, H, r, W]`` unscaled ``q · kᵀ`` of the block's rows and first ``W`` keys.
+        scale: 0-d logit scale.
+        rows: ``[r]`` query index of each row (top-left causal mask: key ``j`` valid when ``j <= row``).
+        positions: ``[r]`` key position of each row (bottom-right: ``row + Lk − Lq``).
+        key_valid: bool broadcastable to ``scores``, or None.
+        bias: additive float mask broadcastable to ``scores`` (``<= finfo.min / 2`` blocks a key), or None.
+        sinks: ``[B or 1, W]``, 1 on sink keys.
+        causal: apply the causal mask.
+
+    Returns:
+        ``[B, H, r]`` each: largest logit ``m`` (``-inf``: no valid key), valid keys ``n``, ``s``,
+        ``Σ e y``, ``Σ e |p − j|``, ``Σ_sinks e``; and ``[B, H, r, 3]`` ``e`` at offsets -1, 0, +1.
+    """
+    x, n = _masked_logits(scores, scale, rows, key_valid, bias, causal)
+    width = x.shape[-1]
+    m = x.amax(-1)
+    y = _centered(x, m)
+
+    def e() -> Tensor:  # one node per sum: inductor realises a reused exp on CPU; these share one loop
+        return torch.exp(y)
+
+    keys = torch.arange(width, device=x.device, dtype=x.dtype)
+    sums = (
+        e().sum(-1),
+        torch.where(y > -math.inf, e() * y, 0.0).sum(-1),  # 0 · (-inf) on blocked keys: 0
+        (e() * (positions.unsqueeze(-1) - keys).abs()).sum(-1),
+        (e() * sinks[:, None, None, :]).sum(-1),
+    )
+    index = positions.long().unsqueeze(-1) + torch.tensor([-1, 0, 1], device=x.device)  # [r, 3]
+    gathered = y.gather(-1, index.clamp(0, width - 1).expand(*y.shape[:-1], 3))
+    offsets = torch.where((index >= 0) & (index < width), torch.exp(gathered), 0.0)
+    return (m, n, *sums, offsets)
+
+
+def block_statistics(
+    scores: Tensor,
+    scale: Tensor,
+    rows: Tensor,
+    key_valid: Tensor | None,
+    bias: Tensor | None,
+    causal: bool,
+    eps: Tensor,
+    sums: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    """The pass of comparisons (sparsity) over one block, and every statistic from :func:`block_sums`.
+
+    Returns:
+        ``[B, H, r]`` each: entropy, largest weight, sparsity, distance, sink mass; ``[B, H, r, 3]``
+        weights at offsets -1, 0, +1.
+    """
+    m, n, s, ey, distance, sink, offsets = sums
+    x, _ = _masked_logits(scores, scale, rows, key_valid, bias, causal)
+    threshold = torch.log(eps * s / n.clamp_min(1.0))  # A_ij < eps / n_i  <=>  y_ij < log(eps s_i / n_i)
+    below = (_centered(x, m) < threshold.unsqueeze(-1)).sum(-1, dtype=x.dtype) - (x.shape[-1] - n)  # blocked: below
+    inverse = 1.0 / s
+    entropy = torch.log(s) - ey * inverse
+    return entropy, inverse, below / n.clamp_min(1.0), distance * inverse, sink * inverse, offsets * inverse.unsqueeze(-1)
+
+
+_sums = CompiledKernel(block_sums)
+_statistics = CompiledKernel(block_statistics)
+
+
+def qk_row_statistics(
+    q: Tensor,
+    k: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    query_valid: Tensor | None = None,
+    *,
+    sink_tokens: int = 1,
+    sink_keys: Tensor | None = None,
+    sparsity_eps: float = 0.1,
+    rows: Tensor | None = None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor] | None:
+    """Every row statistic and the row maxima of ``scaled_dot_product_attention(q, k, ...)``.
+
+    Args:
+        q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``; attn_mask, is_causal, scale: as SDPA.
+        query_valid: bool, broadcastable to ``[B, H, Lq]``.
+        sink_tokens, sink_keys, sparsity_eps: as :func:`attnmonitor.functional.row_statistics`.
+        rows: only these query rows (``[r]`` indices), e.g. a random sample.
+
+    Returns:
+        ``({name: [B, H, r]} for every row statistic, valid [B, H, r], largest logit [B, H, r])``
+        (invalid rows hold 0; ``-inf`` largest logit: no valid key), or None where the compiled kernel
+        is not used (:func:`~attnmonitor.functional.row_kernel.kernel_applies`, or it failed).
+    """
+    b, h, lq, dim = q.shape
+    lk = k.shape[-2]
+    count = lq if rows is None else rows.numel()
+    if not kernel_applies(b * h * count * lk, q, k):
+        return None
+    if k.shape[-3] != h:
+        k = k.repeat_interleave(h // k.shape[-3], dim=-3)  # [B, H, Lk, D]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    index = torch.arange(lq, device=q.device) if rows is None else rows.to(q.device)
+    if rows is not None:
+        q, attn_mask, query_valid = q.index_select(-2, index), _select(attn_mask, index, -2), _select(query_valid, index, -1)
+    keys_t = k.to(dtype).transpose(-2, -1)  # [B, H, D, Lk]
+    if sink_keys is None:
+        sink_keys = torch.arange(lk, device=q.device) < sink_tokens
+    sinks = sink_keys.to(q.device, dtype).view(-1, lk)
+    scale_t = torch.tensor(1.0 / math.sqrt(dim) if scale is None else scale, dtype=dtype, device=q.device)
+    eps = torch.tensor(sparsity_eps, dtype=dtype, device=q.device)
+    prefix = is_causal and rows is None  # top-left causal: the rows of a block see keys before its end
+    step = rows_per_chunk(count, b * h * lk, MAX_PASS_BLOCK_BYTES, live_copies=1)
+    blocks = []
+    with torch.autocast(q.device.type, enabled=False):  # logits in float32 at least, as the reference
+        for start in range(0, count, step):
+            stop = min(count, start + step)
+            width = min(lk, stop) if prefix else lk
+            scores = q[..., start:stop, :].to(dtype) @ keys_t[..., :width]
+            mask = _key_slice(_row_slice(attn_mask, start, stop, -2), width)
+            boolean = mask is not None and mask.dtype == torch.bool
+            block_rows = index[start:stop].to(dtype)
+            key_valid = mask if boolean else None
+            bias = None if boolean or mask is None else mask.to(dtype)
+            sums = _sums(scores, scale_t, block_rows, block_rows + (lk - lq), key_valid, bias, sinks[:, :width], is_causal)
+            result = None if sums is None else _statistics(scores, scale_t, block_rows, key_valid, bias, is_causal, eps, sums)
+            if result is None:
+                return None
+            blocks.append((sums[0], sums[1], *result))
+    columns = (torch.cat(column, -2 if column[0].dim() == 4 else -1) for column in zip(*blocks, strict=True))  # rows: dim 2
+    m, n, entropy, largest, sparsity, distance, sink, offsets = columns
+    valid = n > 0
+    if query_valid is not None:
+        valid = valid & query_valid.to(torch.bool)
+    values = {
+        "entropy": entropy,
+        "normalized_entropy": _normalized_entropy_from(entropy, n),
+        "max_weight": largest,
+        "sparsity": sparsity,
+        "effective_support": entropy.exp(),
+        "distance": distance,
+        "sink_mass": sink,
+        **{name: offsets[..., offset + 1] for name, offset in OFFSETS.items()},
+    }
+    return {name: torch.where(valid, value.float(), 0.0) for name, value in values.items()}, valid, m.float()

@@ -232,6 +232,39 @@ def _row_max(logits: Tensor, valid: Tensor | None) -> Tensor:
     return row_max.masked_fill(~valid.any(-1).expand(row_max.shape), float("-inf"))
 
 
+class SdpaOperands(NamedTuple):
+    """An SDPA call's operands as the statistics read them (see :func:`sdpa_operands`)."""
+
+    q: Tensor  # [B, H, r, D]: the evaluated query rows
+    keys_t: Tensor  # [B, H, D, Lk] in ``dtype``: keys, one head per query head, transposed
+    attn_mask: Tensor | None  # restricted to the evaluated rows
+    query_valid: Tensor | None  # restricted to the evaluated rows
+    index: Tensor  # [r] the evaluated rows' indices
+    dtype: torch.dtype  # float32 at least; float64 stays
+    scale: float
+
+
+def sdpa_operands(
+    q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float | None, query_valid: Tensor | None, rows: Tensor | None
+) -> SdpaOperands:
+    """Keys repeated for grouped-query attention, the rows ``rows`` (all if None) selected, the scale
+    defaulted (arguments as :func:`qk_chunks`).
+
+    Raises:
+        ValueError: if the query heads are not a multiple of the key heads.
+    """
+    if q.shape[-3] != k.shape[-3]:
+        if q.shape[-3] % k.shape[-3]:
+            raise ValueError(f"query heads ({q.shape[-3]}) must be a multiple of key heads ({k.shape[-3]})")
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # [B, H, Lk, D]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    index = torch.arange(q.shape[-2], device=q.device) if rows is None else rows.to(q.device)
+    if rows is not None:
+        q, attn_mask, query_valid = q.index_select(-2, index), _select(attn_mask, index, -2), _select(query_valid, index, -1)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    return SdpaOperands(q, k.to(dtype).transpose(-2, -1), attn_mask, query_valid, index, dtype, scale)
+
+
 def _logit_chunks(
     q: Tensor,
     k: Tensor,
@@ -255,18 +288,9 @@ def _logit_chunks(
     of its last row (the keys after it are masked for every row of the chunk): ``[B, H, r, Lk']``.
     ``scale_queries``: scale the queries (``[r, D]``) rather than the logits (``[r, Lk]``); the logits
     then differ in rounding from SDPA's order of operations (fine for maxima, not for probabilities)."""
-    lq, lk, dim = q.shape[-2], k.shape[-2], q.shape[-1]
-    if q.shape[-3] != k.shape[-3]:
-        if q.shape[-3] % k.shape[-3]:
-            raise ValueError(f"query heads ({q.shape[-3]}) must be a multiple of key heads ({k.shape[-3]})")
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # [B, H, Lk, D]
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    index = torch.arange(lq, device=q.device) if rows is None else rows.to(q.device)
-    if rows is not None:
-        q, attn_mask, query_valid = q.index_select(-2, index), _select(attn_mask, index, -2), _select(query_valid, index, -1)
+    lk = k.shape[-2]
+    q, keys_t, attn_mask, query_valid, index, dtype, scale = sdpa_operands(q, k, attn_mask, scale, query_valid, rows)
     additive = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
-    dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays
-    keys_t = k.to(dtype).transpose(-2, -1)  # [B, H, D, Lk]
     step = rows_per_chunk(index.numel(), q.shape[:-2].numel() * lk, budget_bytes, live_copies)
     prefix = causal_prefix and is_causal and rows is None and score_mod is None
     for start in range(0, index.numel(), step):

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from attnmonitor.functional.chunked import MAX_PASS_BLOCK_BYTES, _key_slice, _row_slice, _select, rows_per_chunk
+from attnmonitor.functional.chunked import MAX_PASS_BLOCK_BYTES, _key_slice, _row_slice, rows_per_chunk, sdpa_operands
 from attnmonitor.functional.row_kernel import CompiledKernel, kernel_applies
 from attnmonitor.functional.statistics import _normalized_entropy_from
 
@@ -154,22 +154,16 @@ def qk_row_statistics(
         (invalid rows hold 0; ``-inf`` largest logit: no valid key), or None where the compiled kernel
         is not used (:func:`~attnmonitor.functional.row_kernel.kernel_applies`, or it failed).
     """
-    b, h, lq, dim = q.shape
+    b, h, lq, _ = q.shape
     lk = k.shape[-2]
     count = lq if rows is None else rows.numel()
     if not kernel_applies(b * h * count * lk, q, k):
         return None
-    if k.shape[-3] != h:
-        k = k.repeat_interleave(h // k.shape[-3], dim=-3)  # [B, H, Lk, D]
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    index = torch.arange(lq, device=q.device) if rows is None else rows.to(q.device)
-    if rows is not None:
-        q, attn_mask, query_valid = q.index_select(-2, index), _select(attn_mask, index, -2), _select(query_valid, index, -1)
-    keys_t = k.to(dtype).transpose(-2, -1)  # [B, H, D, Lk]
+    q, keys_t, attn_mask, query_valid, index, dtype, scale = sdpa_operands(q, k, attn_mask, scale, query_valid, rows)
     if sink_keys is None:
         sink_keys = torch.arange(lk, device=q.device) < sink_tokens
     sinks = sink_keys.to(q.device, dtype).view(-1, lk)
-    scale_t = torch.tensor(1.0 / math.sqrt(dim) if scale is None else scale, dtype=dtype, device=q.device)
+    scale_t = torch.tensor(scale, dtype=dtype, device=q.device)
     eps = torch.tensor(sparsity_eps, dtype=dtype, device=q.device)
     prefix = is_causal and rows is None  # top-left causal: the rows of a block see keys before its end
     step = rows_per_chunk(count, b * h * lk, MAX_PASS_BLOCK_BYTES, live_copies=1)

@@ -72,3 +72,20 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert row_kernel._failed
     monkeypatch.setattr(row_kernel, "_failed", True)
     assert_stats_close(fallback, attention_statistics(_probs(causal), causal))
+
+
+def test_a_kernel_stays_compiled_on_the_eager_steps_of_a_compiled_model():
+    """A captured step of a compiled model runs under the ``force_eager`` stance; the statistics kernels
+    must not fall back to their Python code there (it was 2–3 times slower)."""
+    traced = []
+
+    def doubled(x: torch.Tensor) -> torch.Tensor:
+        traced.append(torch.compiler.is_compiling())  # False where the Python code runs eagerly
+        return x * 2
+
+    kernel = row_kernel.CompiledKernel(doubled)
+    x = torch.ones(3)
+    with torch.compiler.set_stance("force_eager"):
+        torch.testing.assert_close(kernel(x), x * 2)
+        torch.testing.assert_close(kernel(x), x * 2)
+    assert traced and all(traced)

@@ -39,7 +39,8 @@ def kernel_applies(elements: int, *tensors: Tensor) -> bool:
 
 class CompiledKernel:
     """``function`` compiled by inductor (dynamic shapes, one graph) on its first call; None instead of a
-    result, one warning, and every kernel off, if compilation or the kernel fails."""
+    result, one warning, and every kernel off, if compilation or the kernel fails. It runs compiled
+    under the ``force_eager`` stance too (the one a captured step of a compiled model runs under)."""
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self.function = function
@@ -50,7 +51,8 @@ class CompiledKernel:
         try:
             if self.compiled is None:
                 self.compiled = torch.compile(self.function, dynamic=True, fullgraph=True, options=_OPTIONS)
-            return self.compiled(*args)
+            with torch.compiler.set_stance("default"):
+                return self.compiled(*args)
         except Exception as err:  # the statistics never depend on a compiler being present
             _failed = True
             warnings.warn(

@@ -63,6 +63,24 @@ def test_low_precision_inputs_accumulate_in_float32():
     assert_stats_close(actual, head_means(probs.bfloat16().float(), key_valid, query_valid), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("inputs", ["probabilities", "q/k"])
+def test_statistics_under_bf16_autocast_are_float32_exact_on_their_inputs(inputs, monkeypatch):
+    """Autocast must not turn the statistics' own products (logits, the distance GEMV) into bf16."""
+    import attnmonitor.functional.row_kernel as row_kernel
+    from attnmonitor.functional.evaluation import AttentionCall, call_head_sums
+
+    monkeypatch.setattr(row_kernel, "_failed", True)  # the chunked path; the compiled kernels have their own test
+    generator = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, 48, 16, generator=generator).bfloat16() for _ in range(2))
+    causal = torch.ones(48, 48, dtype=torch.bool).tril()
+    probs = attention_probs(q, k, causal)
+    call = AttentionCall(q=q, k=k, is_causal=True) if inputs == "q/k" else AttentionCall(probs=probs.bfloat16(), key_valid=causal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = call_head_sums(call, statistics=NAMES, budget_bytes=1 << 24)
+    expected = head_means(probs if inputs == "q/k" else probs.bfloat16().double(), causal)
+    assert_stats_close({name: total / result.count for name, total in result.sums.items()}, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_values_and_gradients_are_finite_for_masked_one_hot_and_empty_rows():
     probs, key_valid, query_valid = _masked_case(2)
     probs = probs.clone().requires_grad_(True)

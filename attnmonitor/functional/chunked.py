@@ -296,10 +296,9 @@ def _logit_chunks(
     for start in range(0, index.numel(), step):
         stop = min(index.numel(), start + step)
         width = min(lk, stop) if prefix else lk  # top-left causal: row i sees keys j <= i
-        if scale_queries:
-            logits = (q[..., start:stop, :].to(dtype) * scale) @ keys_t[..., :width]  # [B, H, r, Lk]
-        else:
-            logits = q[..., start:stop, :].to(dtype) @ keys_t[..., :width]  # [B, H, r, Lk]
+        with torch.autocast(q.device.type, enabled=False):  # float32 logits at least, even under autocast
+            queries = q[..., start:stop, :].to(dtype)
+            logits = (queries * scale if scale_queries else queries) @ keys_t[..., :width]  # [B, H, r, Lk]
         in_place = not logits.requires_grad  # one full-size tensor fewer when no gradient is needed
         if not scale_queries:
             logits = logits.mul_(scale) if in_place else logits * scale

@@ -201,8 +201,10 @@ def _distance(ctx: RowContext) -> Tensor:
     lk = ctx.probs.shape[-1]
     keys = torch.arange(lk, device=ctx.p.device)
     if ctx.key_valid is not None and ctx.key_valid.dim() <= 2 and not (ctx.key_valid & (keys > ctx.positions.unsqueeze(-1))).any():
-        # every valid key is at or before the query (causal): sum_j A_ij (p_i - j) = p_i - A_i . j, one GEMV
-        return ctx.positions.float() - ctx.p @ keys.float()
+        # every valid key is at or before the query (causal): sum_j A_ij (p_i - j) = p_i sum_j A_ij - A_i . j,
+        # one GEMM with two columns (rows of low-precision probabilities do not sum to exactly 1)
+        mass, moment = (ctx.p @ torch.stack([torch.ones(lk, device=keys.device), keys.float()], -1)).unbind(-1)
+        return ctx.positions.float() * mass - moment
     gap = (ctx.positions.unsqueeze(-1) - keys).abs().float()  # [Lq, Lk]
     return (ctx.p * gap).sum(-1)
 
@@ -317,13 +319,14 @@ def row_statistics(
         raise ValueError(f"{from_logits} need the logits, not probabilities: use `logit_row_max` and `head_max`")
     if probs.dim() != 4:
         raise ValueError(f"`probs` must have shape [B, H, Lq, Lk], got {tuple(probs.shape)}")
-    ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite, masked, sink_keys)
-    valid = ctx.valid
-    names = list(statistics)
-    fused = _fused_values(ctx, names)
-    rows = torch.stack(
-        [(fused[name] if name in fused else _ROW_FUNCTIONS[name](ctx)).expand(valid.shape) for name in names]
-    )  # [S, B, H, Lq]
+    with torch.autocast(probs.device.type, enabled=False):  # float32 at least, even under autocast
+        ctx = RowContext(probs, key_valid, query_valid, query_positions, sink_tokens, sparsity_eps, overwrite, masked, sink_keys)
+        valid = ctx.valid
+        names = list(statistics)
+        fused = _fused_values(ctx, names)
+        rows = torch.stack(
+            [(fused[name] if name in fused else _ROW_FUNCTIONS[name](ctx)).expand(valid.shape) for name in names]
+        )  # [S, B, H, Lq]
     return dict(zip(names, torch.where(valid, rows, 0.0).unbind(0), strict=True)), valid
 
 

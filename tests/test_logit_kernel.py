@@ -73,3 +73,27 @@ def test_the_logit_kernel_equals_the_float64_reference(layout, kv_heads, kernel_
     assert_stats_close(actual, expected, rtol=1e-5, atol=1e-5)
     max_logit = head_max_logit(q, k, case["key_valid"], case["query_valid"], 0.4, bias)
     torch.testing.assert_close(max_from_maxima(result.maxima["max_logit"]).double(), max_logit, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "statistics",
+    [("normalized_entropy", "sink_mass", "max_logit"), ("entropy", "sparsity"), ("distance", "prev_token_weight")],
+    ids=["alarms", "no positions", "positions"],
+)
+def test_a_subset_of_statistics_takes_only_its_passes_and_equals_the_reference(statistics, kernel_on, monkeypatch):
+    """A light capture (the alarms' statistics) skips the comparison pass and the position sums."""
+    passes: list[str] = []
+    sums, below = logit_kernel._sums, logit_kernel._below
+    monkeypatch.setattr(logit_kernel, "_sums", lambda *a: passes.append("positions" if a[-1] else "sums") or sums(*a))
+    monkeypatch.setattr(logit_kernel, "_below", lambda *a: passes.append("comparisons") or below(*a))
+    case = _layouts()["padded, bool"]
+    q, k = _inputs()
+    call = AttentionCall(q=q, k=k, query_valid=case["query_valid"], scale=0.4, **case["sdpa"])
+    result = call_head_sums(call, statistics=statistics, sink_tokens=2, budget_bytes=1 << 30)
+    assert kernel_on == [True]
+    assert set(passes) == {"sums" if statistics[0] != "distance" else "positions", *(["comparisons"] if "sparsity" in statistics else [])}
+    expected = head_means(attention_probs(q, k, case["key_valid"], 0.4), case["key_valid"], case["query_valid"], sink=2)
+    averaged = [name for name in statistics if name != "max_logit"]
+    assert set(result.sums) == set(averaged)
+    actual = {name: result.sums[name] / result.count for name in averaged}
+    assert_stats_close(actual, {name: expected[name] for name in averaged}, rtol=1e-5, atol=1e-5)

@@ -136,6 +136,7 @@ def call_head_sums(
             kernel = qk_row_statistics(
                 *call.sdpa,
                 call.query_valid,
+                statistics=averaged,
                 sink_tokens=sink_tokens,
                 sink_keys=call.sink_keys,
                 sparsity_eps=sparsity_eps,
@@ -143,7 +144,7 @@ def call_head_sums(
             )
             if kernel is not None:
                 values, valid, row_max = kernel
-                sums, count = head_sums({name: values[name] for name in averaged}, valid)
+                sums, count = head_sums(values, valid)
                 if maxed:
                     maxima = dict.fromkeys(maxed, head_max(row_max, valid))
                 return CallSums(sums, count, fused=True, maxima=maxima)

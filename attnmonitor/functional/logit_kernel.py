@@ -17,13 +17,14 @@ causal mask a block stops at the key of its last row.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from attnmonitor.functional.chunked import MAX_PASS_BLOCK_BYTES, _key_slice, _row_slice, rows_per_chunk, sdpa_operands
 from attnmonitor.functional.row_kernel import CompiledKernel, kernel_applies
-from attnmonitor.functional.statistics import _normalized_entropy_from
+from attnmonitor.functional.statistics import POSITION_STATISTICS, ROW_STATISTICS, _normalized_entropy_from
 
 OFFSETS = {"self_weight": 0, "prev_token_weight": -1, "next_token_weight": 1}
 
@@ -61,6 +62,7 @@ def block_sums(
     bias: Tensor | None,
     sinks: Tensor,
     causal: bool,
+    positional: bool,
 ) -> tuple[Tensor, ...]:
     """The pass of maxima and the pass of exponentials over one block of query rows.
 
@@ -73,10 +75,12 @@ def block_sums(
         bias: additive float mask broadcastable to ``scores`` (``<= finfo.min / 2`` blocks a key), or None.
         sinks: ``[B or 1, W]``, 1 on sink keys.
         causal: apply the causal mask.
+        positional: also the sums of the position statistics (distance, offset weights).
 
     Returns:
         ``[B, H, r]`` each: largest logit ``m`` (``-inf``: no valid key), valid keys ``n``, ``s``,
-        ``Σ e y``, ``Σ e |p − j|``, ``Σ_sinks e``; and ``[B, H, r, 3]`` ``e`` at offsets -1, 0, +1.
+        ``Σ e y``, ``Σ_sinks e``; if ``positional``, ``Σ e |p − j|`` and ``[B, H, r, 3]`` ``e`` at
+        offsets -1, 0, +1.
     """
     x, n = _masked_logits(scores, scale, rows, key_valid, bias, causal)
     width = x.shape[-1]
@@ -86,46 +90,50 @@ def block_sums(
     def e() -> Tensor:  # one node per sum: inductor realises a reused exp on CPU; these share one loop
         return torch.exp(y)
 
-    keys = torch.arange(width, device=x.device, dtype=x.dtype)
     sums = (
         e().sum(-1),
         torch.where(y > -math.inf, e() * y, 0.0).sum(-1),  # 0 · (-inf) on blocked keys: 0
-        (e() * (positions.unsqueeze(-1) - keys).abs()).sum(-1),
         (e() * sinks[:, None, None, :]).sum(-1),
     )
+    if not positional:
+        return (m, n, *sums)
+    keys = torch.arange(width, device=x.device, dtype=x.dtype)
+    distance = (e() * (positions.unsqueeze(-1) - keys).abs()).sum(-1)
     index = positions.long().unsqueeze(-1) + torch.tensor([-1, 0, 1], device=x.device)  # [r, 3]
     gathered = y.gather(-1, index.clamp(0, width - 1).expand(*y.shape[:-1], 3))
     offsets = torch.where((index >= 0) & (index < width), torch.exp(gathered), 0.0)
-    return (m, n, *sums, offsets)
+    return (m, n, *sums, distance, offsets)
 
 
-def block_statistics(
+def block_below(
     scores: Tensor,
     scale: Tensor,
     rows: Tensor,
     key_valid: Tensor | None,
     bias: Tensor | None,
     causal: bool,
-    eps: Tensor,
-    sums: tuple[Tensor, ...],
-) -> tuple[Tensor, ...]:
-    """The pass of comparisons (sparsity) over one block, and every statistic from :func:`block_sums`.
-
-    Returns:
-        ``[B, H, r]`` each: entropy, largest weight, sparsity, distance, sink mass; ``[B, H, r, 3]``
-        weights at offsets -1, 0, +1.
-    """
-    m, n, s, ey, distance, sink, offsets = sums
+    m: Tensor,
+    n: Tensor,
+    threshold: Tensor,
+) -> Tensor:
+    """The pass of comparisons over one block: ``[B, H, r]`` valid keys whose weight is below the
+    sparsity threshold, ``y_ij < threshold_i = log(eps · s_i / n_i)`` (arguments as :func:`block_sums`)."""
     x, _ = _masked_logits(scores, scale, rows, key_valid, bias, causal)
-    threshold = torch.log(eps * s / n.clamp_min(1.0))  # A_ij < eps / n_i  <=>  y_ij < log(eps s_i / n_i)
-    below = (_centered(x, m) < threshold.unsqueeze(-1)).sum(-1, dtype=x.dtype) - (x.shape[-1] - n)  # blocked: below
-    inverse = 1.0 / s
-    entropy = torch.log(s) - ey * inverse
-    return entropy, inverse, below / n.clamp_min(1.0), distance * inverse, sink * inverse, offsets * inverse.unsqueeze(-1)
+    below = (_centered(x, m) < threshold.unsqueeze(-1)).sum(-1, dtype=x.dtype)
+    return below - (x.shape[-1] - n)  # blocked keys compare below too
 
 
 _sums = CompiledKernel(block_sums)
-_statistics = CompiledKernel(block_statistics)
+_below = CompiledKernel(block_below)
+
+
+def _block_mask(attn_mask: Tensor | None, start: int, stop: int, width: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """``(key_valid, bias)`` of rows ``start:stop`` and the first ``width`` keys: a bool mask, or an
+    additive one in ``dtype`` (either None)."""
+    mask = _key_slice(_row_slice(attn_mask, start, stop, -2), width)
+    if mask is None or mask.dtype == torch.bool:
+        return mask, None
+    return None, mask.to(dtype)
 
 
 def qk_row_statistics(
@@ -136,21 +144,24 @@ def qk_row_statistics(
     scale: float | None = None,
     query_valid: Tensor | None = None,
     *,
+    statistics: Iterable[str] = ROW_STATISTICS,
     sink_tokens: int = 1,
     sink_keys: Tensor | None = None,
     sparsity_eps: float = 0.1,
     rows: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor] | None:
-    """Every row statistic and the row maxima of ``scaled_dot_product_attention(q, k, ...)``.
+    """Row statistics and row maxima of ``scaled_dot_product_attention(q, k, ...)``.
 
     Args:
         q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``; attn_mask, is_causal, scale: as SDPA.
         query_valid: bool, broadcastable to ``[B, H, Lq]``.
+        statistics: the row statistics wanted (names of :data:`ROW_STATISTICS`): without ``sparsity``
+            no comparison pass, without position statistics no position sums.
         sink_tokens, sink_keys, sparsity_eps: as :func:`attnmonitor.functional.row_statistics`.
         rows: only these query rows (``[r]`` indices), e.g. a random sample.
 
     Returns:
-        ``({name: [B, H, r]} for every row statistic, valid [B, H, r], largest logit [B, H, r])``
+        ``({name: [B, H, r]} for the wanted statistics, valid [B, H, r], largest logit [B, H, r])``
         (invalid rows hold 0; ``-inf`` largest logit: no valid key), or None where the compiled kernel
         is not used (:func:`~attnmonitor.functional.row_kernel.kernel_applies`, or it failed).
     """
@@ -159,12 +170,13 @@ def qk_row_statistics(
     count = lq if rows is None else rows.numel()
     if not kernel_applies(b * h * count * lk, q, k):
         return None
+    wanted = set(statistics)
+    positional, sparsity = bool(wanted & POSITION_STATISTICS), "sparsity" in wanted
     q, keys_t, attn_mask, query_valid, index, dtype, scale = sdpa_operands(q, k, attn_mask, scale, query_valid, rows)
     if sink_keys is None:
         sink_keys = torch.arange(lk, device=q.device) < sink_tokens
     sinks = sink_keys.to(q.device, dtype).view(-1, lk)
     scale_t = torch.tensor(scale, dtype=dtype, device=q.device)
-    eps = torch.tensor(sparsity_eps, dtype=dtype, device=q.device)
     prefix = is_causal and rows is None  # top-left causal: the rows of a block see keys before its end
     step = rows_per_chunk(count, b * h * lk, MAX_PASS_BLOCK_BYTES, live_copies=1)
     blocks = []
@@ -173,29 +185,36 @@ def qk_row_statistics(
             stop = min(count, start + step)
             width = min(lk, stop) if prefix else lk
             scores = q[..., start:stop, :].to(dtype) @ keys_t[..., :width]
-            mask = _key_slice(_row_slice(attn_mask, start, stop, -2), width)
-            boolean = mask is not None and mask.dtype == torch.bool
+            key_valid, bias = _block_mask(attn_mask, start, stop, width, dtype)
             block_rows = index[start:stop].to(dtype)
-            key_valid = mask if boolean else None
-            bias = None if boolean or mask is None else mask.to(dtype)
-            sums = _sums(scores, scale_t, block_rows, block_rows + (lk - lq), key_valid, bias, sinks[:, :width], is_causal)
-            result = None if sums is None else _statistics(scores, scale_t, block_rows, key_valid, bias, is_causal, eps, sums)
-            if result is None:
+            sums = _sums(scores, scale_t, block_rows, block_rows + (lk - lq), key_valid, bias, sinks[:, :width], is_causal, positional)
+            if sums is None:
                 return None
-            blocks.append((sums[0], sums[1], *result))
-    columns = (torch.cat(column, -2 if column[0].dim() == 4 else -1) for column in zip(*blocks, strict=True))  # rows: dim 2
-    m, n, entropy, largest, sparsity, distance, sink, offsets = columns
-    valid = n > 0
-    if query_valid is not None:
-        valid = valid & query_valid.to(torch.bool)
+            if sparsity:
+                m, n, total = sums[:3]
+                threshold = torch.log(sparsity_eps * total / n.clamp_min(1.0))  # A_ij < eps/n_i ⇔ y_ij < log(eps s_i/n_i)
+                below = _below(scores, scale_t, block_rows, key_valid, bias, is_causal, m, n, threshold)
+                if below is None:
+                    return None
+                sums = (*sums, below)
+            blocks.append(sums)
+    columns = [torch.cat(column, -2 if column[0].dim() == 4 else -1) for column in zip(*blocks, strict=True)]  # rows: dim 2
+    m, n, total, ey, sink = columns[:5]
+    inverse = 1.0 / total
+    entropy = torch.log(total) - ey * inverse
     values = {
         "entropy": entropy,
         "normalized_entropy": _normalized_entropy_from(entropy, n),
-        "max_weight": largest,
-        "sparsity": sparsity,
+        "max_weight": inverse,
         "effective_support": entropy.exp(),
-        "distance": distance,
-        "sink_mass": sink,
-        **{name: offsets[..., offset + 1] for name, offset in OFFSETS.items()},
+        "sink_mass": sink * inverse,
     }
-    return {name: torch.where(valid, value.float(), 0.0) for name, value in values.items()}, valid, m.float()
+    if positional:
+        distance, offsets = columns[5] * inverse, columns[6] * inverse.unsqueeze(-1)
+        values |= {"distance": distance, **{name: offsets[..., offset + 1] for name, offset in OFFSETS.items()}}
+    if sparsity:
+        values["sparsity"] = columns[-1] / n.clamp_min(1.0)
+    valid = n > 0
+    if query_valid is not None:
+        valid = valid & query_valid.to(torch.bool)
+    return {name: torch.where(valid, values[name].float(), 0.0) for name in wanted}, valid, m.float()

@@ -7,9 +7,10 @@ With ``x_ij`` a row's logits (``-inf`` on blocked keys), ``m_i`` its largest, ``
     distance_i = Σ_j e_ij |p_i − j| / s_i,    sink_i = Σ_{j sink} e_ij / s_i,
     A_ij < eps / n_i  ⇔  y_ij < log(eps · s_i / n_i),
 
-so a block takes one pass of maxima, one of exponentials (every sum at once) and one of comparisons,
-fused by inductor; the offset weights (self, previous, next) are three gathered logits. The
-probabilities are never written. Blocks of query rows hold at most
+so a block takes one pass of maxima, one of exponentials (every sum at once) and, for sparsity only,
+one of comparisons, fused by inductor; the offset weights (self, previous, next) are three gathered
+logits, and the position sums are left out when no position statistic is asked for (the alarms'
+light captures). The probabilities are never written. Blocks of query rows hold at most
 :data:`~attnmonitor.functional.chunked.MAX_PASS_BLOCK_BYTES` of logits (they stay in cache); under a
 causal mask a block stops at the key of its last row.
 """

@@ -42,7 +42,10 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIE
 DTYPES = (torch.float32, torch.bfloat16)
 TOLERANCE = 1e-4  # absolute, on statistics of order 1 (distance: of order L): every path evaluates in float32
 FUSED_BF16_TOLERANCE = 2e-2  # the fused path's extra attention call runs in the inputs' dtype
-COST_SHAPES = [(8, 16, 1024, 64), (2, 16, 4096, 64), (1, 32, 8192, 128)]
+COST_SHAPES = {
+    "cuda": [(8, 16, 1024, 64), (2, 16, 4096, 64), (1, 32, 8192, 128)],
+    "cpu": [(8, 8, 256, 8), (4, 8, 512, 64), (1, 32, 1024, 64), (1, 8, 2048, 64), (1, 4, 4096, 64)],
+}
 
 
 class SdpaLayer(nn.Module):
@@ -192,7 +195,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {name}")
     ok = parity(args.device)
-    cost(args.device, args.repeats, COST_SHAPES if args.device == "cuda" else [(2, 8, 512, 64)])
+    cost(args.device, args.repeats, COST_SHAPES[args.device])
     print("\nparity: ALL PASS" if ok else "\nparity: SOME FAILED")
 
 
